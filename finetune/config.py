@@ -1,0 +1,251 @@
+"""The config schema (defaults live here), YAML loading and dotted ``--set`` overrides.
+
+Every problem in a config is collected and reported together in one
+:class:`FinetuneError` that names the file, line and key. This module must not
+import torch, so that config errors are reported instantly.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from finetune.errors import FinetuneError
+
+TORCHVISION_WEIGHTS = ("DEFAULT", "IMAGENET1K_V1")
+# Keys holding paths; in a config file they are relative to the file's folder.
+PATH_KEYS = ("model.weights", "data.root", "train.output_dir")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    arch: Literal["resnet18"] = "resnet18"
+    weights: str = "DEFAULT"
+    weights_fallback: Literal["error", "random"] = "error"
+    num_classes: Optional[int] = Field(None, ge=2)
+
+
+class DataConfig(_Section):
+    root: Optional[str] = None
+    image_size: int = Field(224, ge=32, le=1024)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    augment: bool = False
+    workers: Optional[int] = Field(None, ge=0)
+    demo: Optional[Literal["shapes"]] = None
+
+
+class FreezeConfig(_Section):
+    default: Literal["frozen", "trainable"] = "frozen"
+    trainable: list[str] = Field(default_factory=lambda: ["fc"])
+    frozen: list[str] = Field(default_factory=list)
+    batchnorm: Literal["eval", "train"] = "eval"
+
+
+class OptimConfig(_Section):
+    lr: float = Field(0.01, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "step", "cosine"] = "constant"
+    step_size: int = Field(1, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self):
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("optim.nesterov: true needs optim.momentum > 0")
+        return self
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+    output_dir: str = "runs/default"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    _source: "_Source" = PrivateAttr(default=None)
+
+    def where(self, key: str) -> str:
+        """Where ``key`` was set, for messages: ``file:line``, ``--set key`` or the file."""
+        return self._source.where(key) if self._source else key
+
+    @property
+    def path(self) -> Optional[Path]:
+        return self._source.path if self._source else None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class _Source:
+    """Remembers which file, line or --set option each key came from."""
+
+    def __init__(self, path: Optional[Path], lines: dict[str, int], overridden: set[str]):
+        self.path, self.lines, self.overridden = path, lines, overridden
+
+    def where(self, key: str) -> str:
+        parts = key.split(".")
+        prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+        for prefix in reversed(prefixes):
+            if prefix in self.overridden:
+                return f"--set {prefix}"
+        for prefix in reversed(prefixes):
+            if prefix in self.lines:
+                return f"{self.path}:{self.lines[prefix]}"
+        return str(self.path) if self.path else "defaults"
+
+
+def all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every valid dotted key of the schema, e.g. ``optim.lr``."""
+    keys = []
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys += all_keys(sub, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``KEY=VALUE`` overrides.
+
+    Raises FinetuneError listing every problem found.
+    """
+    raw: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    if path is not None:
+        path = Path(path)
+        raw, lines = _read_yaml(path)
+        _resolve_paths(raw, path.parent)
+    overridden = set()
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+        overridden.add(key)
+    source = _Source(path, lines, overridden)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise FinetuneError(_format_problems(path, [_describe(e, source) for e in exc.errors()])) from None
+    config._source = source
+    return config
+
+
+def config_error(config: Config, problems: list[tuple[str, str]]) -> FinetuneError:
+    """A FinetuneError for problems ``[(key, message)]`` found after the schema check."""
+    return FinetuneError(_format_problems(config.path, [f"{config.where(k)}  {k}: {m}" for k, m in problems]))
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
+    if not path.is_file():
+        raise FinetuneError(f"Config file not found: {path}\nCheck the path given to --config.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise FinetuneError(f"Invalid YAML in {where}: {problem}\nFix the syntax at that line.") from None
+    if raw is None:
+        return {}, {}
+    if not isinstance(raw, dict):
+        raise FinetuneError(f"Invalid config {path}: the top level must be a mapping of sections "
+                            f"(model, data, freeze, optim, train), not a {type(raw).__name__}.")
+    return raw, _key_lines(node)
+
+
+def _key_lines(node, prefix: str = "") -> dict[str, int]:
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, key + "."))
+    return lines
+
+
+def _resolve_paths(raw: dict, folder: Path) -> None:
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = raw.get(section, {}).get(name) if isinstance(raw.get(section), dict) else None
+        if not isinstance(value, str) or value in TORCHVISION_WEIGHTS or value == "none":
+            continue
+        raw[section][name] = str((folder / Path(value).expanduser()).resolve())
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise FinetuneError(f"Invalid --set {item!r}: expected KEY=VALUE with a dotted key, "
+                            "e.g. --set optim.lr=0.001")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise FinetuneError(f"Invalid --set {item!r}: the value is not valid YAML ({exc.problem}).") from None
+    if key in PATH_KEYS and isinstance(parsed, str) and parsed not in TORCHVISION_WEIGHTS and parsed != "none":
+        parsed = str(Path(parsed).expanduser().resolve())  # relative to the current directory
+    return key, parsed
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise FinetuneError(f"Invalid --set {key}: {'.'.join(parts[:i + 1])} is not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(error: dict, source: _Source) -> str:
+    key = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in error["loc"]).replace(".[", "[")
+    where = source.where(key)
+    if error["type"] == "extra_forbidden":
+        return f"{where}  {key}: unknown key{_suggest(key)}"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{where}  {key}: required"
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{where}  {key}: {message}{shown}"
+
+
+def _suggest(key: str) -> str:
+    keys = all_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not close:  # a key in the wrong section, e.g. 'lr' at the top level
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
+        near = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=1, cutoff=0.6)
+        close = [by_leaf[near[0]]] if near else []
+    return f"; did you mean '{close[0]}'?" if close else f"; valid sections are {', '.join(Config.model_fields)}"
+
+
+def _format_problems(path: Optional[Path], problems: list[str]) -> str:
+    name = str(path) if path else "the config"
+    noun = "problem" if len(problems) == 1 else "problems"
+    body = "\n".join(f"  {p}" for p in problems)
+    return f"Invalid config {name} ({len(problems)} {noun}):\n{body}"

@@ -1,0 +1,109 @@
+"""Freezing rules -> a per-parameter plan, applying it, and BatchNorm modes.
+
+Rules are glob patterns over parameter names (``layer4.*``, ``fc.weight``). A
+pattern also matches everything below a module name, so ``layer4`` means
+``layer4.*``. Precedence: the most specific matching pattern wins, where
+specificity is the number of literal (non-wildcard) characters; on a tie,
+``freeze.frozen`` wins over ``freeze.trainable``. A parameter no pattern
+matches takes ``freeze.default``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Callable, Iterable
+
+from finetune.errors import FinetuneError
+
+WILDCARDS = "*?[]"
+
+
+@dataclass(frozen=True)
+class Decision:
+    trainable: bool
+    rule: str  # e.g. "trainable: layer4.*" or "default: frozen"
+
+
+def matches(pattern: str, name: str) -> bool:
+    return fnmatchcase(name, pattern) or fnmatchcase(name, pattern + ".*")
+
+
+def specificity(pattern: str) -> int:
+    return sum(ch not in WILDCARDS for ch in pattern)
+
+
+def plan_freeze(names: Iterable[str], freeze, where: Callable[[str], str] = lambda key: key) -> dict[str, Decision]:
+    """Decide, for each parameter name, whether it trains and which rule decided.
+
+    ``freeze`` is the ``freeze`` section of the config. Raises FinetuneError if a
+    pattern matches no parameter, listing every such pattern with the closest names.
+    """
+    names = list(names)
+    rules = [(p, False, "frozen") for p in freeze.frozen] + [(p, True, "trainable") for p in freeze.trainable]
+    _check_patterns(names, freeze, where)
+    plan = {}
+    for name in names:
+        best = None
+        for pattern, trainable, kind in rules:
+            if matches(pattern, name):
+                rank = (specificity(pattern), not trainable)  # ties go to frozen
+                if best is None or rank > best[0]:
+                    best = (rank, Decision(trainable, f"{kind}: {pattern}"))
+        plan[name] = best[1] if best else Decision(freeze.default == "trainable", f"default: {freeze.default}")
+    return plan
+
+
+def _check_patterns(names: list[str], freeze, where) -> None:
+    candidates = sorted(set(names) | {n.rsplit(".", i)[0] for n in names for i in range(1, n.count(".") + 1)})
+    problems = []
+    for kind in ("trainable", "frozen"):
+        for i, pattern in enumerate(getattr(freeze, kind)):
+            if not any(matches(pattern, n) for n in names):
+                key = f"freeze.{kind}[{i}]"
+                close = difflib.get_close_matches(pattern.rstrip(".*"), candidates, n=3, cutoff=0.5)
+                hint = f"closest names: {', '.join(close)}" if close else "run `finetune freeze-report` to list names"
+                problems.append(f"{where(f'freeze.{kind}')}  {key}: pattern {pattern!r} matches no parameter; {hint}")
+    if problems:
+        noun = "problem" if len(problems) == 1 else "problems"
+        raise FinetuneError(f"Invalid freeze rules ({len(problems)} {noun}):\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def apply_plan(model, plan: dict[str, Decision]) -> None:
+    """Set ``requires_grad`` on every parameter of ``model`` as ``plan`` says."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(plan[name].trainable)
+
+
+def batchnorm_modes(model, plan: dict[str, Decision], policy: str) -> dict[str, str]:
+    """The mode ('train' or 'eval') each BatchNorm layer runs in while training.
+
+    With policy 'eval', a BatchNorm layer whose parameters are all frozen runs in
+    eval mode, so its running statistics never change; with 'train' every
+    BatchNorm layer updates its statistics, as in the usual tutorials.
+    """
+    from torch import nn
+
+    modes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            frozen = all(not plan[f"{name}.{p}"].trainable for p, _ in module.named_parameters())
+            modes[name] = "eval" if policy == "eval" and frozen else "train"
+    return modes
+
+
+def set_train_mode(model, bn_modes: dict[str, str]) -> None:
+    """``model.train()``, then put the BatchNorm layers that stay frozen back in eval mode."""
+    model.train()
+    for name, module in model.named_modules():
+        if bn_modes.get(name) == "eval":
+            module.eval()
+
+
+def module_group(param_name: str) -> str:
+    """The report row a ResNet parameter belongs to: stem, layerN.B or fc."""
+    parts = param_name.split(".")
+    if parts[0].startswith("layer") and len(parts) > 2:
+        return ".".join(parts[:2])
+    return parts[0] if parts[0] == "fc" else "stem"

@@ -1,0 +1,50 @@
+"""Rich tables for people, JSON for programs. Analysis modules return data; this prints it."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from finetune.report import FreezeReport
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.2f}%" if whole else "-"
+
+
+def print_freeze_report(report: FreezeReport) -> None:
+    table = Table(title="Freeze report", title_justify="left")
+    table.add_column("module")
+    table.add_column("params", justify="right")
+    table.add_column("trainable", justify="right")
+    table.add_column("state")
+    table.add_column("BatchNorm")
+    table.add_column("rule", overflow="fold")
+    colour = {"trainable": "green", "frozen": "blue", "mixed": "yellow"}
+    for row in report.groups:
+        table.add_row(row.module, f"{row.params:,}", f"{row.trainable_params:,}",
+                      f"[{colour[row.state]}]{row.state}[/]", row.batchnorm, row.rule)
+    table.add_section()
+    table.add_row("total", f"{report.total_params:,}", f"{report.trainable_params:,}", "", "", "")
+    console.print(f"weights: {report.weights}   head: {report.num_classes} classes")
+    console.print(table)
+    console.print(f"trainable {report.trainable_params:,} ({_pct(report.trainable_params, report.total_params)})"
+                  f"   frozen {report.frozen_params:,} ({_pct(report.frozen_params, report.total_params)})"
+                  f"   total {report.total_params:,}")
+    same = report.optimizer_params == report.trainable_params and report.optimizer_tensors == report.trainable_tensors
+    mark = "[green]OK[/]" if same else "[red]MISMATCH[/]"
+    console.print(f"optimizer receives {report.optimizer_params:,} parameters in {report.optimizer_tensors} tensors "
+                  f"(trainable set: {report.trainable_params:,} in {report.trainable_tensors}) {mark}")
+    eval_bn = sum(1 for b in report.batchnorm if b["mode"] == "eval")
+    console.print(f"BatchNorm: {eval_bn} of {len(report.batchnorm)} layers run in eval mode while training "
+                  "(frozen statistics)")

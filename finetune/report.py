@@ -1,0 +1,93 @@
+"""The freeze report: what is frozen, what trains, what the optimizer sees. Data only; render.py prints it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from finetune.build import Built, build
+from finetune.config import Config
+from finetune.data import class_names_or_none
+from finetune.freeze import module_group
+from finetune.optim import build_optimizer
+
+
+@dataclass
+class GroupRow:
+    module: str  # stem, layer1.0 ... layer4.1, fc
+    params: int
+    trainable_params: int
+    state: str  # trainable | frozen | mixed
+    batchnorm: str  # train | eval | mixed | - (no BatchNorm)
+    rule: str
+
+
+@dataclass
+class FreezeReport:
+    total_params: int
+    trainable_params: int
+    frozen_params: int
+    optimizer_params: int
+    optimizer_tensors: int
+    trainable_tensors: int
+    weights: str
+    pretrained: bool
+    num_classes: int
+    parameters: list[dict] = field(default_factory=list)
+    batchnorm: list[dict] = field(default_factory=list)
+    groups: list[GroupRow] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["groups"] = [asdict(g) for g in self.groups]
+        return data
+
+
+def build_freeze_report(config: Config) -> FreezeReport:
+    """Build the model exactly as ``train`` would and report on it (needs no data if num_classes is set)."""
+    classes = class_names_or_none(config) if config.model.num_classes is None else None
+    built = build(config, classes)
+    return freeze_report(built, build_optimizer(built.model, config.optim))
+
+
+def freeze_report(built: Built, optimizer) -> FreezeReport:
+    """Summarise ``built``'s freeze state and check it against what ``optimizer`` holds."""
+    params = list(built.model.named_parameters())
+    in_optimizer = [p for group in optimizer.param_groups for p in group["params"]]
+    rows = [{"name": n, "shape": list(p.shape), "numel": p.numel(), "trainable": p.requires_grad,
+             "rule": built.plan[n].rule} for n, p in params]
+    trainable = sum(r["numel"] for r in rows if r["trainable"])
+    total = sum(r["numel"] for r in rows)
+    return FreezeReport(
+        total_params=total,
+        trainable_params=trainable,
+        frozen_params=total - trainable,
+        optimizer_params=sum(p.numel() for p in in_optimizer),
+        optimizer_tensors=len(in_optimizer),
+        trainable_tensors=sum(r["trainable"] for r in rows),
+        weights=built.weights.source,
+        pretrained=built.weights.pretrained,
+        num_classes=built.num_classes,
+        parameters=rows,
+        batchnorm=[{"module": m, "mode": mode} for m, mode in built.bn_modes.items()],
+        groups=_group_rows(rows, built.bn_modes),
+    )
+
+
+def _group_rows(rows: list[dict], bn_modes: dict[str, str]) -> list[GroupRow]:
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(module_group(row["name"]), []).append(row)
+    result = []
+    for name, members in groups.items():
+        flags = {r["trainable"] for r in members}
+        modes = {mode for module, mode in bn_modes.items() if module_group(module + ".x") == name}
+        rules = list(dict.fromkeys(r["rule"] for r in members))
+        result.append(GroupRow(
+            module=name,
+            params=sum(r["numel"] for r in members),
+            trainable_params=sum(r["numel"] for r in members if r["trainable"]),
+            state="mixed" if len(flags) > 1 else ("trainable" if flags.pop() else "frozen"),
+            batchnorm=modes.pop() if len(modes) == 1 else ("mixed" if modes else "-"),
+            rule=rules[0] if len(rules) == 1 else "; ".join(rules),
+        ))
+    return result

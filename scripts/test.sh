@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Run the whole test suite, creating .venv/ first if it is missing. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest "$@"

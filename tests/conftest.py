@@ -1,0 +1,58 @@
+"""Shared fixtures. No test reaches the network: TORCH_HOME is a fresh temp folder and downloads fail at once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# An unreachable proxy: anything that tries to download fails at once instead of reaching the network.
+OFFLINE_ENV = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+               "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": ""}
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path_factory, monkeypatch):
+    """Every test gets an empty TORCH_HOME and no network."""
+    home = tmp_path_factory.mktemp("torch_home")
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    for key, value in OFFLINE_ENV.items():
+        monkeypatch.setenv(key, value)
+    return home
+
+
+@pytest.fixture(scope="session")
+def resnet_state(tmp_path_factory) -> Path:
+    """A ResNet-18 state dict with a 1000-class ImageNet head, as torchvision ships it (random values)."""
+    import torch
+    from torchvision.models import resnet18
+
+    torch.manual_seed(1234)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(resnet18(weights=None).state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def hub_cache(offline, resnet_state) -> Path:
+    """Put the state dict where torchvision's weights API looks for ResNet18_Weights.DEFAULT."""
+    target = offline / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(resnet_state.read_bytes())
+    return target
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run the real ``finetune`` CLI in a subprocess (``python -m finetune``)."""
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
