@@ -81,5 +81,101 @@ def freeze_report(config: ConfigOption = None, set_: SetOption = None, json: Jso
     print_json(report.to_json()) if json else print_freeze_report(report)
 
 
+@app.command()
+@_user_errors
+def train(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Run directory (overrides "
+                                                       "train.output_dir).", show_default=False)] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory from its "
+                                                   "last.pt.", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run files in an existing output "
+                                            "directory.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only.")] = False,
+) -> None:
+    """Fine-tune ResNet-18 on an ImageFolder tree and write a run directory.
+
+    Example:  finetune train --config configs/quickstart.yaml --set train.epochs=3
+    """
+    if resume is not None and config is None:
+        config = resume / "config.yaml"
+    cfg = _load(config, set_)
+    from finetune.engine import train as run_training
+    from finetune.progress import make_reporter
+
+    reporter = make_reporter(quiet)
+    try:
+        run_training(cfg, reporter, output_dir=output_dir, resume=resume, overwrite=overwrite)
+    finally:
+        reporter.close()
+
+
+@app.command()
+@_user_errors
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint: RUN_DIR/best.pt or last.pt.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="ImageFolder tree to evaluate on (its val/ if it "
+                                                 "has one); default: the run's validation split.",
+                                                 show_default=False)] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Where to write confusion.png "
+                                                       "(default: beside the checkpoint).", show_default=False)] = None,
+    json: JsonOption = False,
+) -> None:
+    """Loss, top-1/top-5 and per-class accuracy of a checkpoint, with a confusion matrix picture.
+
+    Example:  finetune evaluate runs/quickstart/best.pt --data data/shapes
+    """
+    from finetune.inference import evaluate_checkpoint
+    from finetune.render import print_evaluation, print_json
+
+    result = evaluate_checkpoint(checkpoint, data, output_dir)
+    print_json(result) if json else print_evaluation(result)
+
+
+@app.command()
+@_user_errors
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint: RUN_DIR/best.pt or last.pt.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders (walked for images).")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to show per image.")] = 3,
+    json: JsonOption = False,
+) -> None:
+    """Predict the classes of images with a trained checkpoint.
+
+    Example:  finetune predict runs/quickstart/best.pt data/shapes/val/star --top-k 2
+    """
+    from finetune.inference import predict as run_predict
+    from finetune.render import print_json, print_predictions
+
+    results = run_predict(checkpoint, images, top_k)
+    print_json(results) if json else print_predictions(results)
+
+
+@app.command("make-dataset")
+@_user_errors
+def make_dataset(
+    kind: Annotated[str, typer.Argument(help="Which demo data set: shapes.")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to create (must not exist or be empty).")],
+    classes: Annotated[int, typer.Option("--classes", help="Number of shape classes (2-6).")] = 4,
+    train_per_class: Annotated[int, typer.Option("--train-per-class", help="Training images per class.")] = 60,
+    val_per_class: Annotated[int, typer.Option("--val-per-class", help="Validation images per class.")] = 20,
+    image_size: Annotated[int, typer.Option("--image-size", help="Image width and height in pixels.")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same images.")] = 0,
+) -> None:
+    """Generate the built-in demo data set (shapes on noisy backgrounds) as an ImageFolder tree.
+
+    Example:  finetune make-dataset shapes data/shapes --classes 6 --seed 1
+    """
+    if kind != "shapes":
+        raise FinetuneError(f"Unknown demo data set {kind!r}; the one available is 'shapes'.")
+    from finetune.demo import make_shapes
+
+    info = make_shapes(out_dir, classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
+                       image_size=image_size, seed=seed)
+    typer.echo(f"Wrote {info['train']} train and {info['val']} val images of {len(info['classes'])} classes "
+               f"({', '.join(info['classes'])}) to {info['root']}")
+
+
 def main() -> None:
     app(prog_name="finetune")

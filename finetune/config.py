@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
 
 from finetune.errors import FinetuneError
 
@@ -51,18 +51,19 @@ class FreezeConfig(_Section):
 class OptimConfig(_Section):
     lr: float = Field(0.01, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
+    nesterov: bool = False  # after momentum: its validator reads momentum
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["constant", "step", "cosine"] = "constant"
     step_size: int = Field(1, ge=1)
     gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: int = Field(0, ge=0)
 
-    @model_validator(mode="after")
-    def _nesterov_needs_momentum(self):
-        if self.nesterov and self.momentum == 0:
-            raise ValueError("optim.nesterov: true needs optim.momentum > 0")
-        return self
+    @field_validator("nesterov")
+    @classmethod
+    def _nesterov_needs_momentum(cls, nesterov: bool, info: ValidationInfo) -> bool:
+        if nesterov and info.data.get("momentum") == 0:
+            raise ValueError("nesterov: true needs optim.momentum > 0")
+        return nesterov
 
 
 class TrainConfig(_Section):
@@ -101,15 +102,15 @@ class _Source:
         self.path, self.lines, self.overridden = path, lines, overridden
 
     def where(self, key: str) -> str:
-        parts = key.split(".")
-        prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
-        for prefix in reversed(prefixes):
-            if prefix in self.overridden:
-                return f"--set {prefix}"
-        for prefix in reversed(prefixes):
-            if prefix in self.lines:
-                return f"{self.path}:{self.lines[prefix]}"
-        return str(self.path) if self.path else "defaults"
+        base = key.split("[", 1)[0]
+        for set_key in sorted(self.overridden, key=len, reverse=True):
+            if set_key in (key, base) or set_key.startswith(base + ".") or base.startswith(set_key + "."):
+                return f"--set {set_key}"
+        parts = base.split(".")
+        for candidate in [key] + [".".join(parts[:i]) for i in range(len(parts), 0, -1)]:
+            if candidate in self.lines:
+                return f"{self.path}:{self.lines[candidate]}"
+        return str(self.path) if self.path else "--set"
 
 
 def all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
@@ -145,6 +146,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         config = Config.model_validate(raw)
     except ValidationError as exc:
         raise FinetuneError(_format_problems(path, [_describe(e, source) for e in exc.errors()])) from None
+    _resolve_paths_of(config)
     config._source = source
     return config
 
@@ -175,12 +177,16 @@ def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
 
 
 def _key_lines(node, prefix: str = "") -> dict[str, int]:
+    """The line of every key (``optim.lr``) and list item (``freeze.trainable[1]``) in a YAML node."""
     lines = {}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = f"{prefix}{key_node.value}"
             lines[key] = key_node.start_mark.line + 1
             lines.update(_key_lines(value_node, key + "."))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[f"{prefix.rstrip('.')}[{i}]"] = item.start_mark.line + 1
     return lines
 
 
@@ -188,9 +194,22 @@ def _resolve_paths(raw: dict, folder: Path) -> None:
     for key in PATH_KEYS:
         section, name = key.split(".")
         value = raw.get(section, {}).get(name) if isinstance(raw.get(section), dict) else None
-        if not isinstance(value, str) or value in TORCHVISION_WEIGHTS or value == "none":
+        if not _is_path(value):
             continue
         raw[section][name] = str((folder / Path(value).expanduser()).resolve())
+
+
+def _resolve_paths_of(config: Config) -> None:
+    """Make every path absolute; what is still relative here came from the defaults: the current directory."""
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if _is_path(value) and not Path(value).is_absolute():
+            setattr(getattr(config, section), name, str(Path(value).expanduser().resolve()))
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, str) and value not in TORCHVISION_WEIGHTS and value != "none"
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -203,7 +222,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise FinetuneError(f"Invalid --set {item!r}: the value is not valid YAML ({exc.problem}).") from None
-    if key in PATH_KEYS and isinstance(parsed, str) and parsed not in TORCHVISION_WEIGHTS and parsed != "none":
+    if key in PATH_KEYS and _is_path(parsed):
         parsed = str(Path(parsed).expanduser().resolve())  # relative to the current directory
     return key, parsed
 
@@ -245,7 +264,7 @@ def _suggest(key: str) -> str:
 
 
 def _format_problems(path: Optional[Path], problems: list[str]) -> str:
-    name = str(path) if path else "the config"
+    name = str(path) if path else "(defaults and --set)"
     noun = "problem" if len(problems) == 1 else "problems"
     body = "\n".join(f"  {p}" for p in problems)
     return f"Invalid config {name} ({len(problems)} {noun}):\n{body}"

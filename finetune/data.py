@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+import os
+import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.config import Config, config_error
 
@@ -28,3 +39,147 @@ def class_names(config: Config) -> list[str]:
 
 def class_names_or_none(config: Config) -> Optional[list[str]]:
     return class_names(config) if config.data.root else None
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation torchvision's ResNet-18 weights were trained with
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Datasets:
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    layout: str  # "train/val folders" or "split by data.val_fraction"
+
+
+def eval_transform(image_size: int):
+    return transforms.Compose([
+        transforms.Resize(image_size), transforms.CenterCrop(image_size),
+        transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def train_transform(image_size: int, augment: bool):
+    if not augment:
+        return eval_transform(image_size)
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def ensure_demo_data(config: Config) -> Optional[dict]:
+    """Generate the shapes demo set at data.root when data.demo is set and the folder is missing."""
+    if config.data.demo != "shapes" or config.data.root is None or Path(config.data.root).exists():
+        return None
+    from finetune.demo import make_shapes
+
+    return make_shapes(config.data.root)
+
+
+def load_datasets(config: Config) -> Datasets:
+    """The train and val sets of ``data.root``, with their transforms; class names from the folders."""
+    classes = class_names(config)
+    root = Path(config.data.root)
+    train_tf = train_transform(config.data.image_size, config.data.augment)
+    val_tf = eval_transform(config.data.image_size)
+    if (root / "train").is_dir():
+        train = image_folder(config, root / "train", classes, train_tf)
+        val_root = root / "val"
+        if not val_root.is_dir():
+            raise config_error(config, [("data.root", f"{root} has train/ but no val/ folder; add {val_root} "
+                                         "or put the class folders directly under data.root")])
+        extra = sorted({e.name for e in val_root.iterdir() if e.is_dir()} - set(classes))
+        if extra:
+            raise config_error(config, [("data.root", f"{val_root} has class folders not in train/: "
+                                         f"{', '.join(extra)}; add them to train/ or remove them")])
+        val = image_folder(config, val_root, classes, val_tf, allow_empty=True)
+        return Datasets(train, val, classes, "train/val folders")
+    full_train = image_folder(config, root, classes, train_tf)
+    full_val = image_folder(config, root, classes, val_tf)
+    train_idx, val_idx = stratified_split(full_train.targets, config.data.val_fraction, config.train.seed)
+    return Datasets(Subset(full_train, train_idx), Subset(full_val, val_idx), classes, "split by data.val_fraction")
+
+
+def stratified_split(targets: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Hold out ``val_fraction`` of each class (at least one image when a class has two or more)."""
+    by_class: dict[int, list[int]] = {}
+    for index, target in enumerate(targets):
+        by_class.setdefault(target, []).append(index)
+    rng = random.Random(seed)
+    train, val = [], []
+    for target in sorted(by_class):
+        indices = by_class[target]
+        rng.shuffle(indices)
+        n_val = min(max(1, round(len(indices) * val_fraction)), len(indices) - 1) if len(indices) > 1 else 0
+        val += indices[:n_val]
+        train += indices[n_val:]
+    return sorted(train), sorted(val)
+
+
+def image_folder(config: Config, folder: Path, classes: list[str], transform, allow_empty: bool = False):
+    class _Folder(ImageFolder):
+        def find_classes(self, directory):  # the train classes, so val labels mean the same thing
+            return classes, {name: i for i, name in enumerate(classes)}
+
+    try:
+        return _Folder(str(folder), transform=transform, allow_empty=allow_empty)
+    except FileNotFoundError as exc:
+        raise config_error(config, [("data.root", f"{exc}; every class folder under {folder} needs at least "
+                                     f"one image ({', '.join(IMG_EXTENSIONS)})")]) from None
+
+
+def default_workers() -> int:
+    # On a small machine the compute threads need every core: load in the main process.
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(4, cores // 2)
+
+
+class _SkipSampler(Sampler):
+    """The wrapped sampler's indices, less the first ``skip`` (to resume inside an epoch)."""
+
+    def __init__(self, sampler: Sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self):
+        return max(0, len(self.sampler) - self.skip)
+
+
+class SeededSamples(Dataset):
+    """Random transforms seeded by (seed, epoch, index): the same sample gets the same augmentation
+    whatever the worker count or where a resumed run starts."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            return self.dataset[index]
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+                skip_batches: int = 0, workers: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
+    """A loader whose order is a function of (seed, epoch) only, so runs and resumes repeat exactly.
+
+    The shuffle comes from DistributedSampler (one replica when not distributed).
+    """
+    if isinstance(dataset, SeededSamples):
+        dataset.epoch = epoch
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+    sampler.set_epoch(epoch)
+    # A trailing batch of one sample would break BatchNorm layers in train mode.
+    drop_last = shuffle and len(sampler) % batch_size == 1 and len(sampler) > 1
+    return DataLoader(dataset, batch_size=batch_size, sampler=_SkipSampler(sampler, skip_batches * batch_size),
+                      num_workers=workers, drop_last=drop_last, persistent_workers=False)
+
+
+def steps_per_epoch(dataset: Dataset, batch_size: int, world: int = 1) -> int:
+    per_rank = math.ceil(len(dataset) / world)
+    full, rest = divmod(per_rank, batch_size)
+    return full + (1 if rest > 1 or (rest == 1 and per_rank == 1) else 0)

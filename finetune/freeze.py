@@ -11,14 +11,12 @@ matches takes ``freeze.default``.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Callable, Iterable
 
 from finetune.errors import FinetuneError
-
-WILDCARDS = "*?[]"
-
 
 @dataclass(frozen=True)
 class Decision:
@@ -31,7 +29,9 @@ def matches(pattern: str, name: str) -> bool:
 
 
 def specificity(pattern: str) -> int:
-    return sum(ch not in WILDCARDS for ch in pattern)
+    """Literal characters in a pattern: ``layer4`` and ``layer4.*`` score 6; ``[34]`` counts as a wildcard."""
+    pattern = re.sub(r"\[[^\]]*\]", "", pattern.removesuffix(".*"))
+    return sum(ch not in "*?" for ch in pattern)
 
 
 def plan_freeze(names: Iterable[str], freeze, where: Callable[[str], str] = lambda key: key) -> dict[str, Decision]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
+from finetune.checkpoint import UNSAFE_MARK, safe_load, unsafe_file_error
 from finetune.config import TORCHVISION_WEIGHTS, Config
 from finetune.errors import FinetuneError
 
@@ -71,20 +72,28 @@ def _torchvision_state(name: str, progress: bool) -> dict:
     cached = torchvision_cache_file(name)
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-            return weights.get_state_dict(progress=progress, check_hash=True)
-    except Exception as exc:  # network down, hash mismatch, corrupt cache file...
-        problem = f"{type(exc).__name__}: {exc}".strip()
-        if cached.exists():
-            problem += f"\n(the cached file {cached} exists but could not be loaded: delete or replace it)"
-        raise FinetuneError(
-            f"Could not get the pretrained weights ResNet18_Weights.{name} (model.weights = {name}).\n"
-            f"  {problem}\n"
-            "Three ways out:\n"
-            f"  1. put the file in torchvision's cache: {cached}\n"
-            "  2. give a local state-dict file: --set model.weights=/path/to/resnet18.pth\n"
-            "  3. train from random weights: --set model.weights=none "
-            "(or allow it as a fallback with model.weights_fallback: random)"
-        ) from None
+            state = weights.get_state_dict(progress=progress, check_hash=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if UNSAFE_MARK in str(exc):
+            raise unsafe_file_error(cached, "cached weights file", exc) from None
+        raise _unavailable(name, cached, exc) from None
+    except Exception as exc:  # network down, hash mismatch...
+        raise _unavailable(name, cached, exc) from None
+    return checked_state_dict(state, cached)
+
+
+def _unavailable(name: str, cached: Path, exc: Exception) -> FinetuneError:
+    problem = f"{type(exc).__name__}: {exc}".strip()
+    if cached.exists():
+        problem += f"\n  (the cached file {cached} exists but could not be loaded: delete or replace it)"
+    return FinetuneError(
+        f"Could not get the pretrained weights ResNet18_Weights.{name} (model.weights = {name}).\n"
+        f"  {problem}\n"
+        "Three ways out:\n"
+        f"  1. put the file in torchvision's cache: {cached}\n"
+        "  2. give a local state-dict file: --set model.weights=/path/to/resnet18.pth\n"
+        "  3. train from random weights: --set model.weights=none "
+        "(or allow it as a fallback with model.weights_fallback: random)")
 
 
 @contextlib.contextmanager
@@ -103,16 +112,11 @@ def load_state_dict_file(path: Path) -> dict:
     if not path.is_file():
         raise FinetuneError(f"Weights file not found: {path}\nCheck model.weights (paths in a config file are "
                             "relative to the config's folder), or use DEFAULT or none.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise FinetuneError(f"Refused to load {path}: it contains objects other than tensors, which could run "
-                            f"code when loaded ({str(exc).splitlines()[0]}). Only plain state dicts are accepted."
-                            ) from None
-    except Exception as exc:
-        raise FinetuneError(f"Could not read weights file {path}: {type(exc).__name__}: {exc}\n"
-                            "Is it a PyTorch state dict saved with torch.save? It may be corrupt or truncated."
-                            ) from None
+    return checked_state_dict(safe_load(path, "weights file"), path)
+
+
+def checked_state_dict(obj, path: Path) -> dict:
+    """The state dict in what ``path`` held (also inside a finetune checkpoint), without DDP's ``module.``."""
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # a finetune checkpoint
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

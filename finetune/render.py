@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from finetune.report import FreezeReport
+if TYPE_CHECKING:
+    from finetune.report import FreezeReport
 
 console = Console()
 err_console = Console(stderr=True)
@@ -22,7 +24,7 @@ def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.2f}%" if whole else "-"
 
 
-def print_freeze_report(report: FreezeReport) -> None:
+def print_freeze_report(report: "FreezeReport") -> None:
     table = Table(title="Freeze report", title_justify="left")
     table.add_column("module")
     table.add_column("params", justify="right")
@@ -48,3 +50,28 @@ def print_freeze_report(report: FreezeReport) -> None:
     eval_bn = sum(1 for b in report.batchnorm if b["mode"] == "eval")
     console.print(f"BatchNorm: {eval_bn} of {len(report.batchnorm)} layers run in eval mode while training "
                   "(frozen statistics)")
+
+
+def print_evaluation(result: dict) -> None:
+    console.print(f"{result['checkpoint']} on {result['data']} ({result['images']} images)")
+    console.print(f"loss {result['loss']:.4f}   top-1 {result['top1']:.2%}   top-5 {result['top5']:.2%}")
+    table = Table(title="Per-class accuracy", title_justify="left")
+    table.add_column("class")
+    table.add_column("images", justify="right")
+    table.add_column("accuracy", justify="right")
+    for row in result["per_class"]:
+        table.add_row(row["class"], str(row["images"]), "-" if row["acc"] is None else f"{row['acc']:.2%}")
+    console.print(table)
+    console.print(f"confusion matrix: {result['confusion_png']}")
+
+
+def print_predictions(results: list[dict]) -> None:
+    table = Table(title="Predictions", title_justify="left")
+    table.add_column("image", overflow="fold")
+    table.add_column("class")
+    table.add_column("probability", justify="right")
+    for result in results:
+        for rank, guess in enumerate(result["predictions"]):
+            table.add_row(result["image"] if rank == 0 else "", guess["class"], f"{guess['prob']:.2%}",
+                          end_section=rank == len(result["predictions"]) - 1)
+    console.print(table)

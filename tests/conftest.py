@@ -56,3 +56,50 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240) -> subpro
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+COLOURS = {"blue": (30, 60, 200), "green": (40, 170, 60), "red": (210, 40, 40)}
+
+
+def make_colour_folder(root: Path, per_class: int, size: int = 32, seed: int = 0) -> Path:
+    """An ImageFolder tree of noisy solid-colour images: easy to learn, even from random features."""
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    for name, rgb in COLOURS.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = bytes(max(0, min(255, c + rng.randint(-40, 40))) for _ in range(size * size) for c in rgb)
+            Image.frombytes("RGB", (size, size), pixels).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def colour_data(tmp_path_factory) -> Path:
+    """root/train (12 per class) and root/val (4 per class) of three colour classes, 32x32."""
+    root = tmp_path_factory.mktemp("colours")
+    make_colour_folder(root / "train", 12, seed=1)
+    make_colour_folder(root / "val", 4, seed=2)
+    return root
+
+
+def tiny_config(folder: Path, data_root: Path, **sections) -> Path:
+    """A config for fast runs on tiny data; ``sections`` add or replace keys, e.g. optim={"lr": 0.1}."""
+    import yaml
+
+    config = {
+        "model": {"weights": "none"},
+        "data": {"root": str(data_root), "image_size": 32, "workers": 0},
+        "freeze": {"trainable": ["fc"]},
+        "optim": {"lr": 0.01},
+        "train": {"epochs": 2, "batch_size": 8, "seed": 0, "output_dir": str(folder / "run")},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

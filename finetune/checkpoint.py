@@ -1,0 +1,89 @@
+"""Checkpoints and run files: atomic writes, RNG states, and loading with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.errors import FinetuneError
+
+FORMAT = 1
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file beside it, fsync, then ``os.replace``.
+
+    A process killed at any moment leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def rng_states() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
+
+
+UNSAFE_MARK = "GLOBAL"  # torch.load(weights_only=True) names the blocked global a code-running pickle imports
+
+
+def unsafe_file_error(path: Path, what: str, exc: Exception) -> FinetuneError:
+    reason = next((line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+    return FinetuneError(f"Refused to load {what} {path}: it holds objects other than tensors and plain data, "
+                         f"which could run code when loaded. Only plain state dicts are accepted. {reason}".strip())
+
+
+def safe_load(path: Path, what: str) -> Any:
+    """``torch.load`` with ``weights_only=True``: a file that would run code when unpickled is refused.
+
+    ``what`` names the file in messages ("weights file", "checkpoint").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FinetuneError(f"{what.capitalize()} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if UNSAFE_MARK in str(exc):
+            raise unsafe_file_error(path, what, exc) from None
+        raise FinetuneError(f"Could not read {what} {path}: it is corrupt or not a file saved with torch.save "
+                            f"({str(exc).splitlines()[0]}).") from None
+    except Exception as exc:
+        raise FinetuneError(f"Could not read {what} {path}: {type(exc).__name__}: {exc}\n"
+                            "Is it a file saved with torch.save? It may be corrupt or truncated.") from None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a finetune checkpoint (``last.pt``/``best.pt``) safely."""
+    checkpoint = safe_load(path, "checkpoint")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT or "model" not in checkpoint:
+        raise FinetuneError(f"{path} is not a finetune checkpoint (last.pt or best.pt from a run directory).")
+    return checkpoint

@@ -1,0 +1,298 @@
+"""The training loop: setup, epochs, evaluation, checkpoint, summary.
+
+Reads top to bottom. Everything a resumed run needs is in ``last.pt``: model,
+optimizer (momentum buffers), scheduler, position (epoch and step), RNG states
+and the metrics so far. The data order is a function of (seed, epoch) alone, so a
+resumed run continues exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from finetune.build import build
+from finetune.checkpoint import (atomic_write_text, load_checkpoint, restore_rng_states, rng_states,
+                                 save_checkpoint)
+from finetune.config import Config, load_config
+from finetune.data import (SeededSamples, default_workers, ensure_demo_data, load_datasets, make_loader,
+                           steps_per_epoch)
+from finetune.errors import FinetuneError
+from finetune.freeze import set_train_mode
+from finetune.optim import build_optimizer, build_scheduler
+from finetune.progress import Reporter
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "summary.json")
+# Keys a resumed run may change; anything else would make the result differ from an uninterrupted run.
+RESUMABLE_CHANGES = {"train.epochs", "train.output_dir", "data.workers"}
+
+
+@dataclass
+class Progress:
+    """Where a run is: completed epochs, steps done in the current one, and the metrics so far."""
+    epoch: int = 0
+    step: int = 0
+    seen: int = 0  # training images seen in the current epoch, and their summed loss and correct count
+    loss_sum: float = 0.0
+    correct: int = 0
+    seconds: float = 0.0  # training time spent in the current epoch
+    history: list[dict] = field(default_factory=list)
+    best_epoch: Optional[int] = None
+    best_val_acc: float = -1.0
+    total_seconds: float = 0.0
+
+
+class _Stop:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second signal stops at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # a second signal gets the default behaviour: exit now
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = None, resume: Optional[Path] = None,
+          overwrite: bool = False) -> dict:
+    """Fine-tune as ``config`` says and write the run directory; returns the summary.
+
+    With ``resume`` (a run directory) the run continues from its ``last.pt``.
+    Raises FinetuneError for bad input, and with exit code 130/143 when interrupted.
+    """
+    start = time.perf_counter()
+    if resume is not None:
+        config = _config_for_resume(config, Path(resume))
+        run_dir = Path(resume)
+    else:
+        run_dir = Path(output_dir or config.train.output_dir)
+        _prepare_run_dir(run_dir, overwrite)
+    config = config.model_copy(deep=True)
+    config.train.output_dir = str(run_dir.resolve())
+    demo = ensure_demo_data(config)
+    if demo:
+        reporter.message(f"Generated the shapes demo data set at {demo['root']} "
+                         f"({demo['train']} train / {demo['val']} val images)")
+    data = load_datasets(config)
+    built = build(config, data.classes, progress=reporter.shows_progress)
+    if built.weights.warning:
+        reporter.warn(built.weights.warning)
+    model = built.model
+    optimizer = build_optimizer(model, config.optim)
+    steps = steps_per_epoch(data.train, config.train.batch_size)
+    scheduler = build_scheduler(optimizer, config.optim, config.train.epochs, steps)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing)
+    train_set = SeededSamples(data.train, config.train.seed) if config.data.augment else data.train
+    workers = config.data.workers if config.data.workers is not None else default_workers()
+
+    progress = Progress()
+    torch.manual_seed(config.train.seed)
+    random.seed(config.train.seed)
+    if resume is not None:
+        progress = _restore(run_dir / "last.pt", model, optimizer, scheduler)
+    else:
+        atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+
+    def checkpoint(path: Path) -> None:
+        save_checkpoint(path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "progress": asdict(progress), "rng": rng_states(), "classes": data.classes,
+            "config": config.model_dump(mode="json"), "weights": built.weights.source,
+            "pretrained": built.weights.pretrained})
+
+    reporter.start(run_dir=run_dir, config=config, weights=built.weights.source, layout=data.layout,
+                   train_images=len(data.train), val_images=len(data.val), classes=data.classes,
+                   steps_per_epoch=steps, resumed_at=progress.epoch if resume else None)
+    with _Stop() as stop:
+        while progress.epoch < config.train.epochs:
+            epoch = progress.epoch
+            loader = make_loader(train_set, config.train.batch_size, shuffle=True, seed=config.train.seed,
+                                 epoch=epoch, skip_batches=progress.step, workers=workers)
+            set_train_mode(model, built.bn_modes)
+            finished = _train_epoch(model, loader, criterion, optimizer, scheduler, progress, steps, reporter, stop)
+            if not finished:
+                checkpoint(run_dir / "last.pt")
+                raise _interrupted(stop.signum, epoch, progress.step, run_dir)
+            val = evaluate(model, make_loader(data.val, config.train.batch_size, shuffle=False, workers=workers),
+                           criterion)
+            row = _epoch_row(epoch, progress, val, optimizer)
+            progress.history.append(row)
+            progress.total_seconds += row["seconds"]
+            progress.epoch, progress.step, progress.seen, progress.loss_sum, progress.correct = epoch + 1, 0, 0, 0, 0
+            progress.seconds = 0.0
+            improved = row["val_acc"] > progress.best_val_acc
+            if improved:
+                progress.best_epoch, progress.best_val_acc = row["epoch"], row["val_acc"]
+            _write_metrics(run_dir, progress.history)
+            checkpoint(run_dir / "last.pt")
+            if improved:
+                checkpoint(run_dir / "best.pt")
+            _plot_curves(run_dir, progress.history)
+            reporter.epoch_end(row, improved)
+            if stop.signum is not None:
+                raise _interrupted(stop.signum, epoch + 1, 0, run_dir)
+
+    summary = {
+        "run_dir": str(run_dir), "epochs": config.train.epochs, "best_epoch": progress.best_epoch,
+        "best_val_acc": progress.best_val_acc, "final_val_acc": progress.history[-1]["val_acc"],
+        "train_seconds": round(progress.total_seconds, 3), "total_seconds": round(time.perf_counter() - start, 3),
+        "pretrained": built.weights.pretrained, "weights": built.weights.source,
+        "weights_warning": built.weights.warning, "classes": data.classes,
+        "train_images": len(data.train), "val_images": len(data.val),
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    reporter.finish(summary, progress.history)
+    return summary
+
+
+def _train_epoch(model, loader, criterion, optimizer, scheduler, progress: Progress, steps: int,
+                 reporter: Reporter, stop: _Stop) -> bool:
+    """Train over ``loader``; False when a signal asked to stop (after a whole step)."""
+    tick = time.perf_counter()
+    for images, targets in loader:
+        logits = model(images)
+        loss = criterion(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        progress.step += 1
+        progress.seen += len(targets)
+        progress.loss_sum += loss.item() * len(targets)
+        progress.correct += (logits.argmax(1) == targets).sum().item()
+        now = time.perf_counter()
+        progress.seconds += now - tick
+        tick = now
+        reporter.step(progress.epoch, progress.step, steps, progress.loss_sum / progress.seen,
+                      progress.correct / progress.seen, optimizer.param_groups[0]["lr"],
+                      progress.seen / max(progress.seconds, 1e-9))
+        if stop.signum is not None and progress.step < steps:
+            return False
+    return True
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, criterion, num_classes: Optional[int] = None) -> dict:
+    """Loss, top-1 and top-5 accuracy (and the confusion matrix) of ``model`` in eval mode over ``loader``."""
+    model.eval()
+    num_classes = num_classes or model.fc.out_features
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    loss_sum, top5, seen = 0.0, 0, 0
+    k = min(5, num_classes)
+    for images, targets in loader:
+        logits = model(images)
+        loss_sum += criterion(logits, targets).item() * len(targets)
+        top5 += (logits.topk(k, dim=1).indices == targets[:, None]).any(1).sum().item()
+        confusion += torch.bincount(targets * num_classes + logits.argmax(1),
+                                    minlength=num_classes ** 2).reshape(num_classes, num_classes)
+        seen += len(targets)
+    if seen == 0:
+        return {"loss": float("nan"), "acc": float("nan"), "top5": float("nan"), "confusion": confusion, "n": 0}
+    return {"loss": loss_sum / seen, "acc": confusion.diagonal().sum().item() / seen, "top5": top5 / seen,
+            "confusion": confusion, "n": seen}
+
+
+def _epoch_row(epoch: int, progress: Progress, val: dict, optimizer) -> dict:
+    return {
+        "epoch": epoch + 1,
+        "train_loss": progress.loss_sum / max(progress.seen, 1),
+        "train_acc": progress.correct / max(progress.seen, 1),
+        "val_loss": val["loss"], "val_acc": val["acc"], "val_top5": val["top5"],
+        "lr": optimizer.param_groups[0]["lr"],
+        "seconds": round(progress.seconds, 3),
+        "images_per_s": round(progress.seen / max(progress.seconds, 1e-9), 1),
+    }
+
+
+def _write_metrics(run_dir: Path, history: list[dict]) -> None:
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+
+
+def _plot_curves(run_dir: Path, history: list[dict]) -> None:
+    from finetune.plots import plot_curves
+
+    plot_curves(history, run_dir / "curves.png")
+
+
+def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FinetuneError(f"Output directory {run_dir} is a file; choose another train.output_dir or --output-dir.")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise FinetuneError(f"Output directory {run_dir} already holds a run and is not empty.\n"
+                                f"Continue it with --resume {run_dir}, replace it with --overwrite, "
+                                "or choose another --output-dir.")
+        others = [p.name for p in run_dir.iterdir() if p.name not in RUN_FILES]
+        if others:
+            raise FinetuneError(f"--overwrite refused: {run_dir} holds files finetune did not write "
+                                f"({', '.join(sorted(others)[:5])}); choose another --output-dir.")
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise FinetuneError(f"Cannot write to output directory {run_dir}: {exc.strerror}; "
+                            "choose another train.output_dir or --output-dir.") from None
+
+
+def _config_for_resume(config: Config, run_dir: Path) -> Config:
+    if not (run_dir / "last.pt").is_file():
+        raise FinetuneError(f"Nothing to resume in {run_dir}: no last.pt there. "
+                            "Give the run directory of an earlier `finetune train`.")
+    if (run_dir / "config.yaml").is_file():
+        given, saved = _flat(config.model_dump()), _flat(load_config(run_dir / "config.yaml").model_dump())
+        changed = sorted(k for k in given if given[k] != saved.get(k) and k not in RESUMABLE_CHANGES)
+        if changed:
+            raise FinetuneError(f"--resume {run_dir}: the config differs from the run's config.yaml in "
+                                f"{', '.join(changed)}; a resumed run must use the same settings "
+                                f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change).")
+    return config
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _restore(path: Path, model, optimizer, scheduler) -> Progress:
+    checkpoint = load_checkpoint(path)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    restore_rng_states(checkpoint["rng"])
+    return Progress(**checkpoint["progress"])
+
+
+def _interrupted(signum: Optional[int], epoch: int, step: int, run_dir: Path) -> FinetuneError:
+    name = signal.Signals(signum).name if signum else "signal"
+    return FinetuneError(f"Interrupted by {name} at epoch {epoch + 1}, step {step}: saved {run_dir / 'last.pt'} "
+                         f"and the metrics so far.\nResume with: finetune train --resume {run_dir}",
+                         exit_code=128 + (signum or 2))

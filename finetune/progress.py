@@ -1,0 +1,134 @@
+"""Progress while training: rich bars on a terminal, one plain line per epoch elsewhere, or nothing."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.2%}  "
+            f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.2%}  val_top5 {row['val_top5']:.2%}  "
+            f"lr {row['lr']:.3g}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s")
+
+
+def _summary_line(summary: dict) -> str:
+    return (f"done: best val_acc {summary['best_val_acc']:.2%} at epoch {summary['best_epoch']}, "
+            f"{summary['total_seconds']:.1f}s in all; run directory {summary['run_dir']}")
+
+
+class Reporter:
+    """Silent: errors only (the CLI prints them). The base of the other reporters."""
+
+    shows_progress = False
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console()
+        self.epochs = 0
+
+    def start(self, *, config, **info) -> None:
+        self.epochs = config.train.epochs
+
+    def message(self, text: str) -> None:
+        pass
+
+    def warn(self, text: str) -> None:
+        pass
+
+    def step(self, epoch: int, step: int, steps: int, loss: float, acc: float, lr: float, images_per_s: float) -> None:
+        pass
+
+    def epoch_end(self, row: dict, improved: bool) -> None:
+        pass
+
+    def finish(self, summary: dict, history: list[dict]) -> None:
+        pass
+
+    def close(self) -> None:
+        """Stop any live display (also after an error)."""
+
+
+class PlainReporter(Reporter):
+    """One line per event, no control characters: for CI logs and pipes."""
+
+    def _print(self, text: str) -> None:
+        print(text, flush=True)
+
+    def start(self, *, config, run_dir, weights, layout, train_images, val_images, classes, steps_per_epoch,
+              resumed_at) -> None:
+        super().start(config=config)
+        resumed = f", resuming after epoch {resumed_at}" if resumed_at is not None else ""
+        self._print(f"run {run_dir}: {train_images} train / {val_images} val images ({layout}), "
+                    f"{len(classes)} classes, {steps_per_epoch} steps per epoch, weights {weights}{resumed}")
+
+    def message(self, text: str) -> None:
+        self._print(text)
+
+    def warn(self, text: str) -> None:
+        self._print(f"WARNING: {text}")
+
+    def epoch_end(self, row: dict, improved: bool) -> None:
+        self._print(_epoch_line(row, self.epochs) + ("  *best*" if improved else ""))
+
+    def finish(self, summary: dict, history: list[dict]) -> None:
+        self._print(_summary_line(summary))
+
+
+class RichReporter(PlainReporter):
+    """An overall bar and a per-epoch bar (loss, accuracy, lr, images/s, ETA); a summary table at the end."""
+
+    shows_progress = True
+
+    def _print(self, text: str) -> None:
+        self.console.print(escape(text), highlight=False)
+
+    def start(self, **info) -> None:
+        super().start(**info)
+        self.steps = info["steps_per_epoch"]
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                             console=self.console, transient=True)
+        done = info["resumed_at"] or 0
+        self.overall = self.bars.add_task("overall", total=self.epochs * self.steps, completed=done * self.steps,
+                                          stats="")
+        self.epoch_bar = self.bars.add_task("epoch", total=self.steps, stats="")
+        self.bars.start()
+
+    def warn(self, text: str) -> None:
+        self.console.print(f"[bold yellow]WARNING:[/] [yellow]{escape(text)}[/]")
+
+    def step(self, epoch, step, steps, loss, acc, lr, images_per_s) -> None:
+        stats = f"loss {loss:.4f} acc {acc:.1%} lr {lr:.3g} {images_per_s:.0f} img/s"
+        self.bars.update(self.epoch_bar, description=f"epoch {epoch + 1}/{self.epochs}", completed=step,
+                         stats=stats)
+        self.bars.update(self.overall, completed=epoch * self.steps + step)
+
+    def epoch_end(self, row: dict, improved: bool) -> None:
+        mark = " [green]*best*[/]" if improved else ""
+        self.console.print(escape(_epoch_line(row, self.epochs)) + mark, highlight=False)
+
+    def finish(self, summary: dict, history: list[dict]) -> None:
+        self.bars.stop()
+        table = Table(title="Epochs", title_justify="left")
+        for column in ("epoch", "train loss", "train acc", "val loss", "val acc", "val top-5", "lr", "time"):
+            table.add_column(column, justify="right")
+        for row in history:
+            style = "bold green" if row["epoch"] == summary["best_epoch"] else None
+            table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", f"{row['train_acc']:.2%}",
+                          f"{row['val_loss']:.4f}", f"{row['val_acc']:.2%}", f"{row['val_top5']:.2%}",
+                          f"{row['lr']:.3g}", f"{row['seconds']:.1f}s", style=style)
+        self.console.print(table)
+        self.console.print(escape(_summary_line(summary)), highlight=False)
+
+    def close(self) -> None:
+        if hasattr(self, "bars"):
+            self.bars.stop()
+
+
+def make_reporter(quiet: bool) -> Reporter:
+    console = Console()
+    if quiet:
+        return Reporter(console)
+    return RichReporter(console) if console.is_terminal else PlainReporter(console)

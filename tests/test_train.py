@@ -1,0 +1,177 @@
+"""End-to-end training: the run directory, reproducibility, exact resume, evaluate and predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from conftest import run_cli, tiny_config
+
+from finetune.config import load_config
+from finetune.engine import train
+from finetune.errors import FinetuneError
+from finetune.progress import Reporter
+
+METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "seconds",
+               "images_per_s"}
+
+
+def weights(run_dir):
+    return torch.load(run_dir / "last.pt", weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different[:5]}"
+
+
+class SignalAtStep(Reporter):
+    """Sends a real signal to this process after a given training step, like Ctrl-C would."""
+
+    def __init__(self, epoch: int, step: int, signum=signal.SIGINT):
+        super().__init__()
+        self.at, self.signum = (epoch, step), signum
+
+    def step(self, epoch, step, *args):
+        if (epoch, step) == self.at:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, colour_data):
+    """One real `finetune train` through the CLI (not a terminal: plain logs)."""
+    folder = tmp_path_factory.mktemp("cli_run")
+    config = tiny_config(folder, colour_data, train={"epochs": 3})
+    result = run_cli("train", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    return folder / "run", result
+
+
+def test_run_directory_has_every_file_with_sane_values(cli_run):
+    run_dir, _ = cli_run
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert all(METRIC_KEYS <= r.keys() for r in rows)
+    assert rows[-1]["val_acc"] >= 0.9  # three colour classes: chance is 1/3
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_val_acc"] == max(r["val_acc"] for r in rows)
+    assert summary["pretrained"] is False and summary["classes"] == ["blue", "green", "red"]
+    checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
+    assert checkpoint["classes"] == ["blue", "green", "red"]
+    assert checkpoint["progress"]["epoch"] == summary["best_epoch"]
+    assert {"model", "optimizer", "scheduler", "rng", "config"} <= checkpoint.keys()
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.train.output_dir == str(run_dir.resolve())
+
+
+def test_plain_log_when_not_a_terminal(cli_run):
+    _, result = cli_run
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert "val_acc" in lines[0] and "img/s" in lines[0]
+    assert "\x1b" not in result.stdout and "\r" not in result.stdout
+    assert "done: best val_acc" in result.stdout
+
+
+def test_frozen_backbone_and_batchnorm_statistics_unchanged(cli_run):
+    run_dir, _ = cli_run
+    from finetune.build import build
+
+    config = load_config(run_dir / "config.yaml")
+    initial = build(config, ["blue", "green", "red"]).model.state_dict()
+    final = weights(run_dir)
+    changed = [k for k in final if not torch.equal(initial[k], final[k])]
+    assert sorted(changed) == ["fc.bias", "fc.weight"]
+
+
+def test_same_config_gives_identical_weights(tmp_path, colour_data, cli_run):
+    config = tiny_config(tmp_path, colour_data, train={"epochs": 3})
+    assert run_cli("train", "--config", str(config), "--quiet").returncode == 0
+    assert_same_weights(weights(tmp_path / "run"), weights(cli_run[0]))
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, colour_data, augment):
+    # Layer4 and BatchNorm in train mode: momentum buffers, running statistics and augmentation all matter.
+    overrides = dict(freeze={"trainable": ["layer4", "fc"], "batchnorm": "train"},
+                     data={"augment": augment}, optim={"lr": 0.02, "schedule": "cosine", "warmup_epochs": 1},
+                     train={"epochs": 3, "batch_size": 6})
+    train(load_config(tiny_config(tmp_path / "whole", colour_data, **overrides)), Reporter())
+
+    parted = load_config(tiny_config(tmp_path / "parted", colour_data, **overrides))
+    with pytest.raises(FinetuneError) as stopped:
+        train(parted, SignalAtStep(epoch=1, step=2))  # mid-epoch 2 of 3
+    assert stopped.value.exit_code == 130
+    assert "--resume" in str(stopped.value)
+    partial = torch.load(tmp_path / "parted" / "run" / "last.pt", weights_only=True)["progress"]
+    assert (partial["epoch"], partial["step"]) == (1, 2)
+    train(parted, Reporter(), resume=tmp_path / "parted" / "run")
+
+    assert_same_weights(weights(tmp_path / "parted" / "run"), weights(tmp_path / "whole" / "run"))
+    whole_rows = (tmp_path / "whole" / "run" / "metrics.jsonl").read_text().splitlines()
+    parted_rows = (tmp_path / "parted" / "run" / "metrics.jsonl").read_text().splitlines()
+    drop_time = [{k: v for k, v in json.loads(r).items() if k not in ("seconds", "images_per_s")}
+                 for r in whole_rows + parted_rows]
+    assert drop_time[:3] == drop_time[3:]
+
+
+def test_resume_refuses_a_changed_config(tmp_path, colour_data, cli_run):
+    run_dir, _ = cli_run
+    config = tiny_config(tmp_path, colour_data, optim={"lr": 0.5})
+    result = run_cli("train", "--config", str(config), "--resume", str(run_dir))
+    assert result.returncode == 2
+    assert "optim.lr" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_existing_run_directory_is_not_overwritten(cli_run, colour_data, tmp_path):
+    run_dir, _ = cli_run
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    config = tiny_config(tmp_path, colour_data)
+    result = run_cli("train", "--config", str(config), "--output-dir", str(run_dir))
+    assert result.returncode == 2
+    assert "--resume" in result.stderr and "--overwrite" in result.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+
+
+def test_evaluate_reports_accuracy_and_writes_confusion_matrix(cli_run, colour_data, tmp_path):
+    run_dir, _ = cli_run
+    result = run_cli("evaluate", str(run_dir / "best.pt"), "--data", str(colour_data), "--json",
+                     "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["images"] == 12
+    assert report["top1"] >= 0.9 and report["top5"] == 1.0
+    assert [row["class"] for row in report["per_class"]] == ["blue", "green", "red"]
+    assert sum(map(sum, report["confusion"])) == 12
+    assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+    text = run_cli("evaluate", str(run_dir / "best.pt"))
+    assert text.returncode == 0, text.stderr
+    assert "top-1" in text.stdout and "red" in text.stdout
+    assert (run_dir / "confusion.png").is_file()
+
+
+def test_predict_names_the_class_with_probabilities(cli_run, colour_data):
+    run_dir, _ = cli_run
+    result = run_cli("predict", str(run_dir / "best.pt"), str(colour_data / "val" / "red"), "--top-k", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    predictions = json.loads(result.stdout)
+    assert len(predictions) == 4
+    for item in predictions:
+        assert len(item["predictions"]) == 2
+        assert item["predictions"][0]["prob"] >= item["predictions"][1]["prob"]
+    assert sum(item["predictions"][0]["class"] == "red" for item in predictions) >= 3
+
+
+def test_predict_missing_image_is_a_clear_error(cli_run, tmp_path):
+    result = run_cli("predict", str(cli_run[0] / "best.pt"), str(tmp_path / "nope.png"))
+    assert result.returncode == 2
+    assert "nope.png" in result.stderr and "Traceback" not in result.stderr
