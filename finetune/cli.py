@@ -158,8 +158,8 @@ def make_dataset(
     kind: Annotated[str, typer.Argument(help="Which demo data set: shapes.")],
     out_dir: Annotated[Path, typer.Argument(help="Folder to create (must not exist or be empty).")],
     classes: Annotated[int, typer.Option("--classes", help="Number of shape classes (2-6).")] = 4,
-    train_per_class: Annotated[int, typer.Option("--train-per-class", help="Training images per class.")] = 60,
-    val_per_class: Annotated[int, typer.Option("--val-per-class", help="Validation images per class.")] = 20,
+    train_per_class: Annotated[int, typer.Option("--train-per-class", help="Training images per class.")] = 1000,
+    val_per_class: Annotated[int, typer.Option("--val-per-class", help="Validation images per class.")] = 100,
     image_size: Annotated[int, typer.Option("--image-size", help="Image width and height in pixels.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same images.")] = 0,
 ) -> None:

@@ -27,6 +27,7 @@ SHAPES = ("circle", "square", "triangle", "cross", "star", "ring")
 SUPERSAMPLE = 4  # draw the shape mask larger, then downsample, for smooth edges
 NOISE = 24  # speckle amplitude: each channel of each pixel moves by up to +-NOISE
 MIN_CONTRAST = 70  # minimum luma difference between shape and background
+SIZE_RANGE = (0.55, 0.9)  # shape diameter as a share of the image: big enough to survive the stem's 4x downsampling
 
 
 def _check_int(value, low: int, high: int | None, option: str) -> None:
@@ -90,7 +91,7 @@ def _colours(rng: random.Random) -> tuple[tuple[int, int, int], tuple[int, int, 
 def _image(shape: str, size: int, rng: random.Random) -> Image.Image:
     """One RGB image of ``shape`` with random colours, size, position, rotation and speckle."""
     bg, fg = _colours(rng)
-    r = rng.uniform(0.35, 0.75) * size / 2
+    r = rng.uniform(*SIZE_RANGE) * size / 2
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     angle = rng.uniform(0, 2 * math.pi)  # circle and ring simply ignore it
 
@@ -106,7 +107,7 @@ def _image(shape: str, size: int, rng: random.Random) -> Image.Image:
     return ImageChops.add(img, noise, offset=-NOISE)
 
 
-def make_shapes(out_dir, *, classes: int = 4, train_per_class: int = 60, val_per_class: int = 20,
+def make_shapes(out_dir, *, classes: int = 4, train_per_class: int = 1000, val_per_class: int = 100,
                 image_size: int = 64, seed: int = 0) -> dict:
     """Write out_dir/train/<class>/<i>.png and out_dir/val/<class>/<i>.png; return a summary dict
     {"root": str(out_dir), "classes": [names], "train": n_train_total, "val": n_val_total, "image_size": image_size}.

@@ -86,7 +86,7 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
         run_dir = Path(resume)
     else:
         run_dir = Path(output_dir or config.train.output_dir)
-        _prepare_run_dir(run_dir, overwrite)
+        _check_run_dir(run_dir, overwrite)
     config = config.model_copy(deep=True)
     config.train.output_dir = str(run_dir.resolve())
     demo = ensure_demo_data(config)
@@ -97,6 +97,8 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
     built = build(config, data.classes, progress=reporter.shows_progress)
     if built.weights.warning:
         reporter.warn(built.weights.warning)
+    if resume is None:
+        _prepare_run_dir(run_dir, overwrite)  # only now: bad data or weights leave nothing behind
     model = built.model
     optimizer = build_optimizer(model, config.optim)
     steps = steps_per_epoch(data.train, config.train.batch_size)
@@ -234,7 +236,7 @@ def _plot_curves(run_dir: Path, history: list[dict]) -> None:
     plot_curves(history, run_dir / "curves.png")
 
 
-def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+def _check_run_dir(run_dir: Path, overwrite: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise FinetuneError(f"Output directory {run_dir} is a file; choose another train.output_dir or --output-dir.")
     if run_dir.is_dir() and any(run_dir.iterdir()):
@@ -246,6 +248,10 @@ def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
         if others:
             raise FinetuneError(f"--overwrite refused: {run_dir} holds files finetune did not write "
                                 f"({', '.join(sorted(others)[:5])}); choose another --output-dir.")
+
+
+def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if overwrite:
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
     try:
