@@ -94,7 +94,8 @@ def test_frozen_backbone_and_batchnorm_statistics_unchanged(cli_run):
 
 def test_same_config_gives_identical_weights(tmp_path, colour_data, cli_run):
     config = tiny_config(tmp_path, colour_data, train={"epochs": 3})
-    assert run_cli("train", "--config", str(config), "--quiet").returncode == 0
+    quiet = run_cli("train", "--config", str(config), "--quiet")
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
     assert_same_weights(weights(tmp_path / "run"), weights(cli_run[0]))
 
 
