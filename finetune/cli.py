@@ -81,6 +81,31 @@ def freeze_report(config: ConfigOption = None, set_: SetOption = None, json: Jso
     print_json(report.to_json()) if json else print_freeze_report(report)
 
 
+@app.command("inspect-grads")
+@_user_errors
+def inspect_grads(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    batches: Annotated[int, typer.Option("--batches", "-n", min=1, help="Real batches to run forward and "
+                                         "backward.")] = 1,
+    json: JsonOption = False,
+) -> None:
+    """Check the gradients: frozen ones absent, trainable ones finite and equal to an independent computation.
+
+    Exit code 0 when every check passes, 1 when any fails.
+
+    Example:  finetune inspect-grads --config configs/quickstart.yaml --set 'freeze.trainable=["layer4","fc"]' -n 2
+    """
+    cfg = _load(config, set_)
+    from finetune.grads import inspect_grads as run_checks
+    from finetune.render import print_grad_report, print_json
+
+    report = run_checks(cfg, batches)
+    print_json(report.to_json()) if json else print_grad_report(report)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
 @app.command()
 @_user_errors
 def train(

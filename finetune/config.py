@@ -57,6 +57,7 @@ class OptimConfig(_Section):
     step_size: int = Field(1, ge=1)
     gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: int = Field(0, ge=0)
+    grad_clip: Optional[float] = Field(None, gt=0)
 
     @field_validator("nesterov")
     @classmethod

@@ -8,9 +8,10 @@ resumed run continues exactly where the interrupted one stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import random
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from finetune.config import Config, load_config
 from finetune.data import (SeededSamples, default_workers, ensure_demo_data, load_datasets, make_loader,
                            steps_per_epoch)
 from finetune.errors import FinetuneError
-from finetune.freeze import set_train_mode
+from finetune.freeze import frozen_tensors, set_train_mode
 from finetune.optim import build_optimizer, build_scheduler
 from finetune.progress import Reporter
 
@@ -45,6 +46,8 @@ class Progress:
     loss_sum: float = 0.0
     correct: int = 0
     seconds: float = 0.0  # training time spent in the current epoch
+    grad_norm_sum: float = 0.0  # of the global gradient norm (before clipping) over the epoch's steps
+    frozen_checksums: dict[str, str] = field(default_factory=dict)  # taken when the run started
     history: list[dict] = field(default_factory=list)
     best_epoch: Optional[int] = None
     best_val_acc: float = -1.0
@@ -107,13 +110,15 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
     train_set = SeededSamples(data.train, config.train.seed) if config.data.augment else data.train
     workers = config.data.workers if config.data.workers is not None else default_workers()
 
-    progress = Progress()
+    frozen = frozen_tensors(model, built.plan, built.bn_modes)
+    progress = Progress(frozen_checksums=_checksums(frozen))
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
     if resume is not None:
         progress = _restore(run_dir / "last.pt", model, optimizer, scheduler)
     else:
         atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
     def checkpoint(path: Path) -> None:
         save_checkpoint(path, {
@@ -131,7 +136,8 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
             loader = make_loader(train_set, config.train.batch_size, shuffle=True, seed=config.train.seed,
                                  epoch=epoch, skip_batches=progress.step, workers=workers)
             set_train_mode(model, built.bn_modes)
-            finished = _train_epoch(model, loader, criterion, optimizer, scheduler, progress, steps, reporter, stop)
+            finished = _train_epoch(model, trainable, loader, criterion, optimizer, scheduler, progress, steps,
+                                    reporter, stop, config.optim.grad_clip, run_dir)
             if not finished:
                 checkpoint(run_dir / "last.pt")
                 raise _interrupted(stop.signum, epoch, progress.step, run_dir)
@@ -141,7 +147,7 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
             progress.history.append(row)
             progress.total_seconds += row["seconds"]
             progress.epoch, progress.step, progress.seen, progress.loss_sum, progress.correct = epoch + 1, 0, 0, 0, 0
-            progress.seconds = 0.0
+            progress.seconds = progress.grad_norm_sum = 0.0
             improved = row["val_acc"] > progress.best_val_acc
             if improved:
                 progress.best_epoch, progress.best_val_acc = row["epoch"], row["val_acc"]
@@ -154,7 +160,9 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
             if stop.signum is not None:
                 raise _interrupted(stop.signum, epoch + 1, 0, run_dir)
 
+    changed = [name for name, digest in _checksums(frozen).items() if progress.frozen_checksums.get(name) != digest]
     summary = {
+        "frozen_unchanged": not changed, "frozen_tensors": len(frozen),
         "run_dir": str(run_dir), "epochs": config.train.epochs, "best_epoch": progress.best_epoch,
         "best_val_acc": progress.best_val_acc, "final_val_acc": progress.history[-1]["val_acc"],
         "train_seconds": round(progress.total_seconds, 3), "total_seconds": round(time.perf_counter() - start, 3),
@@ -163,12 +171,16 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
         "train_images": len(data.train), "val_images": len(data.val),
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if changed:
+        raise FinetuneError(f"Frozen tensors changed during training: {', '.join(changed[:5])}"
+                            f"{' ...' if len(changed) > 5 else ''}. They should be bit-identical; "
+                            "this is a bug, please report it with the run's config.yaml.", exit_code=1)
     reporter.finish(summary, progress.history)
     return summary
 
 
-def _train_epoch(model, loader, criterion, optimizer, scheduler, progress: Progress, steps: int,
-                 reporter: Reporter, stop: _Stop) -> bool:
+def _train_epoch(model, trainable, loader, criterion, optimizer, scheduler, progress: Progress, steps: int,
+                 reporter: Reporter, stop: _Stop, grad_clip: Optional[float], run_dir: Path) -> bool:
     """Train over ``loader``; False when a signal asked to stop (after a whole step)."""
     tick = time.perf_counter()
     for images, targets in loader:
@@ -176,11 +188,19 @@ def _train_epoch(model, loader, criterion, optimizer, scheduler, progress: Progr
         loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value) or not torch.isfinite(norm):
+            raise _diverged(model, progress, loss_value, optimizer, run_dir)
         optimizer.step()
         scheduler.step()
         progress.step += 1
         progress.seen += len(targets)
-        progress.loss_sum += loss.item() * len(targets)
+        progress.grad_norm_sum += norm.item()
+        progress.loss_sum += loss_value * len(targets)
         progress.correct += (logits.argmax(1) == targets).sum().item()
         now = time.perf_counter()
         progress.seconds += now - tick
@@ -221,6 +241,7 @@ def _epoch_row(epoch: int, progress: Progress, val: dict, optimizer) -> dict:
         "train_acc": progress.correct / max(progress.seen, 1),
         "val_loss": val["loss"], "val_acc": val["acc"], "val_top5": val["top5"],
         "lr": optimizer.param_groups[0]["lr"],
+        "grad_norm": progress.grad_norm_sum / max(progress.step, 1),
         "seconds": round(progress.seconds, 3),
         "images_per_s": round(progress.seen / max(progress.seconds, 1e-9), 1),
     }
@@ -295,6 +316,23 @@ def _restore(path: Path, model, optimizer, scheduler) -> Progress:
     scheduler.load_state_dict(checkpoint["scheduler"])
     restore_rng_states(checkpoint["rng"])
     return Progress(**checkpoint["progress"])
+
+
+def _checksums(tensors: dict) -> dict[str, str]:
+    return {name: hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest() for name, t in tensors.items()}
+
+
+def _diverged(model, progress: Progress, loss: float, optimizer, run_dir: Path) -> FinetuneError:
+    culprit = next((n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()),
+                   None)
+    kept = (f"the last good checkpoint {run_dir / 'last.pt'} (end of epoch {progress.epoch}) is kept"
+            if progress.epoch else "no checkpoint was written yet")
+    return FinetuneError(
+        f"Training diverged at epoch {progress.epoch + 1}, step {progress.step + 1}: the loss is {loss}; "
+        f"first parameter with a non-finite gradient: {culprit or 'none (the loss itself overflowed)'}.\n"
+        f"Nothing was updated with it; {kept}.\n"
+        f"Lower optim.lr (now {optimizer.defaults['lr']}) or set optim.grad_clip (e.g. --set optim.grad_clip=1.0).",
+        exit_code=1)
 
 
 def _interrupted(signum: Optional[int], epoch: int, step: int, run_dir: Path) -> FinetuneError:

@@ -107,3 +107,13 @@ def module_group(param_name: str) -> str:
     if parts[0].startswith("layer") and len(parts) > 2:
         return ".".join(parts[:2])
     return parts[0] if parts[0] == "fc" else "stem"
+
+
+def frozen_tensors(model, plan: dict[str, Decision], bn_modes: dict[str, str]) -> dict:
+    """Every tensor training must leave bit-identical: frozen parameters and the buffers of eval-mode BatchNorm."""
+    tensors = {name: p for name, p in model.named_parameters() if not plan[name].trainable}
+    for module_name, mode in bn_modes.items():
+        if mode == "eval":
+            module = model.get_submodule(module_name)
+            tensors.update({f"{module_name}.{b}": t for b, t in module.named_buffers()})
+    return tensors

@@ -11,12 +11,13 @@ from rich.table import Table
 def _epoch_line(row: dict, epochs: int) -> str:
     return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.2%}  "
             f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.2%}  val_top5 {row['val_top5']:.2%}  "
-            f"lr {row['lr']:.3g}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s")
+            f"lr {row['lr']:.3g}  grad_norm {row['grad_norm']:.3g}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s")
 
 
 def _summary_line(summary: dict) -> str:
     return (f"done: best val_acc {summary['best_val_acc']:.2%} at epoch {summary['best_epoch']}, "
-            f"{summary['total_seconds']:.1f}s in all; run directory {summary['run_dir']}")
+            f"{summary['total_seconds']:.1f}s in all; {summary['frozen_tensors']} frozen tensors unchanged; "
+            f"run directory {summary['run_dir']}")
 
 
 class Reporter:
@@ -112,13 +113,14 @@ class RichReporter(PlainReporter):
     def finish(self, summary: dict, history: list[dict]) -> None:
         self.bars.stop()
         table = Table(title="Epochs", title_justify="left")
-        for column in ("epoch", "train loss", "train acc", "val loss", "val acc", "val top-5", "lr", "time"):
+        for column in ("epoch", "train loss", "train acc", "val loss", "val acc", "val top-5", "lr", "grad norm",
+                       "time"):
             table.add_column(column, justify="right")
         for row in history:
             style = "bold green" if row["epoch"] == summary["best_epoch"] else None
             table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", f"{row['train_acc']:.2%}",
                           f"{row['val_loss']:.4f}", f"{row['val_acc']:.2%}", f"{row['val_top5']:.2%}",
-                          f"{row['lr']:.3g}", f"{row['seconds']:.1f}s", style=style)
+                          f"{row['lr']:.3g}", f"{row['grad_norm']:.3g}", f"{row['seconds']:.1f}s", style=style)
         self.console.print(table)
         self.console.print(escape(_summary_line(summary)), highlight=False)
 

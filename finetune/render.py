@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from finetune.grads import GradReport
     from finetune.report import FreezeReport
 
 console = Console()
@@ -75,3 +76,30 @@ def print_predictions(results: list[dict]) -> None:
             table.add_row(result["image"] if rank == 0 else "", guess["class"], f"{guess['prob']:.2%}",
                           end_section=rank == len(result["predictions"]) - 1)
     console.print(table)
+
+
+def _fmt(value) -> str:
+    return "none" if value is None else f"{value:.3e}"
+
+
+def print_grad_report(report: "GradReport") -> None:
+    console.print(f"data: {report.data}")
+    table = Table(title="Gradients by module", title_justify="left")
+    for column in ("module", "tensors", "trainable", "grad norm", "max |grad|", "finite"):
+        table.add_column(column, justify="left" if column == "module" else "right")
+    groups: dict[str, list[dict]] = {}
+    for row in report.parameters:
+        groups.setdefault(row["module"], []).append(row)
+    for module, rows in groups.items():
+        norms = [r["grad_norm"] for r in rows if r["grad_norm"] is not None]
+        maxes = [r["max_abs_grad"] for r in rows if r["max_abs_grad"] is not None]
+        trainable = sum(r["trainable"] for r in rows)
+        finite = all(r["finite"] for r in rows)
+        table.add_row(module, str(len(rows)), f"{trainable}/{len(rows)}",
+                      _fmt(sum(n * n for n in norms) ** 0.5 if norms else None), _fmt(max(maxes) if maxes else None),
+                      "yes" if finite else "[red]NO[/]")
+    console.print(table)
+    for check in report.checks:
+        mark = "[green]PASS[/]" if check.passed else "[bold red]FAIL[/]"
+        console.print(f"{mark} {check.name}: {check.detail}", highlight=False)
+    console.print("[green]all checks passed[/]" if report.passed else "[bold red]some checks failed[/]")

@@ -15,7 +15,7 @@ from finetune.engine import train
 from finetune.errors import FinetuneError
 from finetune.progress import Reporter
 
-METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "seconds",
+METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "grad_norm", "seconds",
                "images_per_s"}
 
 
@@ -63,6 +63,7 @@ def test_run_directory_has_every_file_with_sane_values(cli_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best_val_acc"] == max(r["val_acc"] for r in rows)
     assert summary["pretrained"] is False and summary["classes"] == ["blue", "green", "red"]
+    assert summary["frozen_unchanged"] is True and summary["frozen_tensors"] == 120  # 60 parameters + 3 buffers x 20 BN
     checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
     assert checkpoint["classes"] == ["blue", "green", "red"]
     assert checkpoint["progress"]["epoch"] == summary["best_epoch"]

@@ -1,0 +1,289 @@
+"""The gradient checks behind ``finetune inspect-grads``.
+
+The model is built exactly as ``train`` builds it. It takes N real batches (or one
+random batch when ``data.root`` is not set), and backward accumulates their mean
+gradient. Then five checks run:
+
+1. frozen parameters have ``grad is None``: autograd never touched them;
+2. trainable parameters have finite, non-zero gradients (and finite values: CPU kernels
+   may swallow a NaN weight in the forward pass, so its gradient alone can look fine);
+3. the head's gradient equals the closed form of softmax cross-entropy:
+   dL/dW = (softmax(z) - q)^T h / B and dL/db = mean(softmax(z) - q), with q the
+   (label-smoothed) one-hot targets and h the features entering ``fc``;
+4. float64 finite differences agree with autograd: ``torch.autograd.gradcheck`` on
+   the head, and central differences along a random direction per trainable
+   module group of the whole network;
+5. one SGD step on a copy leaves frozen parameters and frozen BatchNorm buffers
+   bit-identical and moves every trainable parameter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+import torch
+from torch import nn
+
+from finetune.build import Built, build
+from finetune.config import Config
+from finetune.data import class_names_or_none, load_datasets, make_loader
+from finetune.freeze import frozen_tensors, module_group, set_train_mode
+from finetune.optim import build_optimizer
+
+HEAD_TOLERANCE = 1e-5  # max |autograd - closed form|, relative to max |closed form| (float32 sums)
+FD_TOLERANCE = 1e-4  # relative error of float64 central differences
+# ReLU and max-pool kinks make a step that crosses one disagree; a real autograd bug disagrees at every step.
+FD_STEPS = (1e-6, 1e-7, 1e-8)
+FD_SAMPLES = 4  # images in the float64 slice
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class GradReport:
+    data: str  # where the batches came from
+    checks: list[Check] = field(default_factory=list)
+    parameters: list[dict] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def to_json(self) -> dict:
+        return {"passed": self.passed, "data": self.data, "checks": [asdict(c) for c in self.checks],
+                "parameters": self.parameters}
+
+
+def inspect_grads(config: Config, batches: int = 1) -> GradReport:
+    """Build the model as ``train`` would, run ``batches`` batches forward and backward, and check the gradients."""
+    classes = class_names_or_none(config)
+    built = build(config, classes, progress=False)
+    images, targets, source = _batches(config, built.num_classes, batches)
+    return check_gradients(built, images, targets, config, source)
+
+
+def check_gradients(built: Built, images: list[torch.Tensor], targets: list[torch.Tensor], config: Config,
+                    source: str = "given batches") -> GradReport:
+    """Run the batches through ``built.model`` (accumulating the mean gradient) and check it."""
+    model = built.model
+    before = {name: t.detach().clone() for name, t in frozen_tensors(model, built.plan, built.bn_modes).items()}
+    start = copy.deepcopy(model)  # the weights the finite differences are taken at
+    set_train_mode(model, built.bn_modes)
+    features: list[torch.Tensor] = []
+    hook = model.fc.register_forward_hook(lambda module, inputs, output: features.append(inputs[0].detach()))
+    smoothing = config.train.label_smoothing
+    logits = []
+    try:
+        for x, y in zip(images, targets):
+            out = model(x)
+            loss = nn.functional.cross_entropy(out, y, label_smoothing=smoothing) / len(images)
+            loss.backward()
+            logits.append(out.detach())
+    finally:
+        hook.remove()
+
+    report = GradReport(source)
+    report.parameters = _parameter_rows(model, built)
+    report.checks = [
+        _frozen_untouched(model, built),
+        _trainable_finite(model, built),
+        _head_closed_form(model, built, features, logits, targets, smoothing),
+        _finite_differences(start, built, torch.cat(images)[:FD_SAMPLES], torch.cat(targets)[:FD_SAMPLES],
+                            features, targets, smoothing),
+        _one_step(model, built, before, config),
+    ]
+    return report
+
+
+def _batches(config: Config, num_classes: int, count: int):
+    generator = torch.Generator().manual_seed(config.train.seed)
+    if config.data.root is None:
+        size, batch = config.data.image_size, config.train.batch_size
+        images = [torch.randn(batch, 3, size, size, generator=generator)]
+        targets = [torch.randint(num_classes, (batch,), generator=generator)]
+        return images, targets, (f"one random batch of {batch} images at {size}x{size} "
+                                 "(data.root is not set)")
+    train = load_datasets(config).train
+    loader = make_loader(train, config.train.batch_size, shuffle=True, seed=config.train.seed, epoch=0)
+    images, targets = [], []
+    for x, y in loader:
+        images.append(x)
+        targets.append(y)
+        if len(images) == count:
+            break
+    return images, targets, (f"{len(images)} batch(es) of up to {config.train.batch_size} training images "
+                             f"from {config.data.root}")
+
+
+def _parameter_rows(model: nn.Module, built: Built) -> list[dict]:
+    rows = []
+    for name, p in model.named_parameters():
+        grad = p.grad
+        rows.append({"name": name, "module": module_group(name), "trainable": built.plan[name].trainable,
+                     "grad_norm": None if grad is None else grad.norm().item(),
+                     "max_abs_grad": None if grad is None else grad.abs().max().item(),
+                     "finite": True if grad is None else bool(torch.isfinite(grad).all())})
+    return rows
+
+
+def _frozen_untouched(model: nn.Module, built: Built) -> Check:
+    frozen = [n for n, _ in model.named_parameters() if not built.plan[n].trainable]
+    touched = [n for n, p in model.named_parameters() if not built.plan[n].trainable and p.grad is not None]
+    if touched:
+        return Check("frozen parameters have no gradient", False,
+                     f"{len(touched)} of {len(frozen)} frozen tensors received a gradient: {', '.join(touched[:5])}")
+    return Check("frozen parameters have no gradient", True, f"all {len(frozen)} frozen tensors have grad None")
+
+
+def _trainable_finite(model: nn.Module, built: Built) -> Check:
+    problems = []
+    trainable = [(n, p) for n, p in model.named_parameters() if built.plan[n].trainable]
+    for name, p in trainable:
+        if not torch.isfinite(p).all():
+            problems.append(f"{name}: non-finite values in the parameter itself")
+        elif p.grad is None:
+            problems.append(f"{name}: no gradient")
+        elif not torch.isfinite(p.grad).all():
+            problems.append(f"{name}: non-finite gradient")
+        elif not p.grad.any():
+            problems.append(f"{name}: all-zero gradient")
+    if problems:
+        return Check("trainable gradients are finite and non-zero", False,
+                     f"{len(problems)} of {len(trainable)}: {'; '.join(problems[:5])}")
+    return Check("trainable gradients are finite and non-zero", True,
+                 f"all {len(trainable)} trainable tensors have finite, non-zero gradients")
+
+
+def _head_closed_form(model, built: Built, features, logits, targets, smoothing: float) -> Check:
+    name = "head gradient equals the softmax cross-entropy closed form"
+    fc = model.fc
+    if fc.weight.grad is None and fc.bias.grad is None:
+        return Check(name, True, "skipped: fc is frozen")
+    expected_w, expected_b = _closed_form(features, logits, targets, smoothing, fc.out_features)
+    errors = []
+    for label, grad, expected in (("weight", fc.weight.grad, expected_w), ("bias", fc.bias.grad, expected_b)):
+        if grad is None:
+            continue
+        scale = expected.abs().max().item() or 1.0
+        errors.append((label, ((grad.double() - expected).abs().max().item()) / scale))
+    worst = max(e for _, e in errors)
+    detail = ", ".join(f"{label}: max rel. error {e:.2e}" for label, e in errors)
+    passed = math.isfinite(worst) and worst <= HEAD_TOLERANCE
+    return Check(name, passed, f"{detail} (tolerance {HEAD_TOLERANCE:.0e})")
+
+
+def _closed_form(features, logits, targets, smoothing: float, classes: int):
+    """dL/dW and dL/db of the mean over batches of mean cross-entropy, in float64."""
+    grad_w = torch.zeros(classes, features[0].shape[1], dtype=torch.float64)
+    grad_b = torch.zeros(classes, dtype=torch.float64)
+    for h, z, y in zip(features, logits, targets):
+        q = nn.functional.one_hot(y, classes).double() * (1 - smoothing) + smoothing / classes
+        delta = (z.double().softmax(1) - q) / len(y) / len(features)
+        grad_w += delta.T @ h.double()
+        grad_b += delta.sum(0)
+    return grad_w, grad_b
+
+
+def _finite_differences(start: nn.Module, built: Built, x, y, features, targets, smoothing: float) -> Check:
+    name = "float64 finite differences agree with autograd"
+    model = start.double()
+    set_train_mode(model, built.bn_modes)
+    x = x.double()
+    loss_of = lambda: nn.functional.cross_entropy(model(x), y, label_smoothing=smoothing)  # noqa: E731
+    details, passed = [], True
+    if any(built.plan[f"fc.{p}"].trainable for p in ("weight", "bias")):
+        h = features[0][:FD_SAMPLES].double()
+        w = model.fc.weight.detach().clone().requires_grad_(True)
+        b = model.fc.bias.detach().clone().requires_grad_(True)
+        head_ok = torch.autograd.gradcheck(
+            lambda w, b: nn.functional.cross_entropy(h @ w.T + b, y, label_smoothing=smoothing), (w, b),
+            eps=FD_STEPS[0], atol=1e-7, rtol=FD_TOLERANCE, raise_exception=False, fast_mode=True)
+        passed &= head_ok
+        details.append(f"gradcheck(fc): {'ok' if head_ok else 'MISMATCH'}")
+
+    trainable = {n: p for n, p in model.named_parameters() if built.plan[n].trainable}
+    if not trainable:
+        return Check(name, False, "no trainable parameters")
+    model.zero_grad(set_to_none=True)
+    with _frozen_bn_buffers(model):
+        loss_of().backward()
+    grads = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for n, p in trainable.items()}
+    generator = torch.Generator().manual_seed(0)
+    groups: dict[str, list[str]] = {}
+    for n in trainable:
+        groups.setdefault(module_group(n), []).append(n)
+    worst = 0.0
+    with torch.no_grad(), _frozen_bn_buffers(model):
+        for group, names in groups.items():
+            direction = {n: torch.randn(trainable[n].shape, generator=generator, dtype=torch.float64) for n in names}
+            norm = math.sqrt(sum(d.pow(2).sum().item() for d in direction.values()))
+            analytic = sum((grads[n] * direction[n]).sum().item() for n in names) / norm
+            errors = []
+            for step in FD_STEPS:
+                numeric = _central_difference(loss_of, trainable, direction, norm, step)
+                error = abs(numeric - analytic) / max(abs(numeric), abs(analytic), 1e-10)
+                errors.append(error if math.isfinite(error) else math.inf)
+            worst = max(worst, min(errors))
+    passed &= worst <= FD_TOLERANCE
+    details.append(f"directional derivatives on {len(groups)} module group(s) of {len(x)} images: "
+                   f"max rel. error {worst:.2e} (best of steps {', '.join(f'{h:.0e}' for h in FD_STEPS)}; "
+                   f"tolerance {FD_TOLERANCE:.0e})")
+    return Check(name, passed, "; ".join(details))
+
+
+def _central_difference(loss_of, params: dict, direction: dict, norm: float, step: float) -> float:
+    """(L(p + step*d) - L(p - step*d)) / 2 step, along the unit direction d = direction / norm."""
+    def shifted(sign: float) -> float:
+        for n, d in direction.items():
+            params[n].add_(d, alpha=sign * step / norm)
+        value = loss_of().item()
+        for n, d in direction.items():
+            params[n].sub_(d, alpha=sign * step / norm)
+        return value
+
+    return (shifted(1.0) - shifted(-1.0)) / (2 * step)
+
+
+@contextlib.contextmanager
+def _frozen_bn_buffers(model: nn.Module):
+    """Restore BatchNorm buffers afterwards: the repeated float64 forwards must not drift them."""
+    saved = {n: b.clone() for n, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(saved[n])
+
+
+def _one_step(model: nn.Module, built: Built, before: dict, config: Config) -> Check:
+    name = "one SGD step moves trainable parameters only"
+    drifted = [n for n, t in frozen_tensors(model, built.plan, built.bn_modes).items() if not torch.equal(t, before[n])]
+    stepped = copy.deepcopy(model)
+    for source, target in zip(model.parameters(), stepped.parameters()):
+        target.grad = None if source.grad is None else source.grad.clone()
+    initial = {n: p.detach().clone() for n, p in stepped.named_parameters()}
+    build_optimizer(stepped, config.optim).step()
+    changed_frozen = [n for n, t in frozen_tensors(stepped, built.plan, built.bn_modes).items()
+                      if not torch.equal(t, before[n])]
+    unmoved = [n for n, p in stepped.named_parameters() if built.plan[n].trainable and torch.equal(p, initial[n])]
+    problems = []
+    if drifted:
+        problems.append(f"forward passes changed frozen tensors: {', '.join(drifted[:5])}")
+    if changed_frozen:
+        problems.append(f"the step changed frozen tensors: {', '.join(changed_frozen[:5])}")
+    if unmoved:
+        problems.append(f"trainable tensors did not move: {', '.join(unmoved[:5])}")
+    frozen_count = len(before)
+    trainable_count = sum(built.plan[n].trainable for n, _ in model.named_parameters())
+    if problems:
+        return Check(name, False, "; ".join(problems))
+    return Check(name, True, f"{frozen_count} frozen tensors (parameters and eval-mode BatchNorm buffers) "
+                             f"bit-identical; all {trainable_count} trainable tensors moved")

@@ -1,0 +1,131 @@
+"""Gradient checks (inspect-grads) and the guards inside training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli, tiny_config
+from torchvision.models import resnet18
+
+from finetune import engine
+from finetune.build import build
+from finetune.config import load_config
+from finetune.data import load_datasets, make_loader
+from finetune.errors import FinetuneError
+from finetune.grads import check_gradients, inspect_grads
+from finetune.progress import Reporter
+
+CHECKS = ["frozen parameters have no gradient", "trainable gradients are finite and non-zero",
+          "head gradient equals the softmax cross-entropy closed form",
+          "float64 finite differences agree with autograd", "one SGD step moves trainable parameters only"]
+
+
+@pytest.mark.parametrize("freeze, trainable_tensors", [
+    ({"trainable": ["fc"]}, 2),
+    ({"trainable": ["layer4", "fc"], "batchnorm": "train"}, 17),
+    ({"default": "trainable", "trainable": [], "batchnorm": "train"}, 62),
+], ids=["head-only", "layer4+head", "everything"])
+def test_checks_pass_on_correct_setups(tmp_path, colour_data, freeze, trainable_tensors):
+    config = load_config(tiny_config(tmp_path, colour_data, freeze=freeze, train={"label_smoothing": 0.1}))
+    report = inspect_grads(config, batches=2)
+    assert [c.name for c in report.checks] == CHECKS
+    assert report.passed, [c for c in report.checks if not c.passed]
+    assert "2 batch(es)" in report.data
+    rows = report.parameters
+    assert sum(r["trainable"] for r in rows) == trainable_tensors
+    assert all(r["grad_norm"] is None for r in rows if not r["trainable"])
+    assert all(r["grad_norm"] > 0 for r in rows if r["trainable"])
+
+
+def test_head_gradient_matches_an_independent_computation(tmp_path, colour_data):
+    # The closed form again, written out here: (softmax(z) - onehot(y))^T h / B.
+    config = load_config(tiny_config(tmp_path, colour_data))
+    built = build(config, ["blue", "green", "red"])
+    x, y = next(iter(make_loader(load_datasets(config).train, 8, shuffle=True)))
+    features = {}
+    built.model.fc.register_forward_hook(lambda m, i, o: features.update(h=i[0].detach()))
+    built.model.eval()
+    logits = built.model(x)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    delta = logits.detach().softmax(1) - torch.nn.functional.one_hot(y, 3)
+    torch.testing.assert_close(built.model.fc.weight.grad, delta.T @ features["h"] / 8, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(built.model.fc.bias.grad, delta.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_cli_json_without_data_uses_a_random_batch():
+    result = run_cli("inspect-grads", "--set", "model.weights=none", "--set", "model.num_classes=4",
+                     "--set", "data.image_size=32", "--set", "train.batch_size=4", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] is True and "random batch" in report["data"]
+    assert [c["name"] for c in report["checks"]] == CHECKS
+    assert {"name", "trainable", "grad_norm", "finite"} <= report["parameters"][0].keys()
+    assert report["parameters"][0]["grad_norm"] is None  # conv1.weight is frozen
+
+
+def test_nan_weights_in_a_trainable_layer_fail_checks_2_and_4(tmp_path, colour_data):
+    state = resnet18(weights=None).state_dict()
+    state["layer4.1.conv2.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    config = tiny_config(tmp_path, colour_data, model={"weights": str(tmp_path / "nan.pth")},
+                         freeze={"trainable": ["layer4", "fc"]})
+    result = run_cli("inspect-grads", "--config", str(config), "--json")
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    passed = {c["name"]: c["passed"] for c in report["checks"]}
+    assert not report["passed"]
+    assert not passed[CHECKS[1]] and not passed[CHECKS[3]]
+    assert passed[CHECKS[0]]
+    text = run_cli("inspect-grads", "--config", str(config))
+    assert text.returncode == 1 and "FAIL" in text.stdout and "non-finite" in text.stdout
+
+
+def test_a_frozen_parameter_that_gets_a_gradient_is_caught(tmp_path, colour_data):
+    config = load_config(tiny_config(tmp_path, colour_data))
+    built = build(config, ["blue", "green", "red"])
+    built.model.layer3[0].conv1.weight.requires_grad_(True)  # a bug: the plan says frozen
+    x, y = next(iter(make_loader(load_datasets(config).train, 8, shuffle=True)))
+    report = check_gradients(built, [x], [y], config)
+    first = report.checks[0]
+    assert not first.passed and "layer3.0.conv1.weight" in first.detail
+
+
+def test_diverging_learning_rate_stops_training_with_exit_1(tmp_path, colour_data):
+    config = tiny_config(tmp_path, colour_data, optim={"lr": 10.0}, train={"epochs": 4},
+                         freeze={"default": "trainable", "trainable": [], "batchnorm": "train"})
+    result = run_cli("train", "--config", str(config))
+    assert result.returncode == 1
+    assert "Training diverged at epoch" in result.stderr and ", step " in result.stderr
+    assert "first parameter with a non-finite gradient" in result.stderr
+    assert "optim.grad_clip" in result.stderr and "Traceback" not in result.stderr
+    run_dir = tmp_path / "run"
+    if (run_dir / "last.pt").exists():  # the last good checkpoint holds finite weights
+        state = torch.load(run_dir / "last.pt", weights_only=True)["model"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def test_grad_clip_bounds_the_update(tmp_path, colour_data):
+    # One step over the whole set with plain SGD: the update is exactly lr * the clipped gradient.
+    config = load_config(tiny_config(tmp_path, colour_data, optim={"lr": 1.0, "momentum": 0.0, "grad_clip": 0.01},
+                                     train={"epochs": 1, "batch_size": 36}))
+    before = build(config, ["blue", "green", "red"]).model.fc.state_dict()
+    engine.train(config, Reporter())
+    after = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    step = torch.cat([(after[f"fc.{k}"] - before[k]).flatten() for k in ("weight", "bias")])
+    assert step.norm().item() == pytest.approx(0.01, rel=1e-3)
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert row["grad_norm"] > 0.01  # logged before clipping
+
+
+def test_batchnorm_drift_in_frozen_layers_is_an_error(tmp_path, colour_data, monkeypatch):
+    # Simulate the classic bug: BatchNorm of frozen layers left in train mode.
+    monkeypatch.setattr(engine, "set_train_mode", lambda model, modes: model.train())
+    config = load_config(tiny_config(tmp_path, colour_data, train={"epochs": 1}))
+    with pytest.raises(FinetuneError) as error:
+        engine.train(config, Reporter())
+    assert error.value.exit_code == 1
+    assert "Frozen tensors changed" in str(error.value) and "running_mean" in str(error.value)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["frozen_unchanged"] is False
