@@ -73,6 +73,9 @@ class TrainConfig(_Section):
     seed: int = 0
     output_dir: str = "runs/default"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    cache_features: Literal["auto", "on", "off"] = "auto"
+    cache_max_gb: float = Field(2.0, ge=0)
 
 
 class Config(_Section):

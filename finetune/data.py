@@ -163,20 +163,47 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-                skip_batches: int = 0, workers: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
-    """A loader whose order is a function of (seed, epoch) only, so runs and resumes repeat exactly.
+class Indexed(Dataset):
+    """Items as (image, target, index), so batches can be matched with cached features."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, target = self.dataset[index]
+        return image, target, index
+
+
+def epoch_sampler(size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, skip: int = 0, rank: int = 0,
+                  world: int = 1) -> Sampler:
+    """Sample indices for one epoch, a function of (seed, epoch) only, less the first ``skip``.
 
     The shuffle comes from DistributedSampler (one replica when not distributed).
     """
-    if isinstance(dataset, SeededSamples):
-        dataset.epoch = epoch
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+    sampler = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
     sampler.set_epoch(epoch)
-    # A trailing batch of one sample would break BatchNorm layers in train mode.
-    drop_last = shuffle and len(sampler) % batch_size == 1 and len(sampler) > 1
-    return DataLoader(dataset, batch_size=batch_size, sampler=_SkipSampler(sampler, skip_batches * batch_size),
-                      num_workers=workers, drop_last=drop_last, persistent_workers=False)
+    return _SkipSampler(sampler, skip)
+
+
+def drops_last(size: int, batch_size: int, shuffle: bool, world: int = 1) -> bool:
+    # A trailing training batch of one sample would break BatchNorm layers in train mode.
+    per_rank = math.ceil(size / world)
+    return shuffle and per_rank % batch_size == 1 and per_rank > 1
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+                skip_batches: int = 0, workers: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
+    """A loader whose order is a function of (seed, epoch) only, so runs and resumes repeat exactly."""
+    inner = dataset.dataset if isinstance(dataset, Indexed) else dataset
+    if isinstance(inner, SeededSamples):
+        inner.epoch = epoch
+    sampler = epoch_sampler(len(dataset), shuffle=shuffle, seed=seed, epoch=epoch, skip=skip_batches * batch_size,
+                            rank=rank, world=world)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      drop_last=drops_last(len(dataset), batch_size, shuffle, world))
 
 
 def steps_per_epoch(dataset: Dataset, batch_size: int, world: int = 1) -> int:

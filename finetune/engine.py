@@ -8,6 +8,7 @@ resumed run continues exactly where the interrupted one stopped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -24,9 +25,9 @@ from torch import nn
 from finetune.build import build
 from finetune.checkpoint import (atomic_write_text, load_checkpoint, restore_rng_states, rng_states,
                                  save_checkpoint)
-from finetune.config import Config, load_config
-from finetune.data import (SeededSamples, default_workers, ensure_demo_data, load_datasets, make_loader,
-                           steps_per_epoch)
+from finetune.config import Config, config_error, load_config
+from finetune.data import SeededSamples, default_workers, ensure_demo_data, load_datasets, steps_per_epoch
+from finetune.fastpath import FastModel, FeatureSource, cache_decision
 from finetune.errors import FinetuneError
 from finetune.freeze import frozen_tensors, set_train_mode
 from finetune.optim import build_optimizer, build_scheduler
@@ -107,8 +108,8 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
     steps = steps_per_epoch(data.train, config.train.batch_size)
     scheduler = build_scheduler(optimizer, config.optim, config.train.epochs, steps)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing)
-    train_set = SeededSamples(data.train, config.train.seed) if config.data.augment else data.train
-    workers = config.data.workers if config.data.workers is not None else default_workers()
+    fast = FastModel(model, built.plan, built.bn_modes, config.train.precision)
+    train_source, val_source = _feature_sources(config, data, fast, run_dir, reporter)
 
     frozen = frozen_tensors(model, built.plan, built.bn_modes)
     progress = Progress(frozen_checksums=_checksums(frozen))
@@ -130,19 +131,19 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
     reporter.start(run_dir=run_dir, config=config, weights=built.weights.source, layout=data.layout,
                    train_images=len(data.train), val_images=len(data.val), classes=data.classes,
                    steps_per_epoch=steps, resumed_at=progress.epoch if resume else None)
-    with _Stop() as stop:
+    cache_reported = False
+    with _Stop() as stop, contextlib.ExitStack() as cleanup:
+        cleanup.callback(train_source.close)
+        cleanup.callback(val_source.close)
         while progress.epoch < config.train.epochs:
             epoch = progress.epoch
-            loader = make_loader(train_set, config.train.batch_size, shuffle=True, seed=config.train.seed,
-                                 epoch=epoch, skip_batches=progress.step, workers=workers)
             set_train_mode(model, built.bn_modes)
-            finished = _train_epoch(model, trainable, loader, criterion, optimizer, scheduler, progress, steps,
-                                    reporter, stop, config.optim.grad_clip, run_dir)
+            finished = _train_epoch(fast, trainable, train_source.epoch(epoch, progress.step), criterion, optimizer,
+                                    scheduler, progress, steps, reporter, stop, config.optim.grad_clip, run_dir)
             if not finished:
                 checkpoint(run_dir / "last.pt")
                 raise _interrupted(stop.signum, epoch, progress.step, run_dir)
-            val = evaluate(model, make_loader(data.val, config.train.batch_size, shuffle=False, workers=workers),
-                           criterion)
+            val = evaluate(fast, val_source.epoch(0), criterion, len(data.classes))
             row = _epoch_row(epoch, progress, val, optimizer)
             progress.history.append(row)
             progress.total_seconds += row["seconds"]
@@ -157,6 +158,9 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
                 checkpoint(run_dir / "best.pt")
             _plot_curves(run_dir, progress.history)
             reporter.epoch_end(row, improved)
+            if train_source.caching and not cache_reported:
+                cache_reported = True
+                reporter.message(f"feature cache: train {train_source.describe()}, val {val_source.describe()}")
             if stop.signum is not None:
                 raise _interrupted(stop.signum, epoch + 1, 0, run_dir)
 
@@ -179,12 +183,16 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
     return summary
 
 
-def _train_epoch(model, trainable, loader, criterion, optimizer, scheduler, progress: Progress, steps: int,
-                 reporter: Reporter, stop: _Stop, grad_clip: Optional[float], run_dir: Path) -> bool:
-    """Train over ``loader``; False when a signal asked to stop (after a whole step)."""
+def _train_epoch(fast: FastModel, trainable, batches, criterion, optimizer, scheduler, progress: Progress,
+                 steps: int, reporter: Reporter, stop: _Stop, grad_clip: Optional[float], run_dir: Path) -> bool:
+    """Train over the (prefix features, targets) ``batches``; False when a signal asked to stop (after a step)."""
+    model = fast.model
+    watched = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    watched += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()
+                and model.get_submodule(n.rsplit(".", 1)[0]).training]
     tick = time.perf_counter()
-    for images, targets in loader:
-        logits = model(images)
+    for features, targets in batches:
+        logits = fast.head(features)
         loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -194,8 +202,16 @@ def _train_epoch(model, trainable, loader, criterion, optimizer, scheduler, prog
             norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
         loss_value = loss.item()
         if not math.isfinite(loss_value) or not torch.isfinite(norm):
-            raise _diverged(model, progress, loss_value, optimizer, run_dir)
+            culprit = next((n for n, p in model.named_parameters()
+                            if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+            raise _diverged(f"epoch {progress.epoch + 1}, step {progress.step + 1}: the loss is {loss_value}; "
+                            "first parameter with a non-finite gradient: "
+                            f"{culprit or 'none (the loss itself overflowed)'}", progress, optimizer, run_dir)
         optimizer.step()
+        broken = next((name for name, t in watched if not torch.isfinite(t).all()), None)
+        if broken:  # a finite but huge update, or BatchNorm statistics blown up by huge activations
+            raise _diverged(f"epoch {progress.epoch + 1}, step {progress.step + 1}: non-finite values in {broken} "
+                            "after the update", progress, optimizer, run_dir)
         scheduler.step()
         progress.step += 1
         progress.seen += len(targets)
@@ -214,15 +230,14 @@ def _train_epoch(model, trainable, loader, criterion, optimizer, scheduler, prog
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, criterion, num_classes: Optional[int] = None) -> dict:
-    """Loss, top-1 and top-5 accuracy (and the confusion matrix) of ``model`` in eval mode over ``loader``."""
-    model.eval()
-    num_classes = num_classes or model.fc.out_features
+def evaluate(fast: FastModel, batches, criterion, num_classes: int) -> dict:
+    """Loss, top-1 and top-5 accuracy (and the confusion matrix) in eval mode over (features, targets) batches."""
+    fast.model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, top5, seen = 0.0, 0, 0
     k = min(5, num_classes)
-    for images, targets in loader:
-        logits = model(images)
+    for features, targets in batches:
+        logits = fast.head(features)
         loss_sum += criterion(logits, targets).item() * len(targets)
         top5 += (logits.topk(k, dim=1).indices == targets[:, None]).any(1).sum().item()
         confusion += torch.bincount(targets * num_classes + logits.argmax(1),
@@ -232,6 +247,23 @@ def evaluate(model: nn.Module, loader, criterion, num_classes: Optional[int] = N
         return {"loss": float("nan"), "acc": float("nan"), "top5": float("nan"), "confusion": confusion, "n": 0}
     return {"loss": loss_sum / seen, "acc": confusion.diagonal().sum().item() / seen, "top5": top5 / seen,
             "confusion": confusion, "n": seen}
+
+
+def _feature_sources(config: Config, data, fast: FastModel, run_dir: Path, reporter: Reporter):
+    """Train and val (features, targets) sources, with the feature cache when it is on."""
+    use_cache, why = cache_decision(config.train.cache_features, fast, config.data.augment)
+    if config.train.cache_features == "on" and not use_cache:
+        raise config_error(config, [("train.cache_features", f"is 'on' but the cache cannot be used: "
+                                     f"{why.removeprefix('off (').rstrip(')')}; use auto or off")])
+    names = fast.prefix_names
+    prefix = f"{names[0]} .. {names[-1]} (no autograd)" if names else "none"
+    reporter.message(f"frozen prefix: {prefix}; precision {config.train.precision}; feature cache {why}")
+    workers = config.data.workers if config.data.workers is not None else default_workers()
+    cache_bytes = config.train.cache_max_gb * 2**30 if use_cache else None
+    train_set = SeededSamples(data.train, config.train.seed) if config.data.augment else data.train
+    common = dict(seed=config.train.seed, workers=workers, cache_bytes=cache_bytes, folder=run_dir)
+    return (FeatureSource(fast, train_set, config.train.batch_size, shuffle=True, split="train", **common),
+            FeatureSource(fast, data.val, config.train.batch_size, shuffle=False, split="val", **common))
 
 
 def _epoch_row(epoch: int, progress: Progress, val: dict, optimizer) -> dict:
@@ -322,15 +354,12 @@ def _checksums(tensors: dict) -> dict[str, str]:
     return {name: hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest() for name, t in tensors.items()}
 
 
-def _diverged(model, progress: Progress, loss: float, optimizer, run_dir: Path) -> FinetuneError:
-    culprit = next((n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()),
-                   None)
+def _diverged(what: str, progress: Progress, optimizer, run_dir: Path) -> FinetuneError:
     kept = (f"the last good checkpoint {run_dir / 'last.pt'} (end of epoch {progress.epoch}) is kept"
             if progress.epoch else "no checkpoint was written yet")
     return FinetuneError(
-        f"Training diverged at epoch {progress.epoch + 1}, step {progress.step + 1}: the loss is {loss}; "
-        f"first parameter with a non-finite gradient: {culprit or 'none (the loss itself overflowed)'}.\n"
-        f"Nothing was updated with it; {kept}.\n"
+        f"Training diverged at {what}.\n"
+        f"Nothing was saved from it; {kept}.\n"
         f"Lower optim.lr (now {optimizer.defaults['lr']}) or set optim.grad_clip (e.g. --set optim.grad_clip=1.0).",
         exit_code=1)
 

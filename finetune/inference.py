@@ -17,6 +17,7 @@ from finetune.config import Config
 from finetune.data import class_names, eval_transform, image_folder, load_datasets, make_loader
 from finetune.engine import evaluate
 from finetune.errors import FinetuneError
+from finetune.fastpath import FastModel
 from finetune.model import FEATURES
 
 
@@ -51,7 +52,7 @@ def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Opt
         config.data.root = str(data / "val" if (data / "val").is_dir() else data)
     datasets = _eval_set(config, trained.classes, whole=data is not None)
     loader = make_loader(datasets, config.train.batch_size, shuffle=False)
-    result = evaluate(trained.model, loader, nn.CrossEntropyLoss(), len(trained.classes))
+    result = evaluate(FastModel.whole(trained.model), loader, nn.CrossEntropyLoss(), len(trained.classes))
     confusion = result.pop("confusion")
     per_class = []
     for i, name in enumerate(trained.classes):

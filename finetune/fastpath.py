@@ -1,0 +1,240 @@
+"""Fast CPU paths: the frozen prefix runs without autograd, and its outputs can be cached.
+
+ResNet-18 is a chain of stages (stem layers, eight residual blocks, pooling, fc).
+The stages before the first trainable parameter form the *frozen prefix*: it runs
+under ``torch.no_grad()``, so autograd builds no graph and keeps no activations
+for it; only the trainable suffix builds a graph. When the prefix is also
+deterministic (its BatchNorm layers in eval mode) and the training transform has
+no randomness, its outputs are the same every epoch: the *feature cache* computes
+them once, during the first epoch, and later epochs train the suffix from it.
+
+A cache belongs to one process and one prefix: it is never read back from disk, so
+nothing it depends on (weights, images, sizes, precision, the freeze plan) can
+change under it; a resumed run rebuilds it in the first epoch's batch order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.data import BatchSampler
+
+from finetune.data import Indexed, drops_last, epoch_sampler, make_loader
+from finetune.freeze import Decision
+
+ON_DISK_NAME = "feature-cache-{split}.bin"
+
+
+def stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """ResNet-18 as an ordered chain of (name, module): running them in turn equals ``model(x)``."""
+    chain = [(name, getattr(model, name)) for name in ("conv1", "bn1", "relu", "maxpool")]
+    for layer in ("layer1", "layer2", "layer3", "layer4"):
+        chain += [(f"{layer}.{i}", block) for i, block in enumerate(getattr(model, layer))]
+    return chain + [("avgpool", model.avgpool), ("flatten", nn.Flatten(1)), ("fc", model.fc)]
+
+
+def frozen_prefix_length(model: nn.Module, plan: dict[str, Decision]) -> int:
+    """How many leading stages hold no trainable parameter."""
+    count = 0
+    for name, module in stages(model):
+        if any(plan[f"{name}.{p}"].trainable for p, _ in module.named_parameters()):
+            break
+        count += 1
+    return count
+
+
+class FastModel:
+    """Runs a ResNet as frozen prefix (no autograd) + trainable suffix, in channels-last and optional bf16.
+
+    ``model`` is shared, not copied: its state dict, checkpoints and optimizer are untouched.
+    """
+
+    def __init__(self, model: nn.Module, plan: dict[str, Decision], bn_modes: dict[str, str], precision: str):
+        self.model = model.to(memory_format=torch.channels_last)
+        chain = stages(model)
+        self.split = frozen_prefix_length(model, plan)
+        self.prefix, self.suffix = chain[:self.split], chain[self.split:]
+        self.bf16 = precision == "bf16"
+        prefix_bn = [m for m, mode in bn_modes.items() if any(m == n or m.startswith(n + ".") for n, _ in self.prefix)]
+        # Eval-mode BatchNorm makes the prefix a fixed function of the image: its outputs can be cached.
+        self.prefix_deterministic = all(bn_modes[m] == "eval" for m in prefix_bn)
+
+    @classmethod
+    def whole(cls, model: nn.Module) -> "FastModel":
+        """No prefix: ``head`` runs the whole model (for evaluating a checkpoint)."""
+        return cls(model, {name: Decision(True, "whole") for name, _ in model.named_parameters()}, {}, "fp32")
+
+    @property
+    def prefix_names(self) -> list[str]:
+        return [name for name, _ in self.prefix]
+
+    def autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen prefix's output, computed without autograd."""
+        x = images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
+        with torch.no_grad(), self.autocast():
+            for _, module in self.prefix:
+                x = module(x)
+        return x
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """The trainable suffix (with autograd) from prefix features to logits, in float32."""
+        x = features
+        with self.autocast():
+            for _, module in self.suffix:
+                x = module(x)
+        return x.float()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+def cache_decision(setting: str, fast: FastModel, augment: bool) -> tuple[bool, str]:
+    """Whether to cache prefix features (``train.cache_features``) and why, in words for the log."""
+    if setting == "off":
+        return False, "off (train.cache_features: off)"
+    reasons = []
+    if fast.split == 0:
+        reasons.append("nothing is frozen before the first trainable layer")
+    if augment:
+        reasons.append("data.augment is on: random transforms change the features every epoch")
+    if not fast.prefix_deterministic:
+        reasons.append("frozen BatchNorm layers run in train mode (freeze.batchnorm: train)")
+    if reasons:
+        return False, "off (" + "; ".join(reasons) + ")"
+    return True, "on (the frozen prefix is a fixed function of each image: BatchNorm in eval mode, no augmentation)"
+
+
+@dataclass
+class FeatureCache:
+    """Prefix outputs of one data split, by sample index: in memory, or memory-mapped in the run directory."""
+
+    features: torch.Tensor
+    targets: torch.Tensor
+    filled: torch.Tensor  # bool per sample
+    path: Optional[Path] = None
+
+    @classmethod
+    def create(cls, size: int, shape: tuple, max_bytes: float, folder: Path, split: str) -> "FeatureCache":
+        numel = size * math.prod(shape)
+        path = None
+        if numel * 4 <= max_bytes:
+            features = torch.empty((size, *shape))
+        else:
+            path = folder / ON_DISK_NAME.format(split=split)
+            with open(path, "wb") as f:
+                f.truncate(numel * 4)
+            features = torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32).view(size, *shape)
+        return cls(features, torch.zeros(size, dtype=torch.long), torch.zeros(size, dtype=torch.bool), path)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.filled.all())
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.numel() * 4
+
+    def put(self, indices: torch.Tensor, features: torch.Tensor, targets: torch.Tensor) -> None:
+        self.features[indices] = features.float()
+        self.targets[indices] = targets
+        self.filled[indices] = True
+
+    def batches(self, sampler, batch_size: int, drop_last: bool):
+        """(features, targets) batches in the sampler's order: the same batches the image loader would give."""
+        for indices in BatchSampler(sampler, batch_size, drop_last):
+            index = torch.as_tensor(indices)
+            yield self.features[index], self.targets[index]
+
+    def close(self) -> None:
+        if self.path is not None:
+            del self.features
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+
+
+class FeatureSource:
+    """One data split as (prefix features, targets) batches for an epoch.
+
+    Without a cache, or until it is complete, it loads image batches and runs the
+    frozen prefix; with one, it stores what it computed and, once every sample is
+    in, serves later epochs from the cache in exactly the batches the images would
+    have given. The cache is always filled in the first epoch's batches, so a
+    resumed run caches the very same numbers.
+    """
+
+    def __init__(self, fast: FastModel, dataset, batch_size: int, *, shuffle: bool, seed: int, workers: int,
+                 cache_bytes: Optional[float] = None, folder: Optional[Path] = None, split: str = "train"):
+        self.fast, self.dataset, self.batch_size = fast, dataset, batch_size
+        self.shuffle, self.seed, self.workers = shuffle, seed, workers
+        self.cache_bytes, self.folder, self.split = cache_bytes, folder, split
+        self.cache: Optional[FeatureCache] = None
+
+    @property
+    def caching(self) -> bool:
+        return self.cache_bytes is not None
+
+    def epoch(self, epoch: int, skip_batches: int = 0):
+        if self.caching and (self.cache_complete or epoch > 0):
+            self.complete_cache()
+            sampler = epoch_sampler(len(self.dataset), shuffle=self.shuffle, seed=self.seed, epoch=epoch,
+                                    skip=skip_batches * self.batch_size)
+            yield from self.cache.batches(sampler, self.batch_size, self._drop_last)
+            return
+        yield from self._from_images(epoch, skip_batches)
+        if self.caching:
+            self.complete_cache()  # e.g. a lone last sample the training batches dropped
+
+    @property
+    def cache_complete(self) -> bool:
+        return self.cache is not None and self.cache.complete
+
+    @property
+    def _drop_last(self) -> bool:
+        return drops_last(len(self.dataset), self.batch_size, self.shuffle)
+
+    def _from_images(self, epoch: int, skip_batches: int):
+        loader = make_loader(Indexed(self.dataset), self.batch_size, shuffle=self.shuffle, seed=self.seed,
+                             epoch=epoch, skip_batches=skip_batches, workers=self.workers)
+        for images, targets, indices in loader:
+            features = self.fast.features(images)
+            if self.caching and epoch == 0:
+                self._store(indices, features, targets)
+            yield features, targets
+
+    def complete_cache(self) -> None:
+        """Compute what the cache lacks, batch by batch in the first epoch's order (the last partial batch too)."""
+        if self.cache_complete:
+            return
+        sampler = epoch_sampler(len(self.dataset), shuffle=self.shuffle, seed=self.seed, epoch=0)
+        for indices in BatchSampler(sampler, self.batch_size, drop_last=False):
+            if self.cache is not None and bool(self.cache.filled[indices].all()):
+                continue
+            images, targets = zip(*(self.dataset[i] for i in indices))
+            self._store(torch.as_tensor(indices), self.fast.features(torch.stack(images)), torch.as_tensor(targets))
+
+    def _store(self, indices, features, targets) -> None:
+        if self.cache is None:
+            self.cache = FeatureCache.create(len(self.dataset), tuple(features.shape[1:]), self.cache_bytes,
+                                             self.folder, self.split)
+        self.cache.put(indices, features, targets)
+
+    def describe(self) -> str:
+        if self.cache is None:
+            return "none"
+        where = f"memory-mapped file {self.cache.path}" if self.cache.path else "in memory"
+        return f"{self.cache.nbytes / 2**20:.1f} MiB {where}"
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
