@@ -1,0 +1,207 @@
+"""Benchmark: finetune's training engine against the plain loop of the PyTorch fine-tuning tutorial.
+
+    .venv/bin/python scripts/bench.py            # about 4 minutes on 2 cores
+    .venv/bin/python scripts/bench.py --rounds 1 --steps 2 --size 64   # a quick smoke run
+
+Everything runs in this one process (peak memory in two child processes), at 224x224, batch 32,
+ResNet-18 with a 10-class head, on synthetic batches so that image decoding is left out.
+The cases run interleaved, round after round, each after a warm-up step; the figures are
+medians of the per-step times over all rounds.
+
+The plain loop: the model in train mode, every parameter handed to the optimizer,
+``requires_grad=False`` on the frozen ones, fp32, the default memory format.
+finetune: the same model and freeze built by finetune, trained by finetune's own epoch loop
+(frozen prefix without autograd and in eval mode, channels-last, optional bf16 autocast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet18
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from finetune import engine  # noqa: E402
+from finetune.build import build  # noqa: E402
+from finetune.config import load_config  # noqa: E402
+from finetune.fastpath import FastModel, FeatureSource  # noqa: E402
+from finetune.freeze import set_train_mode  # noqa: E402
+from finetune.optim import build_optimizer, build_scheduler  # noqa: E402
+from finetune.progress import Reporter  # noqa: E402
+
+CLASSES = 10
+BATCH = 32
+FREEZES = {
+    "head-only": ["fc"],
+    "layer4+head": ["layer4", "fc"],
+    "full": ["*"],
+}
+CASES = [  # (name, freeze, precision, target ratio)
+    ("head-only fp32", "head-only", "fp32", 1.7),
+    ("head-only bf16", "head-only", "bf16", 3.0),
+    ("layer4+head fp32", "layer4+head", "fp32", None),
+    ("full fp32", "full", "fp32", 1.25),
+    ("full bf16", "full", "bf16", 2.4),
+]
+
+
+def config_for(freeze: str, precision: str, size: int):
+    return load_config(None, [
+        "model.weights=none", f"model.num_classes={CLASSES}", f"data.image_size={size}",
+        f"freeze.trainable={FREEZES[freeze]}", f"train.precision={precision}", f"train.batch_size={BATCH}",
+        "freeze.batchnorm=eval", "optim.lr=0.001"])
+
+
+def plain_step_fn(freeze: str):
+    """The tutorial: requires_grad=False on frozen parameters, new fc, model.train(), SGD over all parameters."""
+    model = resnet18(weights=None)
+    if freeze != "full":
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("layer4") and freeze == "layer4+head"
+    model.fc = nn.Linear(512, CLASSES)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+
+    def step(x, y):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def finetune_step_fn(freeze: str, precision: str, size: int, run_dir: Path):
+    """One step of finetune's own epoch loop (engine._train_epoch) on the given batch."""
+    config = config_for(freeze, precision, size)
+    built = build(config, None)
+    fast = FastModel(built.model, built.plan, built.bn_modes, precision)
+    optimizer = build_optimizer(built.model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, 1, 10**9)
+    trainable = [p for p in built.model.parameters() if p.requires_grad]
+    criterion = nn.CrossEntropyLoss()
+    set_train_mode(built.model, built.bn_modes)
+
+    def step(x, y):
+        progress = engine.Progress()
+        batches = [(fast.features(x), y)]
+        with engine._Stop() as stop:
+            engine._train_epoch(fast, trainable, batches, criterion, optimizer, scheduler, progress, 1, Reporter(),
+                                stop, None, run_dir)
+
+    return step
+
+
+def timed(step, x, y) -> float:
+    start = time.perf_counter()
+    step(x, y)
+    return time.perf_counter() - start
+
+
+def throughput(rounds: int, steps: int, size: int, run_dir: Path) -> list[tuple]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, 3, size, size, generator=generator)
+    y = torch.randint(CLASSES, (BATCH,), generator=generator)
+    runners = {f"plain {f}": plain_step_fn(f) for f in FREEZES}
+    runners |= {name: finetune_step_fn(freeze, precision, size, run_dir) for name, freeze, precision, _ in CASES}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(rounds):
+        for name, step in runners.items():
+            timed(step, x, y)  # warm-up
+            times[name] += [timed(step, x, y) for _ in range(steps)]
+        print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    speed = {name: BATCH / statistics.median(t) for name, t in times.items()}
+    return [(name, speed[f"plain {freeze}"], speed[name], target) for name, freeze, _, target in CASES]
+
+
+def cached_epoch(size: int, images: int, run_dir: Path) -> tuple[float, float]:
+    """Seconds of a later head-only epoch from the feature cache, and of a plain-loop epoch, over the same data."""
+    generator = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(images, 3, size, size, generator=generator),
+                                          torch.randint(CLASSES, (images,), generator=generator))
+    plain = plain_step_fn("head-only")
+    start = time.perf_counter()
+    for i in range(0, images, BATCH):
+        plain(data.tensors[0][i:i + BATCH], data.tensors[1][i:i + BATCH])
+    plain_seconds = time.perf_counter() - start
+
+    config = config_for("head-only", "fp32", size)
+    built = build(config, None)
+    fast = FastModel(built.model, built.plan, built.bn_modes, "fp32")
+    source = FeatureSource(fast, data, BATCH, shuffle=True, seed=0, workers=0, cache_bytes=2**30, folder=run_dir)
+    optimizer = build_optimizer(built.model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, 3, images // BATCH + 1)
+    trainable = [p for p in built.model.parameters() if p.requires_grad]
+    seconds = []
+    for epoch in range(3):  # epoch 0 fills the cache
+        progress = engine.Progress(epoch=epoch)
+        set_train_mode(built.model, built.bn_modes)
+        start = time.perf_counter()
+        with engine._Stop() as stop:
+            engine._train_epoch(fast, trainable, source.epoch(epoch), nn.CrossEntropyLoss(), optimizer, scheduler,
+                                progress, images // BATCH, Reporter(), stop, None, run_dir)
+        seconds.append(time.perf_counter() - start)
+    source.close()
+    return statistics.median(seconds[1:]), plain_seconds
+
+
+def _peak_rss_child(kind: str, size: int, steps: int, queue) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(BATCH, 3, size, size), torch.randint(CLASSES, (BATCH,))
+    with tempfile.TemporaryDirectory() as folder:
+        step = plain_step_fn("head-only") if kind == "plain" else finetune_step_fn("head-only", "fp32", size,
+                                                                                 Path(folder))
+        for _ in range(steps):
+            step(x, y)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec.
+    status = Path("/proc/self/status").read_text()
+    queue.put(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024)
+
+
+def peak_rss(kind: str, size: int, steps: int) -> float:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_peak_rss_child, args=(kind, size, steps, queue))
+    child.start()
+    value = queue.get()
+    child.join()
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per case and round (default 3)")
+    parser.add_argument("--size", type=int, default=224, help="image size (default 224)")
+    parser.add_argument("--cache-images", type=int, default=320, help="images in the cached-epoch comparison")
+    args = parser.parse_args()
+
+    print(f"finetune benchmark: ResNet-18, {args.size}x{args.size}, batch {BATCH}, {CLASSES} classes, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as folder:
+        rows = throughput(args.rounds, args.steps, args.size, Path(folder))
+        cached, plain_epoch = cached_epoch(args.size, args.cache_images, Path(folder))
+    memory = {kind: peak_rss(kind, args.size, 3) for kind in ("plain", "finetune")}
+
+    print(f"\n{'case':<18} {'plain img/s':>12} {'finetune img/s':>15} {'ratio':>7} {'target':>7}")
+    for name, plain, fast, target in rows:
+        goal = f">={target:g}x" if target else "-"
+        print(f"{name:<18} {plain:>12.1f} {fast:>15.1f} {fast / plain:>6.2f}x {goal:>7}")
+    print(f"\nhead-only epoch of {args.cache_images} images: plain loop {plain_epoch:.2f} s, "
+          f"finetune from the feature cache {cached:.3f} s -> {plain_epoch / cached:.0f}x (target >=50x)")
+    print(f"peak RSS, head-only training: plain {memory['plain']:.0f} MiB, finetune {memory['finetune']:.0f} MiB "
+          f"-> {memory['finetune'] / memory['plain']:.2f}x (target <=1x)")
+
+
+if __name__ == "__main__":
+    main()

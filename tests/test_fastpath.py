@@ -1,0 +1,176 @@
+"""The fast paths give the plain path's results: frozen prefix, channels-last, feature cache, bf16."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from finetune import engine
+from finetune.build import build
+from finetune.config import load_config
+from finetune.errors import FinetuneError
+from finetune.fastpath import FastModel, cache_decision, frozen_prefix_length, stages
+from finetune.freeze import set_train_mode
+from finetune.optim import build_optimizer
+from finetune.progress import Reporter
+
+CLASSES = ["blue", "green", "red"]
+
+
+def built_for(tmp_path, colour_data, **freeze):
+    return build(load_config(tiny_config(tmp_path, colour_data, freeze=freeze)), CLASSES)
+
+
+def test_stages_chain_equals_the_model(tmp_path, colour_data):
+    model = built_for(tmp_path, colour_data).model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = x
+    for _, module in stages(model):
+        out = module(out)
+    torch.testing.assert_close(out, model(x))
+
+
+@pytest.mark.parametrize("freeze, split, first_trainable", [
+    ({"trainable": ["fc"]}, 14, "fc"),
+    ({"trainable": ["layer4", "fc"]}, 10, "layer4.0"),
+    ({"trainable": ["layer4.1", "fc"]}, 11, "layer4.1"),
+    ({"default": "trainable", "trainable": []}, 0, "conv1"),
+])
+def test_frozen_prefix_ends_before_the_first_trainable_parameter(tmp_path, colour_data, freeze, split,
+                                                                  first_trainable):
+    built = built_for(tmp_path, colour_data, **freeze)
+    assert frozen_prefix_length(built.model, built.plan) == split
+    assert stages(built.model)[split][0] == first_trainable
+
+
+@pytest.mark.parametrize("freeze", [{"trainable": ["fc"]}, {"trainable": ["layer4", "fc"]},
+                                    {"trainable": ["layer3", "fc"], "batchnorm": "train"}],
+                         ids=["head-only", "layer4+fc", "layer3+fc-bn-train"])
+def test_fast_steps_equal_plain_steps(tmp_path, colour_data, freeze):
+    """A few SGD steps through FastModel give the plain model's weights (float tolerance)."""
+    config = load_config(tiny_config(tmp_path, colour_data, freeze=freeze))
+    built = build(config, CLASSES)
+    plain = copy.deepcopy(built.model)
+    fast = FastModel(built.model, built.plan, built.bn_modes, "fp32")
+    assert fast.split > 0
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(6, 3, 32, 32, generator=generator), torch.randint(3, (6,), generator=generator))
+               for _ in range(3)]
+    for model, forward in ((plain, plain), (built.model, fast)):
+        optimizer = build_optimizer(model, config.optim)
+        set_train_mode(model, built.bn_modes)
+        for x, y in batches:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(forward(x), y).backward()
+            optimizer.step()
+    for (name, a), b in zip(plain.state_dict().items(), built.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_prefix_builds_no_graph(tmp_path, colour_data):
+    built = built_for(tmp_path, colour_data, trainable=["layer4", "fc"])
+    fast = FastModel(built.model, built.plan, built.bn_modes, "fp32")
+    features = fast.features(torch.randn(2, 3, 32, 32))
+    assert features.grad_fn is None and not features.requires_grad
+    assert fast.head(features).grad_fn is not None
+
+
+def test_cache_auto_turns_off_with_augmentation_or_train_mode_batchnorm(tmp_path, colour_data):
+    built = built_for(tmp_path, colour_data)
+    fast = FastModel(built.model, built.plan, built.bn_modes, "fp32")
+    assert cache_decision("auto", fast, augment=False)[0] is True
+    on, why = cache_decision("auto", fast, augment=True)
+    assert not on and "data.augment" in why
+    assert cache_decision("off", fast, augment=False)[0] is False
+    bn_train = built_for(tmp_path, colour_data, batchnorm="train")
+    on, why = cache_decision("auto", FastModel(bn_train.model, bn_train.plan, bn_train.bn_modes, "fp32"), False)
+    assert not on and "freeze.batchnorm" in why
+    everything = built_for(tmp_path, colour_data, default="trainable", trainable=[])
+    on, why = cache_decision("auto", FastModel(everything.model, everything.plan, everything.bn_modes, "fp32"), False)
+    assert not on and "nothing is frozen" in why
+
+
+def run(tmp_path, colour_data, name, reporter=None, **sections):
+    config = load_config(tiny_config(tmp_path / name, colour_data, **sections))
+    engine.train(config, reporter or Reporter())
+    run_dir = tmp_path / name / "run"
+    state = torch.load(run_dir / "last.pt", weights_only=True)["model"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return state, rows, run_dir
+
+
+class Messages(Reporter):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def message(self, text):
+        self.lines.append(text)
+
+
+def assert_close_to_scale(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
+    # Cached features were computed in other batches than the later epochs' images would be: float32
+    # rounding differs in the last bits and grows a little over epochs of training.
+    a, b = a.double(), b.double()
+    assert (a - b).abs().max() <= 1e-3 * b.abs().max() + 1e-6, name
+
+
+@pytest.mark.parametrize("freeze", [{"trainable": ["fc"]}, {"trainable": ["layer4", "fc"]}])
+def test_cached_run_equals_uncached_run(tmp_path, colour_data, freeze):
+    train = {"epochs": 3, "batch_size": 5}  # 36 images: a lone last sample the training batches drop
+    messages = Messages()
+    cached, cached_rows, cached_dir = run(tmp_path, colour_data, "cached", messages, freeze=freeze,
+                                          train={**train, "cache_features": "on"})
+    plain, plain_rows, _ = run(tmp_path, colour_data, "plain", freeze=freeze, train={**train, "cache_features": "off"})
+    for name in plain:
+        assert_close_to_scale(cached[name], plain[name], name)
+    for a, b in zip(cached_rows, plain_rows):
+        assert a["val_acc"] == b["val_acc"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    assert any("feature cache on" in line for line in messages.lines)
+    assert any("MiB in memory" in line for line in messages.lines)
+    assert not list(cached_dir.glob("feature-cache-*"))
+
+
+def test_cache_spills_to_a_memory_mapped_file_and_cleans_it_up(tmp_path, colour_data):
+    messages = Messages()
+    in_memory, _, _ = run(tmp_path, colour_data, "memory", train={"epochs": 2, "cache_features": "on"})
+    on_disk, _, run_dir = run(tmp_path, colour_data, "disk", messages,
+                              train={"epochs": 2, "cache_features": "on", "cache_max_gb": 0})
+    assert any("memory-mapped file" in line for line in messages.lines)
+    assert not list(run_dir.glob("feature-cache-*"))
+    for name in in_memory:
+        assert torch.equal(in_memory[name], on_disk[name]), name
+
+
+def test_cache_on_with_augmentation_is_a_config_error(tmp_path, colour_data):
+    config = load_config(tiny_config(tmp_path, colour_data, data={"augment": True}, train={"cache_features": "on"}))
+    with pytest.raises(FinetuneError, match="train.cache_features.*data.augment"):
+        engine.train(config, Reporter())
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_resumed_cached_run_equals_uninterrupted(tmp_path, colour_data):
+    from test_train import SignalAtStep, assert_same_weights
+
+    sections = dict(freeze={"trainable": ["layer4", "fc"]}, train={"epochs": 3, "batch_size": 5})
+    whole, _, _ = run(tmp_path, colour_data, "whole", **sections)
+    config = load_config(tiny_config(tmp_path / "parted", colour_data, **sections))
+    with pytest.raises(FinetuneError):
+        engine.train(config, SignalAtStep(epoch=0, step=3))  # inside the epoch that fills the cache
+    engine.train(config, Reporter(), resume=tmp_path / "parted" / "run")
+    parted = torch.load(tmp_path / "parted" / "run" / "last.pt", weights_only=True)["model"]
+    assert_same_weights(parted, whole)
+
+
+def test_bf16_runs_end_to_end_and_learns(tmp_path, colour_data):
+    state, rows, _ = run(tmp_path, colour_data, "bf16", train={"epochs": 3, "precision": "bf16"})
+    assert all(t.dtype in (torch.float32, torch.int64) for t in state.values())
+    assert rows[-1]["val_acc"] >= 0.9
+    full, rows, _ = run(tmp_path, colour_data, "bf16-full", train={"epochs": 1, "precision": "bf16"},
+                        freeze={"default": "trainable", "trainable": [], "batchnorm": "train"})
+    assert all(torch.isfinite(t).all() for t in full.values() if t.is_floating_point())
