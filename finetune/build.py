@@ -49,9 +49,22 @@ def build(config: Config, class_names: Optional[list[str]] = None, progress: boo
     num_classes = resolve_num_classes(config, class_names)
     names = _parameter_names(num_classes)
     plan = plan_freeze(names, config.freeze, config.where)  # before loading weights: fail fast
+    if not any(decision.trainable for decision in plan.values()):
+        raise _nothing_to_train(config)
     model, weights = build_model(config, num_classes, progress=progress)
     apply_plan(model, plan)
     return Built(model, plan, batchnorm_modes(model, plan, config.freeze.batchnorm), weights, num_classes)
+
+
+def _nothing_to_train(config: Config):
+    freeze = config.freeze
+    rules = f"freeze.trainable is {freeze.trainable}"
+    if freeze.frozen:
+        rules += f", freeze.frozen is {freeze.frozen}"
+    return config_error(config, [("freeze.trainable", f"no parameter is trainable ({rules} and freeze.default is "
+                                  f"{freeze.default!r}), so there is nothing to train. Add patterns to "
+                                  "freeze.trainable (e.g. [fc] for the head only) or set freeze.default: "
+                                  "trainable")])
 
 
 def _parameter_names(num_classes: int) -> list[str]:

@@ -7,6 +7,8 @@ config errors never wait for torch to import.
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -58,6 +60,19 @@ def _user_errors(command):
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` less ``option`` and its value (``--opt V`` or ``--opt=V``)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
 
 
 def _load(config: Optional[Path], overrides: Optional[list[str]]):
@@ -118,11 +133,17 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run files in an existing output "
                                             "directory.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Train in this many processes on this machine "
+                                       "(launches torchrun; train.batch_size is the global batch).")] = 1,
 ) -> None:
     """Fine-tune ResNet-18 on an ImageFolder tree and write a run directory.
 
     Example:  finetune train --config configs/quickstart.yaml --set train.epochs=3
     """
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from finetune.distributed import launch
+
+        raise typer.Exit(launch(nproc, _without_option(sys.argv[1:], "--nproc")))
     if resume is not None and config is None:
         config = resume / "config.yaml"
     cfg = _load(config, set_)

@@ -8,6 +8,7 @@ import torch, so that config errors are reported instantly.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -39,6 +40,7 @@ class DataConfig(_Section):
     augment: bool = False
     workers: Optional[int] = Field(None, ge=0)
     demo: Optional[Literal["shapes"]] = None
+    skip_bad_images: bool = False
 
 
 class FreezeConfig(_Section):
@@ -76,6 +78,9 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     cache_features: Literal["auto", "on", "off"] = "auto"
     cache_max_gb: float = Field(2.0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    sync_batchnorm: bool = False
+    dist_timeout_s: int = Field(600, ge=10)
 
 
 class Config(_Section):
@@ -200,7 +205,7 @@ def _resolve_paths(raw: dict, folder: Path) -> None:
         value = raw.get(section, {}).get(name) if isinstance(raw.get(section), dict) else None
         if not _is_path(value):
             continue
-        raw[section][name] = str((folder / Path(value).expanduser()).resolve())
+        raw[section][name] = str((folder / _expand_user(value)).resolve())
 
 
 def _resolve_paths_of(config: Config) -> None:
@@ -209,7 +214,15 @@ def _resolve_paths_of(config: Config) -> None:
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         if _is_path(value) and not Path(value).is_absolute():
-            setattr(getattr(config, section), name, str(Path(value).expanduser().resolve()))
+            setattr(getattr(config, section), name, str(_expand_user(value).resolve()))
+
+
+def _expand_user(value: str) -> Path:
+    """``~`` and ``~user`` become home folders; nothing else is expanded (``$HOME`` stays literal: no shell).
+
+    An unknown ``~user`` stays literal too, as in a shell, where ``Path.expanduser`` would raise.
+    """
+    return Path(os.path.expanduser(value))
 
 
 def _is_path(value) -> bool:
@@ -227,7 +240,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError as exc:
         raise FinetuneError(f"Invalid --set {item!r}: the value is not valid YAML ({exc.problem}).") from None
     if key in PATH_KEYS and _is_path(parsed):
-        parsed = str(Path(parsed).expanduser().resolve())  # relative to the current directory
+        parsed = str(_expand_user(parsed).resolve())  # relative to the current directory
     return key, parsed
 
 

@@ -6,17 +6,19 @@ import itertools
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, default_collate
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.config import Config, config_error
+from finetune.errors import FinetuneError
 
 
 def train_folder(root: Path) -> Path:
@@ -51,6 +53,8 @@ class Datasets:
     val: Dataset
     classes: list[str]
     layout: str  # "train/val folders" or "split by data.val_fraction"
+    # Unreadable image files left out (data.skip_bad_images: true), as paths; empty otherwise.
+    bad_images: list[str] = field(default_factory=list)
 
 
 def eval_transform(image_size: int):
@@ -93,11 +97,14 @@ def load_datasets(config: Config) -> Datasets:
             raise config_error(config, [("data.root", f"{val_root} has class folders not in train/: "
                                          f"{', '.join(extra)}; add them to train/ or remove them")])
         val = image_folder(config, val_root, classes, val_tf, allow_empty=True)
-        return Datasets(train, val, classes, "train/val folders")
+        bad = drop_bad_images(config, [train, val], train)
+        return Datasets(train, val, classes, "train/val folders", bad)
     full_train = image_folder(config, root, classes, train_tf)
     full_val = image_folder(config, root, classes, val_tf)
+    bad = drop_bad_images(config, [full_train, full_val], full_train)  # the same files: each is checked once
     train_idx, val_idx = stratified_split(full_train.targets, config.data.val_fraction, config.train.seed)
-    return Datasets(Subset(full_train, train_idx), Subset(full_val, val_idx), classes, "split by data.val_fraction")
+    return Datasets(Subset(full_train, train_idx), Subset(full_val, val_idx), classes, "split by data.val_fraction",
+                    bad)
 
 
 def stratified_split(targets: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -122,10 +129,82 @@ def image_folder(config: Config, folder: Path, classes: list[str], transform, al
             return classes, {name: i for i, name in enumerate(classes)}
 
     try:
-        return _Folder(str(folder), transform=transform, allow_empty=allow_empty)
+        return _Folder(str(folder), transform=transform, loader=read_image, allow_empty=allow_empty)
     except FileNotFoundError as exc:
         raise config_error(config, [("data.root", f"{exc}; every class folder under {folder} needs at least "
                                      f"one image ({', '.join(IMG_EXTENSIONS)})")]) from None
+
+
+SKIP_HINT = "set data.skip_bad_images: true to train without unreadable images"
+
+
+def read_image(path: str) -> Image.Image:
+    """ImageFolder's loader (an RGB PIL image), with an error naming the file when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
+        message = f"Cannot read image {path}: {_reason(exc)}.\nReplace or delete it, or {SKIP_HINT}."
+        raise FinetuneError(message) from None
+
+
+def unreadable(path: str) -> Optional[str]:
+    """Why the image file at ``path`` cannot be read, or None when it can.
+
+    A PNG is checked with ``verify()``: every chunk's checksum, to the end of the file, without decoding the
+    pixels. Other formats are decoded; a JPEG at reduced scale (``draft``), which still reads all its data.
+    """
+    try:
+        with Image.open(path) as image:
+            if image.format == "PNG":
+                image.verify()
+            else:
+                image.draft("RGB", (64, 64))
+                image.load()
+    except Exception as exc:
+        return _reason(exc)
+    return None
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file PIL can read"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def drop_bad_images(config: Config, folders: list, train=None) -> list[str]:
+    """Check that every image file of the ImageFolder ``folders`` can be read, each file once.
+
+    Unreadable files are an error naming them, or with ``data.skip_bad_images: true`` are dropped from every
+    folder and returned (sorted paths) so that they can be reported. A class of ``train`` left without images
+    is an error either way.
+    """
+    checked: dict[str, Optional[str]] = {}
+    for folder in folders:
+        for path, _ in folder.samples:
+            if path not in checked:
+                checked[path] = unreadable(path)
+    bad = {path: why for path, why in sorted(checked.items()) if why}
+    if not bad:
+        return []
+    if not config.data.skip_bad_images:
+        shown = "".join(f"\n    {path}: {why}" for path, why in list(bad.items())[:5])
+        more = f"\n    ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise config_error(config, [("data.root", f"{len(bad)} image file{'s' if len(bad) > 1 else ''} cannot be "
+                                     f"read (corrupt or truncated):{shown}{more}\n"
+                                     f"  Replace or delete {'them' if len(bad) > 1 else 'it'}, or {SKIP_HINT}.")])
+    for folder in folders:
+        folder.samples = folder.imgs = [(path, target) for path, target in folder.samples if path not in bad]
+        folder.targets = [target for _, target in folder.samples]
+    if train is not None:
+        left = set(train.targets)
+        empty = [name for i, name in enumerate(train.classes) if i not in left]
+        if empty:
+            raise config_error(config, [("data.root", f"no readable image left in class folder(s) "
+                                         f"{', '.join(empty)} of {train.root} after skipping {len(bad)} unreadable "
+                                         "image(s); add readable images to them")])
+    return list(bad)
 
 
 def default_workers() -> int:
@@ -194,6 +273,15 @@ def drops_last(size: int, batch_size: int, shuffle: bool, world: int = 1) -> boo
     return shuffle and per_rank % batch_size == 1 and per_rank > 1
 
 
+def collate_channels_last(batch):
+    """The default collate, with image batches in channels-last memory format (what the fast path runs in)."""
+    collated = default_collate(batch)
+    images = collated[0]
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        collated[0] = images.contiguous(memory_format=torch.channels_last)
+    return collated
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
                 skip_batches: int = 0, workers: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
     """A loader whose order is a function of (seed, epoch) only, so runs and resumes repeat exactly."""
@@ -203,7 +291,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
     sampler = epoch_sampler(len(dataset), shuffle=shuffle, seed=seed, epoch=epoch, skip=skip_batches * batch_size,
                             rank=rank, world=world)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      drop_last=drops_last(len(dataset), batch_size, shuffle, world))
+                      drop_last=drops_last(len(dataset), batch_size, shuffle, world), collate_fn=collate_channels_last)
 
 
 def steps_per_epoch(dataset: Dataset, batch_size: int, world: int = 1) -> int:

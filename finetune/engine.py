@@ -27,8 +27,9 @@ from finetune.checkpoint import (atomic_write_text, load_checkpoint, restore_rng
                                  save_checkpoint)
 from finetune.config import Config, config_error, load_config
 from finetune.data import SeededSamples, default_workers, ensure_demo_data, load_datasets, steps_per_epoch
-from finetune.fastpath import FastModel, FeatureSource, cache_decision
+from finetune.distributed import Dist, setup, teardown
 from finetune.errors import FinetuneError
+from finetune.fastpath import FastModel, FeatureSource, cache_decision
 from finetune.freeze import frozen_tensors, set_train_mode
 from finetune.optim import build_optimizer, build_scheduler
 from finetune.progress import Reporter
@@ -81,9 +82,19 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
           overwrite: bool = False) -> dict:
     """Fine-tune as ``config`` says and write the run directory; returns the summary.
 
-    With ``resume`` (a run directory) the run continues from its ``last.pt``.
+    With ``resume`` (a run directory) the run continues from its ``last.pt``. Under
+    torchrun every process trains its shard and only rank 0 reports and writes.
     Raises FinetuneError for bad input, and with exit code 130/143 when interrupted.
     """
+    dist = setup(config)
+    try:
+        return _train(config, reporter if dist.is_main else Reporter(), dist, output_dir, resume, overwrite)
+    finally:
+        teardown(dist)
+
+
+def _train(config: Config, reporter: Reporter, dist: Dist, output_dir: Optional[Path], resume: Optional[Path],
+           overwrite: bool) -> dict:
     start = time.perf_counter()
     if resume is not None:
         config = _config_for_resume(config, Path(resume))
@@ -93,7 +104,8 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
         _check_run_dir(run_dir, overwrite)
     config = config.model_copy(deep=True)
     config.train.output_dir = str(run_dir.resolve())
-    demo = ensure_demo_data(config)
+    demo = ensure_demo_data(config) if dist.is_main else None
+    dist.barrier()
     if demo:
         reporter.message(f"Generated the shapes demo data set at {demo['root']} "
                          f"({demo['train']} train / {demo['val']} val images)")
@@ -101,28 +113,33 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
     built = build(config, data.classes, progress=reporter.shows_progress)
     if built.weights.warning:
         reporter.warn(built.weights.warning)
-    if resume is None:
+    if resume is None and dist.is_main:
         _prepare_run_dir(run_dir, overwrite)  # only now: bad data or weights leave nothing behind
+    dist.barrier()
     model = built.model
+    fast = FastModel(model, built.plan, built.bn_modes, config.train.precision, dist.device)
     optimizer = build_optimizer(model, config.optim)
-    steps = steps_per_epoch(data.train, config.train.batch_size)
+    steps = steps_per_epoch(data.train, config.train.batch_size // dist.world, dist.world)
     scheduler = build_scheduler(optimizer, config.optim, config.train.epochs, steps)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing)
-    fast = FastModel(model, built.plan, built.bn_modes, config.train.precision)
-    train_source, val_source = _feature_sources(config, data, fast, run_dir, reporter)
+    train_source, val_source = _feature_sources(config, data, fast, run_dir, reporter, dist)
 
     frozen = frozen_tensors(model, built.plan, built.bn_modes)
     progress = Progress(frozen_checksums=_checksums(frozen))
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
     if resume is not None:
-        progress = _restore(run_dir / "last.pt", model, optimizer, scheduler)
-    else:
+        progress = _restore(run_dir / "last.pt", model, optimizer, scheduler, dist.world)
+    elif dist.is_main:
         atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+    if dist.active:
+        fast.distribute()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def checkpoint(path: Path) -> None:
-        save_checkpoint(path, {
+        if not dist.is_main:
+            return
+        save_checkpoint(path, {"world": dist.world,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "progress": asdict(progress), "rng": rng_states(), "classes": data.classes,
             "config": config.model_dump(mode="json"), "weights": built.weights.source,
@@ -139,12 +156,12 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
             epoch = progress.epoch
             set_train_mode(model, built.bn_modes)
             finished = _train_epoch(fast, trainable, train_source.epoch(epoch, progress.step), criterion, optimizer,
-                                    scheduler, progress, steps, reporter, stop, config.optim.grad_clip, run_dir)
+                                    scheduler, progress, steps, reporter, stop, config.optim.grad_clip, run_dir, dist)
             if not finished:
                 checkpoint(run_dir / "last.pt")
                 raise _interrupted(stop.signum, epoch, progress.step, run_dir)
-            val = evaluate(fast, val_source.epoch(0), criterion, len(data.classes))
-            row = _epoch_row(epoch, progress, val, optimizer)
+            val = evaluate(fast, val_source.epoch(0), criterion, len(data.classes), dist)
+            row = _epoch_row(epoch, progress, val, optimizer, dist)
             progress.history.append(row)
             progress.total_seconds += row["seconds"]
             progress.epoch, progress.step, progress.seen, progress.loss_sum, progress.correct = epoch + 1, 0, 0, 0, 0
@@ -152,16 +169,17 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
             improved = row["val_acc"] > progress.best_val_acc
             if improved:
                 progress.best_epoch, progress.best_val_acc = row["epoch"], row["val_acc"]
-            _write_metrics(run_dir, progress.history)
-            checkpoint(run_dir / "last.pt")
-            if improved:
-                checkpoint(run_dir / "best.pt")
-            _plot_curves(run_dir, progress.history)
+            if dist.is_main:
+                _write_metrics(run_dir, progress.history)
+                checkpoint(run_dir / "last.pt")
+                if improved:
+                    checkpoint(run_dir / "best.pt")
+                _plot_curves(run_dir, progress.history)
             reporter.epoch_end(row, improved)
             if train_source.caching and not cache_reported:
                 cache_reported = True
                 reporter.message(f"feature cache: train {train_source.describe()}, val {val_source.describe()}")
-            if stop.signum is not None:
+            if dist.any(stop.signum is not None):
                 raise _interrupted(stop.signum, epoch + 1, 0, run_dir)
 
     changed = [name for name, digest in _checksums(frozen).items() if progress.frozen_checksums.get(name) != digest]
@@ -172,9 +190,11 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
         "train_seconds": round(progress.total_seconds, 3), "total_seconds": round(time.perf_counter() - start, 3),
         "pretrained": built.weights.pretrained, "weights": built.weights.source,
         "weights_warning": built.weights.warning, "classes": data.classes,
-        "train_images": len(data.train), "val_images": len(data.val),
+        "train_images": len(data.train), "val_images": len(data.val), "processes": dist.world,
+        "device": str(dist.device),
     }
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if dist.is_main:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     if changed:
         raise FinetuneError(f"Frozen tensors changed during training: {', '.join(changed[:5])}"
                             f"{' ...' if len(changed) > 5 else ''}. They should be bit-identical; "
@@ -184,7 +204,8 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
 
 
 def _train_epoch(fast: FastModel, trainable, batches, criterion, optimizer, scheduler, progress: Progress,
-                 steps: int, reporter: Reporter, stop: _Stop, grad_clip: Optional[float], run_dir: Path) -> bool:
+                 steps: int, reporter: Reporter, stop: _Stop, grad_clip: Optional[float], run_dir: Path,
+                 dist: Dist = Dist()) -> bool:
     """Train over the (prefix features, targets) ``batches``; False when a signal asked to stop (after a step)."""
     model = fast.model
     watched = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -192,6 +213,7 @@ def _train_epoch(fast: FastModel, trainable, batches, criterion, optimizer, sche
                 and model.get_submodule(n.rsplit(".", 1)[0]).training]
     tick = time.perf_counter()
     for features, targets in batches:
+        targets = targets.to(fast.device, non_blocking=True)
         logits = fast.head(features)
         loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
@@ -224,32 +246,37 @@ def _train_epoch(fast: FastModel, trainable, batches, criterion, optimizer, sche
         reporter.step(progress.epoch, progress.step, steps, progress.loss_sum / progress.seen,
                       progress.correct / progress.seen, optimizer.param_groups[0]["lr"],
                       progress.seen / max(progress.seconds, 1e-9))
-        if stop.signum is not None and progress.step < steps:
+        if dist.any(stop.signum is not None) and progress.step < steps:  # every process stops at the same step
             return False
     return True
 
 
 @torch.inference_mode()
-def evaluate(fast: FastModel, batches, criterion, num_classes: int) -> dict:
-    """Loss, top-1 and top-5 accuracy (and the confusion matrix) in eval mode over (features, targets) batches."""
+def evaluate(fast: FastModel, batches, criterion, num_classes: int, dist: Dist = Dist()) -> dict:
+    """Loss, top-1 and top-5 accuracy (and the confusion matrix) in eval mode over (features, targets) batches.
+
+    Under DDP each process evaluates its shard and the sums are combined.
+    """
     fast.model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, top5, seen = 0.0, 0, 0
     k = min(5, num_classes)
     for features, targets in batches:
-        logits = fast.head(features)
+        logits = fast.head(features).cpu()
         loss_sum += criterion(logits, targets).item() * len(targets)
         top5 += (logits.topk(k, dim=1).indices == targets[:, None]).any(1).sum().item()
         confusion += torch.bincount(targets * num_classes + logits.argmax(1),
                                     minlength=num_classes ** 2).reshape(num_classes, num_classes)
         seen += len(targets)
+    loss_sum, top5, seen = dist.sum([loss_sum, top5, seen])
+    confusion = dist.sum_tensor(confusion)
     if seen == 0:
         return {"loss": float("nan"), "acc": float("nan"), "top5": float("nan"), "confusion": confusion, "n": 0}
     return {"loss": loss_sum / seen, "acc": confusion.diagonal().sum().item() / seen, "top5": top5 / seen,
             "confusion": confusion, "n": seen}
 
 
-def _feature_sources(config: Config, data, fast: FastModel, run_dir: Path, reporter: Reporter):
+def _feature_sources(config: Config, data, fast: FastModel, run_dir: Path, reporter: Reporter, dist: Dist):
     """Train and val (features, targets) sources, with the feature cache when it is on."""
     use_cache, why = cache_decision(config.train.cache_features, fast, config.data.augment)
     if config.train.cache_features == "on" and not use_cache:
@@ -261,21 +288,24 @@ def _feature_sources(config: Config, data, fast: FastModel, run_dir: Path, repor
     workers = config.data.workers if config.data.workers is not None else default_workers()
     cache_bytes = config.train.cache_max_gb * 2**30 if use_cache else None
     train_set = SeededSamples(data.train, config.train.seed) if config.data.augment else data.train
-    common = dict(seed=config.train.seed, workers=workers, cache_bytes=cache_bytes, folder=run_dir)
-    return (FeatureSource(fast, train_set, config.train.batch_size, shuffle=True, split="train", **common),
-            FeatureSource(fast, data.val, config.train.batch_size, shuffle=False, split="val", **common))
+    common = dict(seed=config.train.seed, workers=workers, cache_bytes=cache_bytes, folder=run_dir, dist=dist)
+    batch = config.train.batch_size // dist.world
+    rank = f"-rank{dist.rank}" if dist.active else ""  # memory-mapped caches: one file per process
+    return (FeatureSource(fast, train_set, batch, shuffle=True, split=f"train{rank}", **common),
+            FeatureSource(fast, data.val, batch, shuffle=False, split=f"val{rank}", **common))
 
 
-def _epoch_row(epoch: int, progress: Progress, val: dict, optimizer) -> dict:
+def _epoch_row(epoch: int, progress: Progress, val: dict, optimizer, dist: Dist) -> dict:
+    loss_sum, correct, seen = dist.sum([progress.loss_sum, progress.correct, progress.seen])  # over all processes
     return {
         "epoch": epoch + 1,
-        "train_loss": progress.loss_sum / max(progress.seen, 1),
-        "train_acc": progress.correct / max(progress.seen, 1),
+        "train_loss": loss_sum / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
         "val_loss": val["loss"], "val_acc": val["acc"], "val_top5": val["top5"],
         "lr": optimizer.param_groups[0]["lr"],
         "grad_norm": progress.grad_norm_sum / max(progress.step, 1),
         "seconds": round(progress.seconds, 3),
-        "images_per_s": round(progress.seen / max(progress.seconds, 1e-9), 1),
+        "images_per_s": round(seen / max(progress.seconds, 1e-9), 1),
     }
 
 
@@ -341,8 +371,11 @@ def _flat(data: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _restore(path: Path, model, optimizer, scheduler) -> Progress:
+def _restore(path: Path, model, optimizer, scheduler, world: int) -> Progress:
     checkpoint = load_checkpoint(path)
+    if checkpoint.get("world", 1) != world:
+        raise FinetuneError(f"{path} was written by a run of {checkpoint.get('world', 1)} process(es); resume it "
+                            f"with the same number (now {world}).")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])

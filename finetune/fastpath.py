@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -27,6 +28,7 @@ from torch import nn
 from torch.utils.data import BatchSampler
 
 from finetune.data import Indexed, drops_last, epoch_sampler, make_loader
+from finetune.distributed import Dist
 from finetune.freeze import Decision
 
 ON_DISK_NAME = "feature-cache-{split}.bin"
@@ -56,11 +58,15 @@ class FastModel:
     ``model`` is shared, not copied: its state dict, checkpoints and optimizer are untouched.
     """
 
-    def __init__(self, model: nn.Module, plan: dict[str, Decision], bn_modes: dict[str, str], precision: str):
-        self.model = model.to(memory_format=torch.channels_last)
+    def __init__(self, model: nn.Module, plan: dict[str, Decision], bn_modes: dict[str, str], precision: str,
+                 device: torch.device = torch.device("cpu")):
+        self.device = device
+        self.model = model.to(device, memory_format=torch.channels_last)
         chain = stages(model)
         self.split = frozen_prefix_length(model, plan)
         self.prefix, self.suffix = chain[:self.split], chain[self.split:]
+        self.trainable_part: nn.Module = nn.Sequential(OrderedDict(
+            (name.replace(".", "_"), module) for name, module in self.suffix))
         self.bf16 = precision == "bf16"
         prefix_bn = [m for m, mode in bn_modes.items() if any(m == n or m.startswith(n + ".") for n, _ in self.prefix)]
         # Eval-mode BatchNorm makes the prefix a fixed function of the image: its outputs can be cached.
@@ -75,12 +81,21 @@ class FastModel:
     def prefix_names(self) -> list[str]:
         return [name for name, _ in self.prefix]
 
+    def distribute(self) -> None:
+        """Wrap the trainable part (only) in DistributedDataParallel: the prefix needs no gradient sync."""
+        if any(p.requires_grad for p in self.trainable_part.parameters()):
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.trainable_part = nn.parallel.DistributedDataParallel(self.trainable_part, device_ids=ids)
+
     def autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The frozen prefix's output, computed without autograd."""
-        x = images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
+        x = images.to(self.device, non_blocking=True)
+        x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
         with torch.no_grad(), self.autocast():
             for _, module in self.prefix:
                 x = module(x)
@@ -88,10 +103,9 @@ class FastModel:
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """The trainable suffix (with autograd) from prefix features to logits, in float32."""
-        x = features
+        x = features.to(self.device, non_blocking=True)
         with self.autocast():
-            for _, module in self.suffix:
-                x = module(x)
+            x = self.trainable_part(x)
         return x.float()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -145,9 +159,18 @@ class FeatureCache:
         return self.features.numel() * 4
 
     def put(self, indices: torch.Tensor, features: torch.Tensor, targets: torch.Tensor) -> None:
-        self.features[indices] = features.float()
+        self.features[indices] = features.float().cpu()
         self.targets[indices] = targets
         self.filled[indices] = True
+
+    def merge(self, dist: Dist) -> None:
+        """Combine the shards the processes filled (a sample two of them hold is averaged)."""
+        self.features[~self.filled] = 0
+        count = dist.sum_tensor(self.filled.float()).clamp(min=1)
+        per_sample = count.view(-1, *[1] * (self.features.dim() - 1))
+        self.features.copy_(dist.sum_tensor(self.features.clone()) / per_sample)
+        self.targets.copy_((dist.sum_tensor((self.targets * self.filled).double()) / count).round().long())
+        self.filled.copy_(dist.sum_tensor(self.filled.float()) > 0)
 
     def batches(self, sampler, batch_size: int, drop_last: bool):
         """(features, targets) batches in the sampler's order: the same batches the image loader would give."""
@@ -174,9 +197,10 @@ class FeatureSource:
     """
 
     def __init__(self, fast: FastModel, dataset, batch_size: int, *, shuffle: bool, seed: int, workers: int,
-                 cache_bytes: Optional[float] = None, folder: Optional[Path] = None, split: str = "train"):
+                 cache_bytes: Optional[float] = None, folder: Optional[Path] = None, split: str = "train",
+                 dist: Dist = Dist()):
         self.fast, self.dataset, self.batch_size = fast, dataset, batch_size
-        self.shuffle, self.seed, self.workers = shuffle, seed, workers
+        self.shuffle, self.seed, self.workers, self.dist = shuffle, seed, workers, dist
         self.cache_bytes, self.folder, self.split = cache_bytes, folder, split
         self.cache: Optional[FeatureCache] = None
 
@@ -187,9 +211,8 @@ class FeatureSource:
     def epoch(self, epoch: int, skip_batches: int = 0):
         if self.caching and (self.cache_complete or epoch > 0):
             self.complete_cache()
-            sampler = epoch_sampler(len(self.dataset), shuffle=self.shuffle, seed=self.seed, epoch=epoch,
-                                    skip=skip_batches * self.batch_size)
-            yield from self.cache.batches(sampler, self.batch_size, self._drop_last)
+            yield from self.cache.batches(self._sampler(epoch, skip_batches * self.batch_size), self.batch_size,
+                                          self._drop_last)
             return
         yield from self._from_images(epoch, skip_batches)
         if self.caching:
@@ -201,11 +224,16 @@ class FeatureSource:
 
     @property
     def _drop_last(self) -> bool:
-        return drops_last(len(self.dataset), self.batch_size, self.shuffle)
+        return drops_last(len(self.dataset), self.batch_size, self.shuffle, self.dist.world)
+
+    def _sampler(self, epoch: int, skip: int = 0):
+        return epoch_sampler(len(self.dataset), shuffle=self.shuffle, seed=self.seed, epoch=epoch, skip=skip,
+                             rank=self.dist.rank, world=self.dist.world)
 
     def _from_images(self, epoch: int, skip_batches: int):
         loader = make_loader(Indexed(self.dataset), self.batch_size, shuffle=self.shuffle, seed=self.seed,
-                             epoch=epoch, skip_batches=skip_batches, workers=self.workers)
+                             epoch=epoch, skip_batches=skip_batches, workers=self.workers, rank=self.dist.rank,
+                             world=self.dist.world)
         for images, targets, indices in loader:
             features = self.fast.features(images)
             if self.caching and epoch == 0:
@@ -213,15 +241,20 @@ class FeatureSource:
             yield features, targets
 
     def complete_cache(self) -> None:
-        """Compute what the cache lacks, batch by batch in the first epoch's order (the last partial batch too)."""
+        """Compute what the cache lacks, batch by batch in the first epoch's order (the last partial batch too).
+
+        Under DDP each process computes its own shard, then the shards are summed
+        across processes so that every process can serve any sample of later epochs.
+        """
         if self.cache_complete:
             return
-        sampler = epoch_sampler(len(self.dataset), shuffle=self.shuffle, seed=self.seed, epoch=0)
-        for indices in BatchSampler(sampler, self.batch_size, drop_last=False):
+        for indices in BatchSampler(self._sampler(0), self.batch_size, drop_last=False):
             if self.cache is not None and bool(self.cache.filled[indices].all()):
                 continue
             images, targets = zip(*(self.dataset[i] for i in indices))
             self._store(torch.as_tensor(indices), self.fast.features(torch.stack(images)), torch.as_tensor(targets))
+        if self.dist.active:
+            self.cache.merge(self.dist)
 
     def _store(self, indices, features, targets) -> None:
         if self.cache is None:

@@ -14,7 +14,7 @@ from torchvision.models import resnet18
 
 from finetune.checkpoint import load_checkpoint
 from finetune.config import Config
-from finetune.data import class_names, eval_transform, image_folder, load_datasets, make_loader
+from finetune.data import class_names, drop_bad_images, eval_transform, image_folder, load_datasets, make_loader
 from finetune.engine import evaluate
 from finetune.errors import FinetuneError
 from finetune.fastpath import FastModel
@@ -32,11 +32,18 @@ class Trained:
 def load_trained(path: Path) -> Trained:
     """The model of a finetune checkpoint, in eval mode, with its class names and config."""
     checkpoint = load_checkpoint(path)
-    classes = checkpoint["classes"]
-    model = resnet18(weights=None)
-    model.fc = nn.Linear(FEATURES, len(classes))
-    model.load_state_dict(checkpoint["model"])
-    return Trained(model.eval(), classes, Config.model_validate(checkpoint["config"]), Path(path))
+    try:
+        classes = [str(name) for name in checkpoint["classes"]]
+        model = resnet18(weights=None)
+        model.fc = nn.Linear(FEATURES, len(classes))
+        model.load_state_dict(checkpoint["model"])
+        config = Config.model_validate(checkpoint["config"])
+    except Exception as exc:  # a damaged or foreign file that merely looks like a checkpoint
+        problem = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise FinetuneError(f"{path} is not a usable finetune checkpoint: {type(exc).__name__}"
+                            f"{': ' + problem if problem else ''}\n"
+                            "Give last.pt or best.pt from a run directory of `finetune train`.") from None
+    return Trained(model.eval(), classes, config, Path(path))
 
 
 def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Optional[Path] = None) -> dict:
@@ -77,8 +84,10 @@ def _eval_set(config: Config, classes: list[str], whole: bool):
     if unknown:
         raise FinetuneError(f"{config.data.root} has classes the checkpoint does not know: {', '.join(unknown)} "
                             f"(it knows {', '.join(classes)}).")
-    return image_folder(config, Path(config.data.root), classes, eval_transform(config.data.image_size),
-                         allow_empty=True)
+    folder = image_folder(config, Path(config.data.root), classes, eval_transform(config.data.image_size),
+                          allow_empty=True)
+    drop_bad_images(config, [folder])  # a clear error naming unreadable files, or skipped by data.skip_bad_images
+    return folder
 
 
 def predict(path: Path, inputs: list[Path], top_k: int = 3) -> list[dict]:

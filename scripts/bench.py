@@ -4,7 +4,8 @@
     .venv/bin/python scripts/bench.py --rounds 1 --steps 2 --size 64   # a quick smoke run
 
 Everything runs in this one process (peak memory in two child processes), at 224x224, batch 32,
-ResNet-18 with a 10-class head, on synthetic batches so that image decoding is left out.
+ResNet-18 with a 10-class head, on synthetic batches so that image decoding is left out (each side
+gets its batch as its own DataLoader delivers it: finetune's collate makes it channels-last).
 The cases run interleaved, round after round, each after a warm-up step; the figures are
 medians of the per-step times over all rounds.
 
@@ -115,10 +116,12 @@ def throughput(rounds: int, steps: int, size: int, run_dir: Path) -> list[tuple]
     runners = {f"plain {f}": plain_step_fn(f) for f in FREEZES}
     runners |= {name: finetune_step_fn(freeze, precision, size, run_dir) for name, freeze, precision, _ in CASES}
     times: dict[str, list[float]] = {name: [] for name in runners}
+    x_channels_last = x.contiguous(memory_format=torch.channels_last)  # as finetune's loader delivers batches
     for r in range(rounds):
         for name, step in runners.items():
-            timed(step, x, y)  # warm-up
-            times[name] += [timed(step, x, y) for _ in range(steps)]
+            batch = x if name.startswith("plain") else x_channels_last
+            timed(step, batch, y)  # warm-up
+            times[name] += [timed(step, batch, y) for _ in range(steps)]
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     speed = {name: BATCH / statistics.median(t) for name, t in times.items()}
     return [(name, speed[f"plain {freeze}"], speed[name], target) for name, freeze, _, target in CASES]
@@ -158,6 +161,8 @@ def cached_epoch(size: int, images: int, run_dir: Path) -> tuple[float, float]:
 def _peak_rss_child(kind: str, size: int, steps: int, queue) -> None:
     torch.manual_seed(0)
     x, y = torch.randn(BATCH, 3, size, size), torch.randint(CLASSES, (BATCH,))
+    if kind == "finetune":
+        x = x.contiguous(memory_format=torch.channels_last)
     with tempfile.TemporaryDirectory() as folder:
         step = plain_step_fn("head-only") if kind == "plain" else finetune_step_fn("head-only", "fp32", size,
                                                                                  Path(folder))

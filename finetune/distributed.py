@@ -1,0 +1,109 @@
+"""Data-parallel training on torch.distributed: process group set-up from torchrun's environment, devices.
+
+``train.batch_size`` is the *global* batch: each of N processes takes batch_size / N
+samples per step and DistributedDataParallel averages the gradients, so the
+learning rate means the same thing whatever N is (no scaling rule needed).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as torch_dist
+
+from finetune.config import Config, config_error
+from finetune.errors import FinetuneError
+
+
+def select_device(setting: str, cuda_available: bool) -> str:
+    """``train.device``: auto means cuda when a GPU is there, else cpu; cuda without one is an error."""
+    if setting == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if setting == "cuda" and not cuda_available:
+        raise FinetuneError("train.device is 'cuda' but no CUDA GPU is available; use train.device: auto or cpu.")
+    return setting
+
+
+@dataclass
+class Dist:
+    """This process's place in the job: rank and world size (1 when not distributed) and its device."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over all processes (float64)."""
+        if not self.active:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
+        torch_dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return tensor
+        reduced = tensor.to(self._comm_device)
+        torch_dist.all_reduce(reduced)
+        return reduced.cpu()
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when it is true on any (so all stop at the same step)."""
+        return bool(self.sum([float(flag)])[0]) if self.active else flag
+
+    def barrier(self) -> None:
+        if self.active:
+            torch_dist.barrier()
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if torch_dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def setup(config: Config) -> Dist:
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE...), if any."""
+    device_type = select_device(config.train.device, torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=torch.device(device_type))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if config.train.batch_size % world:
+        raise config_error(config, [("train.batch_size", f"{config.train.batch_size} is the global batch and must "
+                                     f"divide evenly among {world} processes")])
+    if config.train.sync_batchnorm and device_type != "cuda":
+        raise config_error(config, [("train.sync_batchnorm", "needs CUDA (torch's SyncBatchNorm has no CPU "
+                                     "implementation); keep BatchNorm layers frozen in eval mode instead")])
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                                      timeout=timedelta(seconds=config.train.dist_timeout_s))
+    return Dist(rank=rank, world=world, device=device)
+
+
+def teardown(dist: Dist) -> None:
+    if dist.active and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run ``finetune <argv>`` in ``nproc`` processes on this machine through torchrun; returns its exit code."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "finetune", *argv]
+    return subprocess.call(command)

@@ -1,0 +1,112 @@
+"""Data-parallel training on torch.distributed (gloo on localhost), and device selection without a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli, tiny_config
+
+from finetune.distributed import select_device
+from finetune.errors import FinetuneError
+
+# Trainable convolutions of layer4 and the head, every BatchNorm frozen in eval mode.
+FREEZE = {"trainable": ["layer4.*.conv*", "fc"]}
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    return max(((a[k].double() - b[k].double()).abs().max() / (b[k].double().abs().max() + 1e-12)).item() for k in a)
+
+
+def last_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "last.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("setting, cuda, expected", [
+    ("auto", False, "cpu"), ("auto", True, "cuda"), ("cpu", True, "cpu"), ("cuda", True, "cuda")])
+def test_device_selection(setting, cuda, expected):
+    assert select_device(setting, cuda) == expected
+
+
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(FinetuneError, match="no CUDA GPU"):
+        select_device("cuda", False)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, colour_data):
+    folder = tmp_path_factory.mktemp("ddp")
+    config = tiny_config(folder, colour_data, freeze=FREEZE, train={"epochs": 2, "batch_size": 8})
+    result = run_cli("train", "--config", str(config), "--nproc", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return folder, config, result
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(two_process_run, tmp_path):
+    folder, config, result = two_process_run
+    run_dir = folder / "run"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "config.yaml", "curves.png", "last.pt",
+                                                          "metrics.jsonl", "summary.json"]
+    assert result.stdout.count("epoch 1/2") == 1  # only rank 0 reports
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["processes"] == 2
+    single = run_cli("train", "--config", str(config), "--output-dir", str(tmp_path / "single"), "--quiet")
+    assert single.returncode == 0, single.stderr
+    assert relative_difference(last_weights(run_dir), last_weights(tmp_path / "single")) < 1e-5
+    ddp_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    one_rows = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(ddp_rows, one_rows):  # metrics are over the whole data, not one shard
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_acc"] == b["val_acc"] and a["train_acc"] == b["train_acc"]
+
+
+def test_resume_needs_the_same_process_count(two_process_run):
+    folder, _, _ = two_process_run
+    result = run_cli("train", "--resume", str(folder / "run"), "--set", "train.epochs=3")
+    assert result.returncode == 2
+    assert "2 process(es)" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_global_batch_must_divide_among_processes(tmp_path, colour_data):
+    config = tiny_config(tmp_path, colour_data, train={"batch_size": 7})
+    result = run_cli("train", "--config", str(config), "--nproc", "2")
+    assert result.returncode != 0
+    assert "train.batch_size" in result.stdout + result.stderr
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def test_a_failing_rank_ends_the_job_instead_of_hanging(tmp_path, colour_data):
+    config = tiny_config(tmp_path, colour_data, freeze=FREEZE, train={"epochs": 200, "batch_size": 2},
+                         data={"workers": 0})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "finetune", "train", "--config", str(config)]
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "metrics.jsonl").exists():  # both ranks are training
+            assert time.monotonic() < deadline and launcher.poll() is None, "training did not start"
+            time.sleep(0.2)
+        workers = _children(launcher.pid)
+        assert len(workers) == 2
+        os.kill(workers[-1], signal.SIGKILL)
+        output, _ = launcher.communicate(timeout=90)  # no hang: torchrun stops the job
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode != 0
+    assert "failed" in output.lower() or "error" in output.lower()
+    torch.load(tmp_path / "run" / "last.pt", weights_only=True)  # what was saved is intact
