@@ -14,6 +14,7 @@ from torch import nn
 from finetune.config import Config, config_error
 from finetune.freeze import Decision, apply_plan, batchnorm_modes, plan_freeze
 from finetune.model import WeightsInfo, build_model
+from finetune.optim import check_patterns as check_lr_patterns
 
 
 @dataclass
@@ -44,11 +45,17 @@ def resolve_num_classes(config: Config, class_names: Optional[list[str]]) -> int
     return len(class_names)
 
 
-def build(config: Config, class_names: Optional[list[str]] = None, progress: bool = True) -> Built:
-    """Build the model the config describes and freeze it by the config's rules."""
+def build(config: Config, class_names: Optional[list[str]] = None, progress: bool = True, epoch: int = 1) -> Built:
+    """Build the model the config describes, frozen as the config's rules say for (1-based) ``epoch``."""
     num_classes = resolve_num_classes(config, class_names)
     names = _parameter_names(num_classes)
-    plan = plan_freeze(names, config.freeze, config.where)  # before loading weights: fail fast
+    plan = plan_freeze(names, config.freeze, config.where, epoch)  # before loading weights: fail fast
+    problems = check_lr_patterns(names, config.optim)
+    problems += [(f"freeze.stages[{i}].epoch", f"is {stage.epoch} but train.epochs is {config.train.epochs}: "
+                  "the stage would never start") for i, stage in enumerate(config.freeze.stages)
+                 if stage.epoch > config.train.epochs]
+    if problems:
+        raise config_error(config, problems)
     if not any(decision.trainable for decision in plan.values()):
         raise _nothing_to_train(config)
     model, weights = build_model(config, num_classes, progress=progress)

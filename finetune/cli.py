@@ -81,9 +81,14 @@ def _load(config: Optional[Path], overrides: Optional[list[str]]):
     return load_config(config, overrides or [])
 
 
+EpochOption = Annotated[int, typer.Option("--epoch", "-e", min=1, help="The (1-based) epoch whose freeze stage "
+                                          "to show: freeze.stages unfreeze more as training goes on.")]
+
+
 @app.command("freeze-report")
 @_user_errors
-def freeze_report(config: ConfigOption = None, set_: SetOption = None, json: JsonOption = False) -> None:
+def freeze_report(config: ConfigOption = None, set_: SetOption = None, epoch: EpochOption = 1,
+                  json: JsonOption = False) -> None:
     """Show what a config freezes, what trains, and what the optimizer receives.
 
     Example:  finetune freeze-report --config configs/quickstart.yaml --set 'freeze.trainable=["layer4","fc"]'
@@ -92,7 +97,7 @@ def freeze_report(config: ConfigOption = None, set_: SetOption = None, json: Jso
     from finetune.render import print_freeze_report, print_json
     from finetune.report import build_freeze_report
 
-    report = build_freeze_report(cfg)
+    report = build_freeze_report(cfg, epoch)
     print_json(report.to_json()) if json else print_freeze_report(report)
 
 
@@ -103,6 +108,7 @@ def inspect_grads(
     set_: SetOption = None,
     batches: Annotated[int, typer.Option("--batches", "-n", min=1, help="Real batches to run forward and "
                                          "backward.")] = 1,
+    epoch: EpochOption = 1,
     json: JsonOption = False,
 ) -> None:
     """Check the gradients: frozen ones absent, trainable ones finite and equal to an independent computation.
@@ -115,7 +121,7 @@ def inspect_grads(
     from finetune.grads import inspect_grads as run_checks
     from finetune.render import print_grad_report, print_json
 
-    report = run_checks(cfg, batches)
+    report = run_checks(cfg, batches, epoch)
     print_json(report.to_json()) if json else print_grad_report(report)
     if not report.passed:
         raise typer.Exit(1)

@@ -43,11 +43,30 @@ class DataConfig(_Section):
     skip_bad_images: bool = False
 
 
+class Stage(_Section):
+    epoch: int = Field(ge=1)  # 1-based, as in the logs: the first epoch these patterns train in
+    trainable: list[str] = Field(min_length=1)
+
+
 class FreezeConfig(_Section):
     default: Literal["frozen", "trainable"] = "frozen"
     trainable: list[str] = Field(default_factory=lambda: ["fc"])
     frozen: list[str] = Field(default_factory=list)
     batchnorm: Literal["eval", "train"] = "eval"
+    stages: list[Stage] = Field(default_factory=list)
+
+    @field_validator("stages")
+    @classmethod
+    def _stages_in_order(cls, stages: list[Stage]) -> list[Stage]:
+        epochs = [stage.epoch for stage in stages]
+        if epochs != sorted(set(epochs)):
+            raise ValueError(f"stage epochs must increase strictly (got {epochs})")
+        return stages
+
+
+class ParamGroup(_Section):
+    params: list[str] = Field(min_length=1)
+    lr: float = Field(gt=0, le=10)
 
 
 class OptimConfig(_Section):
@@ -60,6 +79,9 @@ class OptimConfig(_Section):
     gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: int = Field(0, ge=0)
     grad_clip: Optional[float] = Field(None, gt=0)
+    param_groups: list[ParamGroup] = Field(default_factory=list)
+    layer_lr_decay: Optional[float] = Field(None, gt=0, le=1)
+    no_decay_bn_bias: bool = False
 
     @field_validator("nesterov")
     @classmethod

@@ -30,8 +30,8 @@ from finetune.data import SeededSamples, default_workers, ensure_demo_data, load
 from finetune.distributed import Dist, setup, teardown
 from finetune.errors import FinetuneError
 from finetune.fastpath import FastModel, FeatureSource, cache_decision
-from finetune.freeze import frozen_tensors, set_train_mode
-from finetune.optim import build_optimizer, build_scheduler
+from finetune.freeze import apply_plan, batchnorm_modes, frozen_tensors, plan_freeze, set_train_mode
+from finetune.optim import add_trainable, build_optimizer, build_scheduler
 from finetune.progress import Reporter
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "summary.json")
@@ -117,31 +117,31 @@ def _train(config: Config, reporter: Reporter, dist: Dist, output_dir: Optional[
         _prepare_run_dir(run_dir, overwrite)  # only now: bad data or weights leave nothing behind
     dist.barrier()
     model = built.model
-    fast = FastModel(model, built.plan, built.bn_modes, config.train.precision, dist.device)
     optimizer = build_optimizer(model, config.optim)
     steps = steps_per_epoch(data.train, config.train.batch_size // dist.world, dist.world)
     scheduler = build_scheduler(optimizer, config.optim, config.train.epochs, steps)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing)
-    train_source, val_source = _feature_sources(config, data, fast, run_dir, reporter, dist)
+    phase = _Phase(config, data, model, built.plan, run_dir, reporter, dist)
 
-    frozen = frozen_tensors(model, built.plan, built.bn_modes)
+    # Tensors frozen for the whole run (after the last stage) must end bit-identical.
+    final_plan = plan_freeze(built.plan, config.freeze, config.where, config.train.epochs)
+    frozen = frozen_tensors(model, final_plan, batchnorm_modes(model, final_plan, config.freeze.batchnorm))
     progress = Progress(frozen_checksums=_checksums(frozen))
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
     if resume is not None:
-        progress = _restore(run_dir / "last.pt", model, optimizer, scheduler, dist.world)
+        saved = load_checkpoint(run_dir / "last.pt")
+        phase = _advance(phase, saved["progress"]["epoch"] + 1, optimizer, scheduler, reporter)
+        progress = _restore(saved, run_dir / "last.pt", model, optimizer, scheduler, dist.world)
     elif dist.is_main:
         atomic_write_text(run_dir / "config.yaml", config.to_yaml())
-    if dist.active:
-        fast.distribute()
-    trainable = [p for p in model.parameters() if p.requires_grad]
 
     def checkpoint(path: Path) -> None:
         if not dist.is_main:
             return
-        save_checkpoint(path, {"world": dist.world,
+        save_checkpoint(path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "progress": asdict(progress), "rng": rng_states(), "classes": data.classes,
+            "progress": asdict(progress), "rng": rng_states(), "classes": data.classes, "world": dist.world,
             "config": config.model_dump(mode="json"), "weights": built.weights.source,
             "pretrained": built.weights.pretrained})
 
@@ -150,17 +150,18 @@ def _train(config: Config, reporter: Reporter, dist: Dist, output_dir: Optional[
                    steps_per_epoch=steps, resumed_at=progress.epoch if resume else None)
     cache_reported = False
     with _Stop() as stop, contextlib.ExitStack() as cleanup:
-        cleanup.callback(train_source.close)
-        cleanup.callback(val_source.close)
+        cleanup.callback(lambda: phase.close())
         while progress.epoch < config.train.epochs:
             epoch = progress.epoch
-            set_train_mode(model, built.bn_modes)
-            finished = _train_epoch(fast, trainable, train_source.epoch(epoch, progress.step), criterion, optimizer,
-                                    scheduler, progress, steps, reporter, stop, config.optim.grad_clip, run_dir, dist)
+            phase = _advance(phase, epoch + 1, optimizer, scheduler, reporter)
+            set_train_mode(model, phase.bn_modes)
+            finished = _train_epoch(phase.fast, phase.trainable, phase.train_source.epoch(epoch, progress.step),
+                                    criterion, optimizer, scheduler, progress, steps, reporter, stop,
+                                    config.optim.grad_clip, run_dir, dist)
             if not finished:
                 checkpoint(run_dir / "last.pt")
                 raise _interrupted(stop.signum, epoch, progress.step, run_dir)
-            val = evaluate(fast, val_source.epoch(0), criterion, len(data.classes), dist)
+            val = evaluate(phase.fast, phase.val_source.epoch(0), criterion, len(data.classes), dist)
             row = _epoch_row(epoch, progress, val, optimizer, dist)
             progress.history.append(row)
             progress.total_seconds += row["seconds"]
@@ -176,9 +177,10 @@ def _train(config: Config, reporter: Reporter, dist: Dist, output_dir: Optional[
                     checkpoint(run_dir / "best.pt")
                 _plot_curves(run_dir, progress.history)
             reporter.epoch_end(row, improved)
-            if train_source.caching and not cache_reported:
+            if phase.train_source.caching and not cache_reported:
                 cache_reported = True
-                reporter.message(f"feature cache: train {train_source.describe()}, val {val_source.describe()}")
+                reporter.message(f"feature cache: train {phase.train_source.describe()}, "
+                                 f"val {phase.val_source.describe()}")
             if dist.any(stop.signum is not None):
                 raise _interrupted(stop.signum, epoch + 1, 0, run_dir)
 
@@ -371,8 +373,47 @@ def _flat(data: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _restore(path: Path, model, optimizer, scheduler, world: int) -> Progress:
-    checkpoint = load_checkpoint(path)
+class _Phase:
+    """What trains now: BatchNorm modes, the fast model and its feature sources. A stage starts a new phase."""
+
+    def __init__(self, config: Config, data, model: nn.Module, plan: dict, run_dir: Path, reporter: Reporter,
+                 dist: Dist, epoch: int = 1):
+        self.config, self.data, self.model, self.plan, self.epoch = config, data, model, plan, epoch
+        self.run_dir, self.reporter, self.dist = run_dir, reporter, dist
+        self.bn_modes = batchnorm_modes(model, plan, config.freeze.batchnorm)
+        self.fast = FastModel(model, plan, self.bn_modes, config.train.precision, dist.device)
+        if dist.active:
+            self.fast.distribute()
+        self.train_source, self.val_source = _feature_sources(config, data, self.fast, run_dir, reporter, dist)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def close(self) -> None:
+        self.train_source.close()
+        self.val_source.close()
+
+
+def _advance(phase: _Phase, epoch: int, optimizer, scheduler, reporter: Reporter) -> _Phase:
+    """Start every stage due by (1-based) ``epoch``, one at a time and in order (so a resume rebuilds the same
+    param groups): newly trainable parameters join the optimizer as new groups, BatchNorm modes and the fast
+    path follow the new freeze state, and the old feature cache is dropped."""
+    config = phase.config
+    for stage in config.freeze.stages:
+        if not phase.epoch < stage.epoch <= epoch:
+            continue
+        plan = plan_freeze(phase.plan, config.freeze, config.where, stage.epoch)
+        newly = [n for n, decision in plan.items() if decision.trainable and not phase.plan[n].trainable]
+        apply_plan(phase.model, plan)
+        add_trainable(optimizer, phase.model, newly, config.optim)
+        scheduler.apply()
+        phase.close()
+        phase = _Phase(config, phase.data, phase.model, plan, phase.run_dir, phase.reporter, phase.dist, stage.epoch)
+        reporter.message(f"stage at epoch {stage.epoch}: {len(newly)} more tensors train "
+                         f"({sum(p.numel() for n, p in phase.model.named_parameters() if n in newly):,} parameters, "
+                         f"patterns {stage.trainable}); they join the optimizer as new param groups")
+    return phase
+
+
+def _restore(checkpoint: dict, path: Path, model, optimizer, scheduler, world: int) -> Progress:
     if checkpoint.get("world", 1) != world:
         raise FinetuneError(f"{path} was written by a run of {checkpoint.get('world', 1)} process(es); resume it "
                             f"with the same number (now {world}).")

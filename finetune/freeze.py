@@ -34,14 +34,18 @@ def specificity(pattern: str) -> int:
     return sum(ch not in "*?" for ch in pattern)
 
 
-def plan_freeze(names: Iterable[str], freeze, where: Callable[[str], str] = lambda key: key) -> dict[str, Decision]:
-    """Decide, for each parameter name, whether it trains and which rule decided.
+def plan_freeze(names: Iterable[str], freeze, where: Callable[[str], str] = lambda key: key,
+                epoch: int = 1) -> dict[str, Decision]:
+    """Decide, for each parameter name, whether it trains in (1-based) ``epoch`` and which rule decided.
 
-    ``freeze`` is the ``freeze`` section of the config. Raises FinetuneError if a
+    ``freeze`` is the ``freeze`` section of the config; its stages that start by
+    ``epoch`` add their patterns to ``freeze.trainable``. Raises FinetuneError if a
     pattern matches no parameter, listing every such pattern with the closest names.
     """
     names = list(names)
     rules = [(p, False, "frozen") for p in freeze.frozen] + [(p, True, "trainable") for p in freeze.trainable]
+    rules += [(p, True, f"stage@{stage.epoch}") for stage in freeze.stages if stage.epoch <= epoch
+              for p in stage.trainable]
     _check_patterns(names, freeze, where)
     plan = {}
     for name in names:
@@ -57,14 +61,15 @@ def plan_freeze(names: Iterable[str], freeze, where: Callable[[str], str] = lamb
 
 def _check_patterns(names: list[str], freeze, where) -> None:
     candidates = sorted(set(names) | {n.rsplit(".", i)[0] for n in names for i in range(1, n.count(".") + 1)})
+    keyed = [(f"freeze.{kind}[{i}]", p) for kind in ("trainable", "frozen") for i, p in enumerate(getattr(freeze, kind))]
+    keyed += [(f"freeze.stages[{s}].trainable[{i}]", p) for s, stage in enumerate(freeze.stages)
+              for i, p in enumerate(stage.trainable)]
     problems = []
-    for kind in ("trainable", "frozen"):
-        for i, pattern in enumerate(getattr(freeze, kind)):
-            if not any(matches(pattern, n) for n in names):
-                key = f"freeze.{kind}[{i}]"
-                close = difflib.get_close_matches(pattern.rstrip(".*"), candidates, n=3, cutoff=0.5)
-                hint = f"closest names: {', '.join(close)}" if close else "run `finetune freeze-report` to list names"
-                problems.append(f"{where(f'freeze.{kind}')}  {key}: pattern {pattern!r} matches no parameter; {hint}")
+    for key, pattern in keyed:
+        if not any(matches(pattern, n) for n in names):
+            close = difflib.get_close_matches(pattern.rstrip(".*"), candidates, n=3, cutoff=0.5)
+            hint = f"closest names: {', '.join(close)}" if close else "run `finetune freeze-report` to list names"
+            problems.append(f"{where(key)}  {key}: pattern {pattern!r} matches no parameter; {hint}")
     if problems:
         noun = "problem" if len(problems) == 1 else "problems"
         raise FinetuneError(f"Invalid freeze rules ({len(problems)} {noun}):\n" + "\n".join(f"  {p}" for p in problems))

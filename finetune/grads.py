@@ -61,10 +61,11 @@ class GradReport:
                 "parameters": self.parameters}
 
 
-def inspect_grads(config: Config, batches: int = 1) -> GradReport:
-    """Build the model as ``train`` would, run ``batches`` batches forward and backward, and check the gradients."""
+def inspect_grads(config: Config, batches: int = 1, epoch: int = 1) -> GradReport:
+    """Build the model as ``train`` would for (1-based) ``epoch``, run ``batches`` batches forward and backward,
+    and check the gradients."""
     classes = class_names_or_none(config)
-    built = build(config, classes, progress=False)
+    built = build(config, classes, progress=False, epoch=epoch)
     images, targets, source = _batches(config, built.num_classes, batches)
     return check_gradients(built, images, targets, config, source)
 

@@ -1,4 +1,12 @@
-"""The optimizer (SGD + momentum over the trainable parameters only) and the learning-rate schedule."""
+"""The optimizer (SGD + momentum over the trainable parameters only), learning rates per parameter, the schedule.
+
+Each trainable parameter gets a learning rate: from the most specific matching
+``optim.param_groups`` pattern, else ``optim.lr * optim.layer_lr_decay ** depth``
+(depth 0 for fc, 1 for layer4 ... 5 for the stem) when the decay is set, else
+``optim.lr``. Parameters with the same learning rate and weight decay share one
+SGD param group; parameters unfrozen by a later stage join as new groups, with
+fresh momentum. The schedule multiplies every group's own base rate.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +15,72 @@ import math
 import torch
 
 from finetune.config import OptimConfig
+from finetune.freeze import matches, specificity
+
+DEPTH = {"fc": 0, "layer4": 1, "layer3": 2, "layer2": 3, "layer1": 4}  # anything else is the stem: 5
+STEM_DEPTH = 5
+
+
+def learning_rate(name: str, optim: OptimConfig) -> tuple[float, str]:
+    """The base learning rate of parameter ``name`` and the rule that set it."""
+    best = None
+    for i, group in enumerate(optim.param_groups):
+        for pattern in group.params:
+            if matches(pattern, name) and (best is None or specificity(pattern) > best[0]):
+                best = (specificity(pattern), group.lr, f"optim.param_groups[{i}]: {pattern}")
+    if best:
+        return best[1], best[2]
+    if optim.layer_lr_decay is not None:
+        depth = DEPTH.get(name.split(".")[0], STEM_DEPTH)
+        return optim.lr * optim.layer_lr_decay ** depth, f"optim.lr * {optim.layer_lr_decay}^{depth}"
+    return optim.lr, "optim.lr"
+
+
+def weight_decay(name: str, model: torch.nn.Module, optim: OptimConfig) -> float:
+    """``optim.weight_decay``, or 0 for BatchNorm weights and every bias with ``optim.no_decay_bn_bias``."""
+    if optim.no_decay_bn_bias:
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        if name.endswith(".bias") or isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            return 0.0
+    return optim.weight_decay
+
+
+def param_groups(model: torch.nn.Module, names: list[str], optim: OptimConfig) -> list[dict]:
+    """SGD param groups for the parameters ``names``: one per (learning rate, weight decay), in model order."""
+    params = dict(model.named_parameters())
+    groups: dict[tuple, dict] = {}
+    for name in names:
+        key = (learning_rate(name, optim)[0], weight_decay(name, model, optim))
+        group = groups.setdefault(key, {"params": [], "names": [], "lr": key[0], "initial_lr": key[0],
+                                        "weight_decay": key[1]})
+        group["params"].append(params[name])
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def check_patterns(names: list[str], optim: OptimConfig) -> list[tuple[str, str]]:
+    """Problems ``[(key, message)]`` for ``optim.param_groups`` patterns that match no parameter."""
+    return [(f"optim.param_groups[{i}].params[{j}]", f"pattern {pattern!r} matches no parameter")
+            for i, group in enumerate(optim.param_groups) for j, pattern in enumerate(group.params)
+            if not any(matches(pattern, n) for n in names)]
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.SGD:
     """SGD that receives exactly the parameters with ``requires_grad=True``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
-                           weight_decay=optim.weight_decay)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return torch.optim.SGD(param_groups(model, names, optim), lr=optim.lr, momentum=optim.momentum,
+                           nesterov=optim.nesterov, weight_decay=optim.weight_decay)
+
+
+def add_trainable(optimizer: torch.optim.Optimizer, model: torch.nn.Module, names: list[str],
+                  optim: OptimConfig) -> None:
+    """Newly unfrozen parameters join ``optimizer`` as new param groups (so with fresh momentum)."""
+    for group in param_groups(model, names, optim):
+        optimizer.add_param_group(group)
 
 
 def lr_factor(step: int, steps_per_epoch: int, epochs: int, optim: OptimConfig) -> float:
-    """The multiplier of ``optim.lr`` for optimizer step ``step`` (counted from 0).
+    """The multiplier of the base learning rates for optimizer step ``step`` (counted from 0).
 
     Linear warm-up over ``optim.warmup_epochs`` (never a zero first step), then
     constant, step or cosine decay over the remaining epochs.
@@ -34,7 +97,33 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, optim: OptimConfig) 
     return 1.0
 
 
+class Schedule:
+    """Sets every param group's lr to its ``initial_lr`` times :func:`lr_factor`, once per optimizer step.
+
+    Unlike torch's LRScheduler it also scales groups added after it was made.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, optim: OptimConfig, epochs: int, steps_per_epoch: int):
+        self.optimizer, self.optim, self.epochs, self.steps_per_epoch = optimizer, optim, epochs, steps_per_epoch
+        self.steps = 0
+        self.apply()
+
+    def apply(self) -> None:
+        factor = lr_factor(self.steps, self.steps_per_epoch, self.epochs, self.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    def step(self) -> None:
+        self.steps += 1
+        self.apply()
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+        self.apply()
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, epochs: int, steps_per_epoch: int):
-    """A LambdaLR stepped once per optimizer step, following :func:`lr_factor`."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps_per_epoch, epochs, optim))
+    return Schedule(optimizer, optim, epochs, steps_per_epoch)

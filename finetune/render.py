@@ -27,19 +27,20 @@ def _pct(part: int, whole: int) -> str:
 
 def print_freeze_report(report: "FreezeReport") -> None:
     table = Table(title="Freeze report", title_justify="left")
-    table.add_column("module")
-    table.add_column("params", justify="right")
-    table.add_column("trainable", justify="right")
+    table.add_column("module", no_wrap=True)
+    table.add_column("params", justify="right", no_wrap=True)
+    table.add_column("trainable", justify="right", no_wrap=True)
     table.add_column("state")
     table.add_column("BatchNorm")
+    table.add_column("lr", justify="right")
     table.add_column("rule", overflow="fold")
     colour = {"trainable": "green", "frozen": "blue", "mixed": "yellow"}
     for row in report.groups:
         table.add_row(row.module, f"{row.params:,}", f"{row.trainable_params:,}",
-                      f"[{colour[row.state]}]{row.state}[/]", row.batchnorm, row.rule)
+                      f"[{colour[row.state]}]{row.state}[/]", row.batchnorm, row.lr, row.rule)
     table.add_section()
-    table.add_row("total", f"{report.total_params:,}", f"{report.trainable_params:,}", "", "", "")
-    console.print(f"weights: {report.weights}   head: {report.num_classes} classes")
+    table.add_row("total", f"{report.total_params:,}", f"{report.trainable_params:,}", "", "", "", "")
+    console.print(f"weights: {report.weights}   head: {report.num_classes} classes   epoch: {report.epoch}")
     console.print(table)
     console.print(f"trainable {report.trainable_params:,} ({_pct(report.trainable_params, report.total_params)})"
                   f"   frozen {report.frozen_params:,} ({_pct(report.frozen_params, report.total_params)})"

@@ -18,6 +18,7 @@ class GroupRow:
     trainable_params: int
     state: str  # trainable | frozen | mixed
     batchnorm: str  # train | eval | mixed | - (no BatchNorm)
+    lr: str  # the learning rate of its trainable parameters ("-" when frozen, "mixed" when several)
     rule: str
 
 
@@ -29,6 +30,7 @@ class FreezeReport:
     optimizer_params: int
     optimizer_tensors: int
     trainable_tensors: int
+    epoch: int
     weights: str
     pretrained: bool
     num_classes: int
@@ -42,19 +44,23 @@ class FreezeReport:
         return data
 
 
-def build_freeze_report(config: Config) -> FreezeReport:
-    """Build the model exactly as ``train`` would and report on it (needs no data if num_classes is set)."""
+def build_freeze_report(config: Config, epoch: int = 1) -> FreezeReport:
+    """Build the model exactly as ``train`` would for (1-based) ``epoch`` and report on it.
+
+    Needs no data when ``model.num_classes`` is set.
+    """
     classes = class_names_or_none(config) if config.model.num_classes is None else None
-    built = build(config, classes)
-    return freeze_report(built, build_optimizer(built.model, config.optim))
+    built = build(config, classes, epoch=epoch)
+    return freeze_report(built, build_optimizer(built.model, config.optim), epoch)
 
 
-def freeze_report(built: Built, optimizer) -> FreezeReport:
+def freeze_report(built: Built, optimizer, epoch: int = 1) -> FreezeReport:
     """Summarise ``built``'s freeze state and check it against what ``optimizer`` holds."""
     params = list(built.model.named_parameters())
     in_optimizer = [p for group in optimizer.param_groups for p in group["params"]]
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     rows = [{"name": n, "shape": list(p.shape), "numel": p.numel(), "trainable": p.requires_grad,
-             "rule": built.plan[n].rule} for n, p in params]
+             "rule": built.plan[n].rule, "lr": lr_of.get(id(p))} for n, p in params]
     trainable = sum(r["numel"] for r in rows if r["trainable"])
     total = sum(r["numel"] for r in rows)
     return FreezeReport(
@@ -64,6 +70,7 @@ def freeze_report(built: Built, optimizer) -> FreezeReport:
         optimizer_params=sum(p.numel() for p in in_optimizer),
         optimizer_tensors=len(in_optimizer),
         trainable_tensors=sum(r["trainable"] for r in rows),
+        epoch=epoch,
         weights=built.weights.source,
         pretrained=built.weights.pretrained,
         num_classes=built.num_classes,
@@ -88,6 +95,11 @@ def _group_rows(rows: list[dict], bn_modes: dict[str, str]) -> list[GroupRow]:
             trainable_params=sum(r["numel"] for r in members if r["trainable"]),
             state="mixed" if len(flags) > 1 else ("trainable" if flags.pop() else "frozen"),
             batchnorm=modes.pop() if len(modes) == 1 else ("mixed" if modes else "-"),
+            lr=_lr_text({r["lr"] for r in members if r["lr"] is not None}),
             rule=rules[0] if len(rules) == 1 else "; ".join(rules),
         ))
     return result
+
+
+def _lr_text(rates: set) -> str:
+    return f"{rates.pop():.3g}" if len(rates) == 1 else ("mixed" if rates else "-")
