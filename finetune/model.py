@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
 import socket
@@ -71,7 +72,8 @@ def _torchvision_state(name: str, progress: bool) -> dict:
     weights = ResNet18_Weights.verify(name)
     cached = torchvision_cache_file(name)
     try:
-        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+        quiet = contextlib.redirect_stderr(io.StringIO()) if not progress else contextlib.nullcontext()
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S), quiet:  # torch.hub announces downloads on stderr
             state = weights.get_state_dict(progress=progress, check_hash=True, weights_only=True)
     except pickle.UnpicklingError as exc:
         if UNSAFE_MARK in str(exc):
