@@ -60,6 +60,8 @@ UNSAFE_MARK = "GLOBAL"  # torch.load(weights_only=True) names the blocked global
 
 def unsafe_file_error(path: Path, what: str, exc: Exception) -> FinetuneError:
     reason = next((line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+    # what the file imports, without torch's advice to allowlist it: the point is not to trust this file
+    reason = reason.strip().removeprefix("WeightsUnpickler error:").split(" Please use", 1)[0].strip()
     return FinetuneError(f"Refused to load {what} {path}: it holds objects other than tensors and plain data, "
                          f"which could run code when loaded. Only plain state dicts are accepted. {reason}".strip())
 

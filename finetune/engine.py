@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -69,9 +70,11 @@ class _Stop:
         return self
 
     def _handle(self, signum, frame):
+        if self.signum is not None:  # the second signal: die at once, as by default (atomic writes keep files whole)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.signum = signum
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # a second signal gets the default behaviour: exit now
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -110,6 +113,9 @@ def _train(config: Config, reporter: Reporter, dist: Dist, output_dir: Optional[
         reporter.message(f"Generated the shapes demo data set at {demo['root']} "
                          f"({demo['train']} train / {demo['val']} val images)")
     data = load_datasets(config)
+    if data.bad_images:
+        reporter.warn(f"skipped {len(data.bad_images)} unreadable image(s) (data.skip_bad_images: true): "
+                      + ", ".join(data.bad_images[:5]) + (" ..." if len(data.bad_images) > 5 else ""))
     built = build(config, data.classes, progress=reporter.shows_progress)
     if built.weights.warning:
         reporter.warn(built.weights.warning)
@@ -192,7 +198,8 @@ def _train(config: Config, reporter: Reporter, dist: Dist, output_dir: Optional[
         "train_seconds": round(progress.total_seconds, 3), "total_seconds": round(time.perf_counter() - start, 3),
         "pretrained": built.weights.pretrained, "weights": built.weights.source,
         "weights_warning": built.weights.warning, "classes": data.classes,
-        "train_images": len(data.train), "val_images": len(data.val), "processes": dist.world,
+        "train_images": len(data.train), "val_images": len(data.val), "skipped_images": data.bad_images,
+        "processes": dist.world,
         "device": str(dist.device),
     }
     if dist.is_main:

@@ -39,7 +39,8 @@ def load_trained(path: Path) -> Trained:
         model.load_state_dict(checkpoint["model"])
         config = Config.model_validate(checkpoint["config"])
     except Exception as exc:  # a damaged or foreign file that merely looks like a checkpoint
-        problem = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        problem = " ".join(str(exc).split())
+        problem = problem if len(problem) <= 300 else problem[:297] + "..."
         raise FinetuneError(f"{path} is not a usable finetune checkpoint: {type(exc).__name__}"
                             f"{': ' + problem if problem else ''}\n"
                             "Give last.pt or best.pt from a run directory of `finetune train`.") from None

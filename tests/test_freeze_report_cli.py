@@ -44,9 +44,9 @@ def test_json_report(sets, trainable, trainable_tensors):
     assert sum(p["numel"] for p in params.values() if p["trainable"]) == trainable
     assert sum(p["trainable"] for p in params.values()) == trainable_tensors
     assert params["fc.weight"] == {"name": "fc.weight", "shape": [10, 512], "numel": 5_120, "trainable": True,
-                                   "rule": "trainable: fc" if not sets else "trainable: fc.*"}
+                                   "rule": "trainable: fc" if not sets else "trainable: fc.*", "lr": 0.01}
     assert params["conv1.weight"] == {"name": "conv1.weight", "shape": [64, 3, 7, 7], "numel": 9_408,
-                                      "trainable": False, "rule": "default: frozen"}
+                                      "trainable": False, "rule": "default: frozen", "lr": None}
     modes = {b["module"]: b["mode"] for b in report["batchnorm"]}
     assert len(modes) == 20 and modes["bn1"] == "eval"
     assert modes["layer4.1.bn2"] == ("eval" if not sets else "train")

@@ -1,0 +1,174 @@
+"""Interruptions and crashes: real signals sent to a real `finetune train` subprocess.
+
+Ctrl-C (SIGINT) or SIGTERM stops after the current step, saves last.pt and says how to resume; the resumed run
+ends with exactly the weights of an uninterrupted one. A second Ctrl-C stops at once, SIGKILL at any moment
+leaves a loadable last.pt, and best.pt only ever holds the best epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import OFFLINE_ENV, REPO, make_colour_folder, tiny_config
+
+from finetune.engine import RUN_FILES
+
+EPOCHS = 3
+# What atomic_write leaves behind when killed before its os.replace: `.last.pt.<random>.tmp`.
+TEMPORARY = re.compile(r"^\.(%s)\.[^/]+\.tmp$" % "|".join(re.escape(name) for name in RUN_FILES))
+
+
+class Training:
+    """`python -m finetune ARGS` in the background (the environment of conftest.run_cli), stdout read line by line.
+
+    One compute thread: runs compared bit for bit need the same thread count, and on a busy 2-core machine two
+    processes with a thread per core each slow down tenfold.
+    """
+
+    def __init__(self, *args: str):
+        env = {**os.environ, **OFFLINE_ENV, "COLUMNS": "200", "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, so that a full pipe can never block the child
+        self.proc = subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=REPO, env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=self.stderr)
+        self.lines: list[str] = []
+        self.result: subprocess.CompletedProcess | None = None
+
+    def wait_for(self, prefix: str) -> None:
+        """Read stdout until a line starts with ``prefix`` (fails if the process ends first)."""
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith(prefix):
+                return
+        pytest.fail(f"the run ended before printing {prefix!r}:\n{self.finish().stdout}{self.finish().stderr}")
+
+    def finish(self, timeout: float = 180) -> subprocess.CompletedProcess:
+        if self.result is None:
+            try:
+                rest, _ = self.proc.communicate(timeout=timeout)
+            finally:
+                self.kill()
+            self.stderr.seek(0)
+            self.result = subprocess.CompletedProcess(self.proc.args, self.proc.returncode,
+                                                      "".join(self.lines) + (rest or ""), self.stderr.read())
+            self.stderr.close()
+        return self.result
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def long_data(tmp_path_factory) -> Path:
+    """Three colour classes, 20 training images each: 15 steps of 4 images per epoch."""
+    root = tmp_path_factory.mktemp("long_colours")
+    make_colour_folder(root / "train", 20, seed=1)
+    make_colour_folder(root / "val", 5, seed=2)
+    return root
+
+
+def signal_config(folder: Path, data: Path) -> Path:
+    # layer4 and every BatchNorm layer train: momentum buffers and running statistics must survive the resume
+    return tiny_config(folder, data, freeze={"trainable": ["layer4", "fc"], "batchnorm": "train"},
+                       optim={"lr": 0.01, "schedule": "cosine"}, train={"epochs": EPOCHS, "batch_size": 4})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, long_data):
+    """An uninterrupted run of the same config, training in the background (one thread: a core of its own)
+    while the first test runs; call it for its run directory."""
+    folder = tmp_path_factory.mktemp("reference")
+    run = Training("train", "--config", str(signal_config(folder, long_data)))
+
+    def run_dir() -> Path:
+        result = run.finish()
+        assert result.returncode == 0, result.stdout + result.stderr
+        return folder / "run"
+
+    yield run_dir
+    run.kill()
+
+
+def model_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "last.pt", weights_only=True)["model"]
+
+
+def no_traceback(result: subprocess.CompletedProcess) -> bool:
+    return "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_then_resume_equals_an_uninterrupted_run(tmp_path, long_data, reference, signum, code):
+    run_dir = tmp_path / "run"
+    run = Training("train", "--config", str(signal_config(tmp_path, long_data)))
+    run.wait_for("epoch 1/")  # one epoch done: the signal lands in the middle of the run
+    run.proc.send_signal(signum)
+    stopped = run.finish()
+    assert stopped.returncode == code, stopped.stdout + stopped.stderr
+    assert f"finetune train --resume {run_dir}" in stopped.stderr and no_traceback(stopped)
+    progress = torch.load(run_dir / "last.pt", weights_only=True)["progress"]
+    assert 1 <= progress["epoch"] < EPOCHS and f"epoch {EPOCHS}/" not in stopped.stdout
+
+    resumed = Training("train", "--resume", str(run_dir)).finish()
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"epoch {EPOCHS}/{EPOCHS}" in resumed.stdout
+
+    whole, parted = model_weights(reference()), model_weights(run_dir)
+    assert whole.keys() == parted.keys()
+    different = [name for name in whole if not torch.equal(whole[name], parted[name])]
+    assert not different, f"the resumed run ends with other weights: {different[:5]}"
+
+
+def test_second_sigint_stops_at_once(tmp_path, long_data):
+    run_dir = tmp_path / "run"
+    run = Training("train", "--config", str(signal_config(tmp_path, long_data)))
+    run.wait_for("epoch 1/")
+    run.proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)  # the first one has been handled: the run is finishing its step or saving last.pt
+    run.proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    result = run.finish(timeout=60)
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert time.monotonic() - sent < 15  # not after the remaining epochs
+    assert f"epoch {EPOCHS}/" not in result.stdout
+    if (run_dir / "last.pt").exists():  # the one of epoch 1, or the one the first signal asked for: never half of one
+        assert torch.load(run_dir / "last.pt", weights_only=True)["progress"]["epoch"] >= 1
+
+
+def test_sigkill_leaves_a_loadable_last_pt_and_no_half_written_files(tmp_path, long_data):
+    run_dir = tmp_path / "run"
+    run = Training("train", "--config", str(signal_config(tmp_path, long_data)))
+    run.wait_for("epoch 1/")
+    time.sleep(0.5)
+    run.proc.send_signal(signal.SIGKILL)
+    assert run.finish().returncode == -signal.SIGKILL
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
+    assert checkpoint["progress"]["epoch"] >= 1
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == list(range(1, len(rows) + 1)) and rows
+    strays = [p.name for p in run_dir.iterdir() if p.name not in RUN_FILES and not TEMPORARY.match(p.name)]
+    assert not strays, f"unexpected files after SIGKILL: {strays}"
+
+
+def test_best_pt_holds_the_best_epoch_and_is_never_replaced_by_a_worse_one(reference):
+    run_dir = reference()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == list(range(1, EPOCHS + 1))
+    best = max(row["val_acc"] for row in rows)
+    first_best = next(row["epoch"] for row in rows if row["val_acc"] == best)  # a tie does not replace it
+    progress = torch.load(run_dir / "best.pt", weights_only=True)["progress"]
+    assert progress["best_val_acc"] == best
+    assert progress["best_epoch"] == progress["epoch"] == first_best
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["best_val_acc"], summary["best_epoch"]) == (best, first_best)
