@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -72,8 +73,9 @@ def _torchvision_state(name: str, progress: bool) -> dict:
     weights = ResNet18_Weights.verify(name)
     cached = torchvision_cache_file(name)
     try:
-        quiet = contextlib.redirect_stderr(io.StringIO()) if not progress else contextlib.nullcontext()
-        with _socket_timeout(DOWNLOAD_TIMEOUT_S), quiet:  # torch.hub announces downloads on stderr
+        # torch.hub announces a download on stdout: keep stdout for results (--json), the notice for stderr.
+        notice = contextlib.redirect_stdout(sys.stderr if progress else io.StringIO())
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S), notice:
             state = weights.get_state_dict(progress=progress, check_hash=True, weights_only=True)
     except pickle.UnpicklingError as exc:
         if UNSAFE_MARK in str(exc):

@@ -77,13 +77,17 @@ def make_colour_folder(root: Path, per_class: int, size: int = 32, seed: int = 0
     return root
 
 
+def make_colour_split(root: Path, train: int, val: int) -> Path:
+    """root/train and root/val of the three colour classes, ``train`` and ``val`` images per class."""
+    make_colour_folder(root / "train", train, seed=1)
+    make_colour_folder(root / "val", val, seed=2)
+    return root
+
+
 @pytest.fixture(scope="session")
 def colour_data(tmp_path_factory) -> Path:
     """root/train (12 per class) and root/val (4 per class) of three colour classes, 32x32."""
-    root = tmp_path_factory.mktemp("colours")
-    make_colour_folder(root / "train", 12, seed=1)
-    make_colour_folder(root / "val", 4, seed=2)
-    return root
+    return make_colour_split(tmp_path_factory.mktemp("colours"), 12, 4)
 
 
 def tiny_config(folder: Path, data_root: Path, **sections) -> Path:

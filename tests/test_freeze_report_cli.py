@@ -106,3 +106,12 @@ def test_config_error_is_reported_without_importing_torch():
         "print('torch imported:', 'torch' in sys.modules)\n")
     assert "exit 2" in result.stdout and "did you mean 'optim.lr'" in result.stderr, result.stdout + result.stderr
     assert "torch imported: False" in result.stdout
+
+
+def test_json_stays_clean_when_the_weights_cannot_be_downloaded():
+    # torch.hub announces downloads on stdout; --json output must still parse.
+    result = run_cli("freeze-report", "--set", "model.num_classes=10", "--set", "model.weights_fallback=random",
+                     "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["pretrained"] is False
+    assert "Downloading" in result.stderr and "RANDOM weights" not in result.stdout

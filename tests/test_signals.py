@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OFFLINE_ENV, REPO, make_colour_folder, tiny_config
+from conftest import OFFLINE_ENV, REPO, make_colour_split, tiny_config
 
 from finetune.engine import RUN_FILES
 
@@ -72,10 +72,7 @@ class Training:
 @pytest.fixture(scope="module")
 def long_data(tmp_path_factory) -> Path:
     """Three colour classes, 20 training images each: 15 steps of 4 images per epoch."""
-    root = tmp_path_factory.mktemp("long_colours")
-    make_colour_folder(root / "train", 20, seed=1)
-    make_colour_folder(root / "val", 5, seed=2)
-    return root
+    return make_colour_split(tmp_path_factory.mktemp("long_colours"), 20, 5)
 
 
 def signal_config(folder: Path, data: Path) -> Path:
