@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from finetune.build import build
-from finetune.checkpoint import (atomic_write_text, load_checkpoint, restore_rng_states, rng_states,
-                                 save_checkpoint)
+from finetune.checkpoint import atomic_write_text, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from finetune.config import Config, config_error, load_config
 from finetune.data import SeededSamples, default_workers, ensure_demo_data, load_datasets, steps_per_epoch
 from finetune.distributed import Dist, setup, teardown

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 
 from finetune.errors import FinetuneError
 
+
 @dataclass(frozen=True)
 class Decision:
     trainable: bool
@@ -61,7 +62,8 @@ def plan_freeze(names: Iterable[str], freeze, where: Callable[[str], str] = lamb
 
 def _check_patterns(names: list[str], freeze, where) -> None:
     candidates = sorted(set(names) | {n.rsplit(".", i)[0] for n in names for i in range(1, n.count(".") + 1)})
-    keyed = [(f"freeze.{kind}[{i}]", p) for kind in ("trainable", "frozen") for i, p in enumerate(getattr(freeze, kind))]
+    keyed = [(f"freeze.{kind}[{i}]", p) for kind in ("trainable", "frozen")
+             for i, p in enumerate(getattr(freeze, kind))]
     keyed += [(f"freeze.stages[{s}].trainable[{i}]", p) for s, stage in enumerate(freeze.stages)
               for i, p in enumerate(stage.trainable)]
     problems = []

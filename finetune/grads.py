@@ -23,6 +23,7 @@ import contextlib
 import copy
 import math
 from dataclasses import asdict, dataclass, field
+
 import torch
 from torch import nn
 

@@ -121,5 +121,6 @@ def _images(inputs: list[Path]) -> list[Path]:
         else:
             raise FinetuneError(f"No such image or folder: {item}")
     if not found:
-        raise FinetuneError(f"No images found in {', '.join(map(str, inputs))} (looked for {', '.join(IMG_EXTENSIONS)}).")
+        raise FinetuneError(f"No images found in {', '.join(map(str, inputs))} "
+                            f"(looked for {', '.join(IMG_EXTENSIONS)}).")
     return found

@@ -11,7 +11,8 @@ from rich.table import Table
 def _epoch_line(row: dict, epochs: int) -> str:
     return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.2%}  "
             f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.2%}  val_top5 {row['val_top5']:.2%}  "
-            f"lr {row['lr']:.3g}  grad_norm {row['grad_norm']:.3g}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s")
+            f"lr {row['lr']:.3g}  grad_norm {row['grad_norm']:.3g}  {row['seconds']:.1f}s  "
+            f"{row['images_per_s']:.0f} img/s")
 
 
 def _summary_line(summary: dict) -> str:

@@ -98,3 +98,15 @@ def test_imagefolder_loads_it(tmp_path):
     assert len(ds) == 8
     img, label = ds[0]
     assert img.size == (16, 16) and ds.classes[label] == "circle"
+
+
+def test_make_dataset_cli(tmp_path):
+    from conftest import run_cli
+
+    made = run_cli("make-dataset", "shapes", str(tmp_path / "out"), "--classes", "3", "--train-per-class", "2",
+                   "--val-per-class", "1", "--image-size", "16")
+    assert made.returncode == 0, made.stderr
+    assert "Wrote 6 train and 3 val images of 3 classes" in made.stdout
+    unknown = run_cli("make-dataset", "faces", str(tmp_path / "other"))
+    assert unknown.returncode == 2 and "'shapes'" in unknown.stderr and "Traceback" not in unknown.stderr
+    assert not (tmp_path / "other").exists()

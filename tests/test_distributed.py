@@ -110,3 +110,11 @@ def test_a_failing_rank_ends_the_job_instead_of_hanging(tmp_path, colour_data):
     assert launcher.returncode != 0
     assert "failed" in output.lower() or "error" in output.lower()
     torch.load(tmp_path / "run" / "last.pt", weights_only=True)  # what was saved is intact
+
+
+def test_sync_batchnorm_on_cpu_is_a_clear_error(tmp_path, colour_data):
+    config = tiny_config(tmp_path, colour_data, train={"sync_batchnorm": True})
+    result = run_cli("train", "--config", str(config), "--nproc", "2")
+    assert result.returncode != 0
+    assert "train.sync_batchnorm" in result.stdout + result.stderr and "needs CUDA" in result.stdout + result.stderr
+    assert not (tmp_path / "run").exists()
