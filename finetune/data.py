@@ -295,6 +295,6 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
 
 
 def steps_per_epoch(dataset: Dataset, batch_size: int, world: int = 1) -> int:
-    per_rank = math.ceil(len(dataset) / world)
-    full, rest = divmod(per_rank, batch_size)
-    return full + (1 if rest > 1 or (rest == 1 and per_rank == 1) else 0)
+    """Training batches per epoch and process, as :func:`make_loader` yields them."""
+    batches = math.ceil(math.ceil(len(dataset) / world) / batch_size)
+    return batches - drops_last(len(dataset), batch_size, shuffle=True, world=world)
