@@ -138,14 +138,14 @@ def image_folder(config: Config, folder: Path, classes: list[str], transform, al
 SKIP_HINT = "set data.skip_bad_images: true to train without unreadable images"
 
 
-def read_image(path: str) -> Image.Image:
+def read_image(path: str, hint: str = SKIP_HINT) -> Image.Image:
     """ImageFolder's loader (an RGB PIL image), with an error naming the file when it cannot be read."""
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
-        message = f"Cannot read image {path}: {_reason(exc)}.\nReplace or delete it, or {SKIP_HINT}."
-        raise FinetuneError(message) from None
+        fix = f"Replace or delete it, or {hint}." if hint else "Replace or delete it."
+        raise FinetuneError(f"Cannot read image {path}: {_reason(exc)}.\n{fix}") from None
 
 
 def unreadable(path: str) -> Optional[str]:

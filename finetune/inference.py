@@ -7,14 +7,21 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.models import resnet18
 
 from finetune.checkpoint import load_checkpoint
 from finetune.config import Config
-from finetune.data import class_names, drop_bad_images, eval_transform, image_folder, load_datasets, make_loader
+from finetune.data import (
+    class_names,
+    drop_bad_images,
+    eval_transform,
+    image_folder,
+    load_datasets,
+    make_loader,
+    read_image,
+)
 from finetune.engine import evaluate
 from finetune.errors import FinetuneError
 from finetune.fastpath import FastModel
@@ -98,11 +105,7 @@ def predict(path: Path, inputs: list[Path], top_k: int = 3) -> list[dict]:
     k = max(1, min(top_k, len(trained.classes)))
     results = []
     for image_path in _images(inputs):
-        try:
-            with Image.open(image_path) as image:
-                batch = transform(image.convert("RGB"))[None]
-        except (UnidentifiedImageError, OSError) as exc:
-            raise FinetuneError(f"Cannot read image {image_path}: {exc}") from None
+        batch = transform(read_image(str(image_path), hint=""))[None]
         with torch.inference_mode():
             probs = trained.model(batch).softmax(1)[0]
         top = probs.topk(k)

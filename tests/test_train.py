@@ -177,3 +177,10 @@ def test_predict_missing_image_is_a_clear_error(cli_run, tmp_path):
     result = run_cli("predict", str(cli_run[0] / "best.pt"), str(tmp_path / "nope.png"))
     assert result.returncode == 2
     assert "nope.png" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_predict_unreadable_image_is_a_clear_error(cli_run, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    result = run_cli("predict", str(cli_run[0] / "best.pt"), str(tmp_path / "broken.png"))
+    assert result.returncode == 2
+    assert "broken.png" in result.stderr and "Traceback" not in result.stderr
