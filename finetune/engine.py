@@ -131,15 +131,16 @@ def _train(config: Config, reporter: Reporter, dist: Dist, output_dir: Optional[
     # Tensors frozen for the whole run (after the last stage) must end bit-identical.
     final_plan = plan_freeze(built.plan, config.freeze, config.where, config.train.epochs)
     frozen = frozen_tensors(model, final_plan, batchnorm_modes(model, final_plan, config.freeze.batchnorm))
-    progress = Progress(frozen_checksums=_checksums(frozen))
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
-    if resume is not None:
+    if resume is not None:  # the checksums come from the checkpoint: those taken when the run started
         saved = load_checkpoint(run_dir / "last.pt")
         phase = _advance(phase, saved["progress"]["epoch"] + 1, optimizer, scheduler, reporter)
         progress = _restore(saved, run_dir / "last.pt", model, optimizer, scheduler, dist.world)
-    elif dist.is_main:
-        atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+    else:
+        progress = Progress(frozen_checksums=_checksums(frozen))
+        if dist.is_main:
+            atomic_write_text(run_dir / "config.yaml", config.to_yaml())
 
     def checkpoint(path: Path) -> None:
         if not dist.is_main:
