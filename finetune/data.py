@@ -107,6 +107,17 @@ def load_datasets(config: Config) -> Datasets:
                     bad)
 
 
+def image_samples(dataset: Dataset) -> list[tuple[str, int]]:
+    """(image path, class index) of every item of an ImageFolder, a Subset of one, or a wrapper of either
+    (anything with ``.dataset``), in item order."""
+    if isinstance(dataset, Subset):
+        inner = image_samples(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    if hasattr(dataset, "samples"):
+        return list(dataset.samples)
+    return image_samples(dataset.dataset)
+
+
 def stratified_split(targets: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Hold out ``val_fraction`` of each class (at least one image when a class has two or more)."""
     by_class: dict[int, list[int]] = {}
@@ -256,12 +267,33 @@ class Indexed(Dataset):
         return image, target, index
 
 
+class _WeightedSampler(Sampler):
+    """``len(weights)`` draws with replacement, each index with probability proportional to its weight, seeded by
+    (seed, epoch); sharded as DistributedSampler shards: process ``rank`` takes draws rank, rank + world, ..."""
+
+    def __init__(self, weights: torch.Tensor, seed: int, epoch: int, rank: int, world: int):
+        self.weights, self.seed, self.epoch, self.rank, self.world = weights, seed, epoch, rank, world
+        self.per_rank = math.ceil(len(weights) / world)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)  # no two (seed, epoch) alike
+        draws = torch.multinomial(self.weights, self.per_rank * self.world, replacement=True, generator=generator)
+        return iter(draws[self.rank::self.world].tolist())
+
+    def __len__(self):
+        return self.per_rank
+
+
 def epoch_sampler(size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, skip: int = 0, rank: int = 0,
-                  world: int = 1) -> Sampler:
+                  world: int = 1, weights: Optional[torch.Tensor] = None) -> Sampler:
     """Sample indices for one epoch, a function of (seed, epoch) only, less the first ``skip``.
 
-    The shuffle comes from DistributedSampler (one replica when not distributed).
+    The shuffle comes from DistributedSampler (one replica when not distributed). With ``weights`` (one per
+    index, e.g. from ``imbalance.sampling_weights``) the epoch is instead ``size`` weighted draws with
+    replacement, as many per process as the shuffle gives.
     """
+    if weights is not None:
+        return _SkipSampler(_WeightedSampler(weights, seed, epoch, rank, world), skip)
     sampler = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
     sampler.set_epoch(epoch)
     return _SkipSampler(sampler, skip)
@@ -283,13 +315,16 @@ def collate_channels_last(batch):
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-                skip_batches: int = 0, workers: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
-    """A loader whose order is a function of (seed, epoch) only, so runs and resumes repeat exactly."""
+                skip_batches: int = 0, workers: int = 0, rank: int = 0, world: int = 1,
+                weights: Optional[torch.Tensor] = None) -> DataLoader:
+    """A loader whose order is a function of (seed, epoch) only, so runs and resumes repeat exactly.
+
+    ``weights``: weighted sampling with replacement (see :func:`epoch_sampler`)."""
     inner = dataset.dataset if isinstance(dataset, Indexed) else dataset
     if isinstance(inner, SeededSamples):
         inner.epoch = epoch
     sampler = epoch_sampler(len(dataset), shuffle=shuffle, seed=seed, epoch=epoch, skip=skip_batches * batch_size,
-                            rank=rank, world=world)
+                            rank=rank, world=world, weights=weights)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       drop_last=drops_last(len(dataset), batch_size, shuffle, world), collate_fn=collate_channels_last)
 

@@ -1,0 +1,82 @@
+"""Imbalanced classes: loss weights, sampling weights, the balanced sampler and the warning."""
+
+from __future__ import annotations
+
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from finetune.data import drops_last, epoch_sampler, make_loader
+from finetune.imbalance import class_counts, class_weights, imbalance_warning, problems, sampling_weights
+
+TARGETS = [0] * 60 + [1] * 30 + [2] * 10  # 6:3:1
+
+
+def test_class_weights():
+    assert class_weights("none", TARGETS, 3) is None
+    balanced = class_weights("balanced", TARGETS, 3)
+    assert balanced.mean().item() == pytest.approx(1.0)
+    assert (balanced * torch.tensor(class_counts(TARGETS, 3), dtype=torch.float32)).tolist() == pytest.approx(
+        [balanced[0].item() * 60] * 3)  # weight x count is the same for every class
+    assert balanced.tolist() == pytest.approx([1 / 3, 2 / 3, 2])
+    assert class_weights([1, 2.5, 4], TARGETS, 3).tolist() == [1.0, 2.5, 4.0]
+
+
+def test_sampling_weights_give_every_class_the_same_total():
+    assert sampling_weights("shuffle", TARGETS, 3) is None
+    weights = sampling_weights("balanced", TARGETS, 3)
+    totals = [weights[torch.tensor(TARGETS) == c].sum().item() for c in range(3)]
+    assert totals == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_balanced_sampler_draws_classes_equally_and_repeats_for_seed_and_epoch():
+    weights = sampling_weights("balanced", TARGETS, 3)
+    draws = lambda **kw: list(epoch_sampler(len(TARGETS), shuffle=True, weights=weights, **kw))
+    assert draws(seed=1, epoch=2) == draws(seed=1, epoch=2)
+    assert draws(seed=1, epoch=2) != draws(seed=1, epoch=3) != draws(seed=2, epoch=2)
+    assert len(draws(seed=0, epoch=0)) == len(TARGETS)  # as many steps per epoch as the plain shuffle
+    counts = Counter(TARGETS[i] for epoch in range(50) for i in draws(seed=0, epoch=epoch))
+    assert all(abs(counts[c] / 5000 - 1 / 3) < 0.03 for c in range(3)), counts
+
+
+def test_balanced_sampler_shards_like_distributed_sampler_and_skips():
+    weights = sampling_weights("balanced", TARGETS, 3)
+    whole = list(epoch_sampler(len(TARGETS), shuffle=True, seed=3, epoch=1, weights=weights, world=1))
+    shards = [list(epoch_sampler(len(TARGETS), shuffle=True, seed=3, epoch=1, weights=weights, rank=r, world=3))
+              for r in range(3)]
+    assert [len(s) for s in shards] == [34, 34, 34]  # ceil(100 / 3) each, as DistributedSampler gives
+    plain = [len(list(epoch_sampler(len(TARGETS), shuffle=True, rank=r, world=3))) for r in range(3)]
+    assert plain == [34, 34, 34]
+    assert whole == list(epoch_sampler(len(TARGETS), shuffle=True, seed=3, epoch=1, weights=weights))
+    assert list(epoch_sampler(len(TARGETS), shuffle=True, seed=3, epoch=1, weights=weights, skip=40)) == whole[40:]
+    interleaved = [shards[r][i] for i in range(34) for r in range(3)]
+    assert len(set(interleaved)) > 40  # the shards are different draws, not copies
+
+
+def test_make_loader_uses_the_weights():
+    dataset = torch.utils.data.TensorDataset(torch.tensor(TARGETS))
+    weights = sampling_weights("balanced", TARGETS, 3)
+    loader = make_loader(dataset, 10, shuffle=True, seed=0, epoch=4, weights=weights)
+    got = [int(x) for (batch,) in loader for x in batch]
+    expected = [TARGETS[i] for i in epoch_sampler(len(TARGETS), shuffle=True, seed=0, epoch=4, weights=weights)]
+    assert got == expected
+    assert not drops_last(len(TARGETS), 10, shuffle=True)
+
+
+def test_warning_at_three_times_and_above():
+    classes = ["a", "b", "c"]
+    text = imbalance_warning(TARGETS, classes)
+    assert "'a' has 60" in text and "'c' 10" in text and "6.0x" in text
+    assert "train.class_weights=balanced" in text and "data.sampler=balanced" in text
+    assert imbalance_warning([0] * 30 + [1] * 10, ["a", "b"]) is not None  # exactly 3x
+    assert imbalance_warning([0] * 29 + [1] * 10, ["a", "b"]) is None
+
+
+def test_problems_need_one_weight_per_class():
+    config = lambda weights: SimpleNamespace(train=SimpleNamespace(class_weights=weights))
+    assert problems(config([1, 2, 3]), 3) == []
+    assert problems(config("balanced"), 3) == []
+    [(key, message)] = problems(config([1, 2]), 3)
+    assert key == "train.class_weights" and "2 weights but there are 3 classes" in message
