@@ -8,9 +8,10 @@ import torch, so that config errors are reported instantly.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
@@ -38,6 +39,7 @@ class DataConfig(_Section):
     image_size: int = Field(224, ge=32, le=1024)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     augment: bool = False
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
     workers: Optional[int] = Field(None, ge=0)
     demo: Optional[Literal["shapes"]] = None
     skip_bad_images: bool = False
@@ -97,12 +99,28 @@ class TrainConfig(_Section):
     seed: int = 0
     output_dir: str = "runs/default"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weights: Union[Literal["none", "balanced"], list[float]] = "none"
     precision: Literal["fp32", "bf16"] = "fp32"
     cache_features: Literal["auto", "on", "off"] = "auto"
     cache_max_gb: float = Field(2.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     sync_batchnorm: bool = False
     dist_timeout_s: int = Field(600, ge=10)
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _class_weights(cls, value):
+        # Before the type check, so that every wrong value gets one message under the key itself.
+        if value in ("none", "balanced"):
+            return value
+        if not isinstance(value, list) or not value:
+            raise ValueError("must be none, balanced, or a list of one positive weight per class")
+        for i, weight in enumerate(value):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                    or weight <= 0:
+                raise ValueError(f"weight {i + 1} of {len(value)} is {weight!r}; every weight must be a positive "
+                                 "number")
+        return value
 
 
 class Config(_Section):

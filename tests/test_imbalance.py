@@ -80,3 +80,21 @@ def test_problems_need_one_weight_per_class():
     assert problems(config("balanced"), 3) == []
     [(key, message)] = problems(config([1, 2]), 3)
     assert key == "train.class_weights" and "2 weights but there are 3 classes" in message
+
+
+def test_config_keys_and_their_errors():
+    from finetune.config import load_config
+    from finetune.errors import FinetuneError
+
+    config = load_config(None, [])
+    assert config.train.class_weights == "none" and config.data.sampler == "shuffle"
+    config = load_config(None, ["train.class_weights=[1, 2.5]", "data.sampler=balanced"])
+    assert config.train.class_weights == [1.0, 2.5] and config.data.sampler == "balanced"
+    for value, message in (("[1, 0]", "weight 2 of 2 is 0"), ("[1, -3]", "weight 2 of 2 is -3"),
+                           ("[]", "must be none, balanced, or a list"), ("inverse", "must be none, balanced"),
+                           ("[1, .inf]", "weight 2 of 2 is inf"), ("[true, 1]", "weight 1 of 2 is True")):
+        with pytest.raises(FinetuneError, match="--set train.class_weights  train.class_weights: ") as error:
+            load_config(None, [f"train.class_weights={value}"])
+        assert message in str(error.value)
+    with pytest.raises(FinetuneError, match="data.sampler: Input should be 'shuffle' or 'balanced'"):
+        load_config(None, ["data.sampler=weighted"])
