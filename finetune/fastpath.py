@@ -193,13 +193,16 @@ class FeatureSource:
     frozen prefix; with one, it stores what it computed and, once every sample is
     in, serves later epochs from the cache in exactly the batches the images would
     have given. The cache is always filled in the first epoch's batches, so a
-    resumed run caches the very same numbers.
+    resumed run caches the very same numbers. With sampling ``weights``
+    (``data.sampler: balanced``) epochs are weighted draws that repeat some images
+    and miss others, so the cache is filled first, in the batches of the plain
+    first-epoch shuffle, and every epoch is served from it.
     """
 
     def __init__(self, fast: FastModel, dataset, batch_size: int, *, shuffle: bool, seed: int, workers: int,
                  cache_bytes: Optional[float] = None, folder: Optional[Path] = None, split: str = "train",
-                 dist: Dist = Dist()):
-        self.fast, self.dataset, self.batch_size = fast, dataset, batch_size
+                 dist: Dist = Dist(), weights: Optional[torch.Tensor] = None):
+        self.fast, self.dataset, self.batch_size, self.weights = fast, dataset, batch_size, weights
         self.shuffle, self.seed, self.workers, self.dist = shuffle, seed, workers, dist
         self.cache_bytes, self.folder, self.split = cache_bytes, folder, split
         self.cache: Optional[FeatureCache] = None
@@ -209,7 +212,7 @@ class FeatureSource:
         return self.cache_bytes is not None
 
     def epoch(self, epoch: int, skip_batches: int = 0):
-        if self.caching and (self.cache_complete or epoch > 0):
+        if self.caching and (self.cache_complete or epoch > 0 or self.weights is not None):
             self.complete_cache()
             yield from self.cache.batches(self._sampler(epoch, skip_batches * self.batch_size), self.batch_size,
                                           self._drop_last)
@@ -226,14 +229,14 @@ class FeatureSource:
     def _drop_last(self) -> bool:
         return drops_last(len(self.dataset), self.batch_size, self.shuffle, self.dist.world)
 
-    def _sampler(self, epoch: int, skip: int = 0):
+    def _sampler(self, epoch: int, skip: int = 0, weighted: bool = True):
         return epoch_sampler(len(self.dataset), shuffle=self.shuffle, seed=self.seed, epoch=epoch, skip=skip,
-                             rank=self.dist.rank, world=self.dist.world)
+                             rank=self.dist.rank, world=self.dist.world, weights=self.weights if weighted else None)
 
     def _from_images(self, epoch: int, skip_batches: int):
         loader = make_loader(Indexed(self.dataset), self.batch_size, shuffle=self.shuffle, seed=self.seed,
                              epoch=epoch, skip_batches=skip_batches, workers=self.workers, rank=self.dist.rank,
-                             world=self.dist.world)
+                             world=self.dist.world, weights=self.weights)
         for images, targets, indices in loader:
             features = self.fast.features(images)
             if self.caching and epoch == 0:
@@ -248,7 +251,7 @@ class FeatureSource:
         """
         if self.cache_complete:
             return
-        for indices in BatchSampler(self._sampler(0), self.batch_size, drop_last=False):
+        for indices in BatchSampler(self._sampler(0, weighted=False), self.batch_size, drop_last=False):
             if self.cache is not None and bool(self.cache.filled[indices].all()):
                 continue
             images, targets = zip(*(self.dataset[i] for i in indices))

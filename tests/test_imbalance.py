@@ -98,3 +98,35 @@ def test_config_keys_and_their_errors():
         assert message in str(error.value)
     with pytest.raises(FinetuneError, match="data.sampler: Input should be 'shuffle' or 'balanced'"):
         load_config(None, ["data.sampler=weighted"])
+
+
+def test_feature_source_serves_the_balanced_order_from_images_and_from_the_cache(tmp_path, colour_data):
+    """The cached path (filled first, in the plain order) gives the very batches the image path gives."""
+    from conftest import tiny_config
+
+    from finetune.build import build
+    from finetune.config import load_config
+    from finetune.data import image_samples, load_datasets
+    from finetune.fastpath import FastModel, FeatureSource
+
+    config = load_config(tiny_config(tmp_path, colour_data, data={"sampler": "balanced"}))
+    data = load_datasets(config)
+    data.train = torch.utils.data.Subset(data.train, list(range(20)))  # 12 blue, 8 green, no red
+    targets = [t for _, t in image_samples(data.train)]
+    weights = sampling_weights("balanced", targets, 3)
+    built = build(config, data.classes, progress=False)
+    fast = FastModel(built.model.eval(), built.arch, built.plan, built.bn_modes, "fp32")
+    source = lambda cache: FeatureSource(fast, data.train, 8, shuffle=True, seed=0, workers=0, weights=weights,
+                                         cache_bytes=2**30 if cache else None, folder=tmp_path)
+    plain, cached = source(False), source(True)
+    for epoch in (0, 1):
+        indices = list(epoch_sampler(20, shuffle=True, seed=0, epoch=epoch, weights=weights))
+        assert len(set(indices)) < 20  # weighted draws with replacement, not a permutation
+        expected = [targets[i] for i in indices]
+        got_plain = list(plain.epoch(epoch))
+        got_cached = list(cached.epoch(epoch))
+        assert [int(t) for _, y in got_plain for t in y] == expected
+        assert [int(t) for _, y in got_cached for t in y] == expected
+        for (a, _), (b, _) in zip(got_plain, got_cached):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert cached.cache_complete
