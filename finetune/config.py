@@ -100,7 +100,7 @@ class TrainConfig(_Section):
     output_dir: str = "runs/default"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: Union[Literal["none", "balanced"], list[float]] = "none"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where native (finetune.hardware)
     cache_features: Literal["auto", "on", "off"] = "auto"
     cache_max_gb: float = Field(2.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -41,6 +41,7 @@ def print_freeze_report(report: "FreezeReport") -> None:
     table.add_section()
     table.add_row("total", f"{report.total_params:,}", f"{report.trainable_params:,}", "", "", "", "")
     console.print(f"weights: {report.weights}   head: {report.num_classes} classes   epoch: {report.epoch}")
+    console.print(f"precision: {report.precision} ({report.precision_reason})", highlight=False)
     console.print(table)
     console.print(f"trainable {report.trainable_params:,} ({_pct(report.trainable_params, report.total_params)})"
                   f"   frozen {report.frozen_params:,} ({_pct(report.frozen_params, report.total_params)})"

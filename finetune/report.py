@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from finetune.build import Built, build
 from finetune.config import Config
 from finetune.data import class_names_or_none
+from finetune.hardware import PrecisionChoice, precision_for_config
 from finetune.freeze import module_group
 from finetune.optim import build_optimizer
 
@@ -34,6 +35,8 @@ class FreezeReport:
     weights: str
     pretrained: bool
     num_classes: int
+    precision: str  # what train.precision resolves to here: fp32 | bf16
+    precision_reason: str
     parameters: list[dict] = field(default_factory=list)
     batchnorm: list[dict] = field(default_factory=list)
     groups: list[GroupRow] = field(default_factory=list)
@@ -49,12 +52,13 @@ def build_freeze_report(config: Config, epoch: int = 1) -> FreezeReport:
 
     Needs no data when ``model.num_classes`` is set.
     """
+    precision = precision_for_config(config)
     classes = class_names_or_none(config) if config.model.num_classes is None else None
     built = build(config, classes, epoch=epoch)
-    return freeze_report(built, build_optimizer(built.model, config.optim), epoch)
+    return freeze_report(built, build_optimizer(built.model, config.optim), precision, epoch)
 
 
-def freeze_report(built: Built, optimizer, epoch: int = 1) -> FreezeReport:
+def freeze_report(built: Built, optimizer, precision: PrecisionChoice, epoch: int = 1) -> FreezeReport:
     """Summarise ``built``'s freeze state and check it against what ``optimizer`` holds."""
     params = list(built.model.named_parameters())
     in_optimizer = [p for group in optimizer.param_groups for p in group["params"]]
@@ -74,6 +78,8 @@ def freeze_report(built: Built, optimizer, epoch: int = 1) -> FreezeReport:
         weights=built.weights.source,
         pretrained=built.weights.pretrained,
         num_classes=built.num_classes,
+        precision=precision.precision,
+        precision_reason=precision.reason,
         parameters=rows,
         batchnorm=[{"module": m, "mode": mode} for m, mode in built.bn_modes.items()],
         groups=_group_rows(rows, built.bn_modes),

@@ -9,6 +9,8 @@ import sys
 import pytest
 from conftest import REPO, run_cli, write_config
 
+from finetune.hardware import precision_for
+
 RANDOM_10 = ("--set", "model.weights=none", "--set", "model.num_classes=10")
 TOTAL = 11_181_642
 RESNET18_TENSORS = 62
@@ -50,6 +52,7 @@ def test_json_report(sets, trainable, trainable_tensors):
     modes = {b["module"]: b["mode"] for b in report["batchnorm"]}
     assert len(modes) == 20 and modes["bn1"] == "eval"
     assert modes["layer4.1.bn2"] == ("eval" if not sets else "train")
+    assert (report["precision"], report["precision_reason"]) == precision_for("auto", "cpu")[:2]
 
 
 def test_text_report_from_config_file_with_cached_weights(tmp_path, hub_cache):
@@ -63,6 +66,13 @@ def test_text_report_from_config_file_with_cached_weights(tmp_path, hub_cache):
     assert "optimizer receives 8,398,858 parameters in 17 tensors (trainable set: 8,398,858 in 17) OK" in out
     assert "BatchNorm: 15 of 20 layers run in eval mode" in out
     assert "Traceback" not in result.stderr
+
+
+def test_explicit_bf16_where_it_is_not_native(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN's bf16 kernels off, as on an AVX2-only CPU
+    result = run_cli("freeze-report", *RANDOM_10, "--set", "train.precision=bf16")
+    assert result.returncode == 0, result.stderr
+    assert "precision: bf16 (train.precision: bf16, not native here: " in result.stdout
 
 
 BASE = "model:\n  weights: none\n  num_classes: 10\n"
