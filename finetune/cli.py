@@ -127,6 +127,40 @@ def inspect_grads(
         raise typer.Exit(1)
 
 
+@app.command("lr-find")
+@_user_errors
+def lr_find(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    start: Annotated[float, typer.Option("--start", help="The first learning rate of the sweep.")] = 1e-6,
+    end: Annotated[float, typer.Option("--end", help="The last learning rate of the sweep (at most 10).")] = 1.0,
+    steps: Annotated[int, typer.Option("--steps", "-n", help="Training steps (batches), one per learning "
+                                       "rate.")] = 100,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the plot: a .png file "
+                                                   "or a folder (default: lr_find.png in the current folder).",
+                                                   show_default=False)] = None,
+    json: JsonOption = False,
+) -> None:
+    """Find a learning rate: train briefly while it grows exponentially, and suggest one from the loss curve.
+
+    It sweeps what `train` trains in epoch 1: freeze rules, BatchNorm modes, param groups (scaled together).
+
+    A frozen prefix runs once, then the sweep runs from the feature cache. Writes lr_find.png, no run directory.
+
+    Exit code 1 when the curve gives no suggestion.
+
+    Example:  finetune lr-find --config configs/quickstart.yaml --steps 100
+    """
+    cfg = _load(config, set_)
+    from finetune.lrfind import lr_find as run_sweep
+    from finetune.render import print_json, print_lr_find
+
+    result = run_sweep(cfg, start=start, end=end, steps=steps, output=output, sets=set_ or [])
+    print_json(result.to_json()) if json else print_lr_find(result)
+    if result.suggestion.lr is None:
+        raise typer.Exit(1)
+
+
 @app.command()
 @_user_errors
 def train(

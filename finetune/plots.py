@@ -1,7 +1,9 @@
-"""Pictures: training curves and the confusion matrix (matplotlib, no display needed)."""
+"""Pictures: training curves, the confusion matrix, the top losses and the lr-find curve (matplotlib, no display
+needed)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from finetune.checkpoint import atomic_write
@@ -40,22 +42,71 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 def plot_confusion(confusion, classes: list[str], path: Path) -> None:
-    """A labelled confusion matrix: rows are true classes, columns predictions, cells counts."""
+    """Two labelled confusion matrices side by side (rows true classes, columns predictions): the counts, and the
+    counts normalised per true class (each row sums to 1: the diagonal is each class's recall)."""
     plt = _pyplot()
     n = len(classes)
     size = max(4.0, 0.6 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    matrix = confusion.tolist()
-    ax.imshow(matrix, cmap="Blues")
+    fig, (count_ax, share_ax) = plt.subplots(1, 2, figsize=(2 * size, size))
+    counts = confusion.tolist()
+    shares = [[v / sum(row) if sum(row) else 0.0 for v in row] for row in counts]
+    peak = max(max(row) for row in counts) or 1
+    _matrix(count_ax, counts, classes, "counts", lambda i, j: str(counts[i][j]), peak)
+    _matrix(share_ax, shares, classes, "normalised per true class",
+            lambda i, j: f"{shares[i][j]:.0%}" if sum(counts[i]) else "-", 1.0)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _matrix(ax, values: list[list[float]], classes: list[str], title: str, label, peak: float) -> None:
+    n = len(classes)
+    ax.imshow(values, cmap="Blues", vmin=0, vmax=peak)
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
     ax.set_yticks(range(n), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    peak = max(max(row) for row in matrix) or 1
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, matrix[i][j], ha="center", va="center",
-                    color="white" if matrix[i][j] > peak / 2 else "black")
-    ax.set_title("confusion matrix")
+            ax.text(j, i, label(i, j), ha="center", va="center", color="white" if values[i][j] > peak / 2 else "black")
+    ax.set_title(title)
+
+
+def plot_top_losses(rows: list[dict], path: Path) -> None:
+    """A grid of the images in ``rows`` (dicts with ``path``, ``true``, ``predicted``, ``prob``, ``loss``), each
+    titled with its true class, the predicted class and that prediction's probability, and its loss."""
+    from PIL import Image
+
+    plt = _pyplot()
+    columns = min(len(rows), max(1, math.ceil(math.sqrt(len(rows)))))
+    lines = math.ceil(len(rows) / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(2.6 * columns, 3.0 * lines), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, rows):
+        with Image.open(row["path"]) as image:
+            ax.imshow(image.convert("RGB"))
+        ax.set_title(f"true {row['true']}\npred {row['predicted']} ({row['prob']:.0%})\nloss {row['loss']:.2f}",
+                     fontsize=9)
+    fig.suptitle("top losses (validation images)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], suggestion, path: Path) -> None:
+    """Loss against learning rate on a log scale: each step faintly, the smoothed curve, the suggestion marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(lrs, losses, color="tab:blue", alpha=0.3, label="loss per step")
+    ax.plot(lrs, smoothed, color="tab:blue", label="smoothed")
+    if suggestion is not None:
+        at = min(range(len(lrs)), key=lambda i: abs(math.log(lrs[i] / suggestion)))
+        ax.axvline(suggestion, color="tab:red", linestyle="--", linewidth=1)
+        ax.plot([suggestion], [smoothed[at]], "o", color="tab:red", label=f"suggestion {suggestion:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (optim.lr)")
+    ax.set_ylabel("training loss")
+    ax.set_title("lr-find")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     _save(fig, path)

@@ -7,10 +7,12 @@ import sys
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
     from finetune.grads import GradReport
+    from finetune.lrfind import LRFind
     from finetune.report import FreezeReport
 
 console = Console()
@@ -80,6 +82,17 @@ def print_predictions(results: list[dict]) -> None:
     console.print(table)
 
 
+def print_export(result: dict) -> None:
+    detail = f", opset {result['opset']}" if "opset" in result else ""
+    console.print(f"wrote {result['path']} ({result['format']}{detail}, {result['bytes'] / 2**20:.1f} MiB, "
+                  f"{len(result['classes'])} classes)", highlight=False, soft_wrap=True)
+    if "metadata_path" in result:
+        console.print(f"wrote {result['metadata_path']} (classes, preprocessing, source run)", highlight=False,
+                      soft_wrap=True)
+    console.print(f"verified on {result['verified_on']}: max |logit difference| {result['max_abs_diff']:.2g} "
+                  f"(tolerance {result['tolerance']:.0e})", highlight=False, soft_wrap=True)
+
+
 def _fmt(value) -> str:
     return "none" if value is None else f"{value:.3e}"
 
@@ -105,3 +118,20 @@ def print_grad_report(report: "GradReport") -> None:
         mark = "[green]PASS[/]" if check.passed else "[bold red]FAIL[/]"
         console.print(f"{mark} {check.name}: {check.detail}", highlight=False)
     console.print("[green]all checks passed[/]" if report.passed else "[bold red]some checks failed[/]")
+
+
+def print_lr_find(result: "LRFind") -> None:
+    curve = result.curve
+    ratios = ", ".join(f"{g['lr_ratio']:.3g}x ({g['tensors']} tensors)" for g in result.groups)
+    console.print(f"lr-find: {len(curve.lrs)} of {result.steps} steps from {result.start:.1e} to {result.end:.1e}, "
+                  f"{result.seconds:.1f}s; features from {result.source}", highlight=False)
+    console.print(f"stopped: {curve.stopped}", highlight=False)
+    console.print(f"param groups scale together, at these shares of optim.lr: {ratios}", highlight=False)
+    suggestion = result.suggestion
+    if suggestion.lr is None:
+        console.print(f"[bold red]no suggestion:[/] {escape(suggestion.rule)}", highlight=False)
+    else:
+        console.print(f"[bold green]suggestion: optim.lr = {suggestion.lr:g}[/]  ({escape(suggestion.rule)})",
+                      highlight=False)
+        console.print(f"use it:  {escape(result.command)}", highlight=False, soft_wrap=True)
+    console.print(f"plot: {escape(result.plot)}", highlight=False, soft_wrap=True)

@@ -1,0 +1,267 @@
+"""``finetune lr-find``: the learning-rate range test (Smith 2015; fastai's ``lr_find``).
+
+It trains for a few dozen steps while the learning rate grows exponentially from
+``start`` to ``end``, and watches the loss: it falls, flattens, then blows up. The
+rate to train at sits on the steep part of the fall, before the minimum.
+
+What it sweeps is exactly what ``train`` trains in epoch 1: the model built through
+:func:`finetune.build.build` (weights, head, freeze rules, BatchNorm modes), the
+optimizer with its param groups, the loss (label smoothing, class weights), the
+data order, gradient clipping and precision. ``optim.lr`` is the swept value; every
+param group's rate is scaled with it, so layer_lr_decay and param_groups keep their
+ratios. When the frozen prefix can be cached (as in training) the images pass through
+it at most once and the later steps run from the feature cache. The model and the
+optimizer are restored afterwards; nothing is written but the plot.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import shlex
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from finetune.build import build
+from finetune.config import Config, config_error
+from finetune.data import SeededSamples, default_workers, ensure_demo_data, image_samples, load_datasets
+from finetune.distributed import select_device
+from finetune.errors import FinetuneError
+from finetune.fastpath import FastModel, FeatureSource, cache_decision
+from finetune.freeze import set_train_mode
+from finetune.imbalance import class_weights, sampling_weights
+from finetune.optim import build_optimizer
+
+SMOOTHING = 0.98  # fastai's: the loss of one batch is noisy, the curve needs about 50 of them to settle
+DIVERGED = 4.0  # stop once the smoothed loss is this many times its minimum
+MIN_POINTS = 5  # fewer finite points than this tell nothing
+MAX_LR = 10.0  # the largest optim.lr the config accepts
+
+
+class Smoother:
+    """fastai's bias-corrected exponential moving average of the loss."""
+
+    def __init__(self, beta: float = SMOOTHING):
+        self.beta, self.average, self.count = beta, 0.0, 0
+
+    def __call__(self, value: float) -> float:
+        self.count += 1
+        self.average = self.beta * self.average + (1 - self.beta) * value
+        return self.average / (1 - self.beta ** self.count)
+
+
+def ramp(start: float, end: float, steps: int) -> list[float]:
+    """``steps`` learning rates from ``start`` to ``end``, evenly spaced on a log scale."""
+    return [start * (end / start) ** (i / (steps - 1)) for i in range(steps)]
+
+
+@dataclass
+class Curve:
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    smoothed: list[float] = field(default_factory=list)
+    stopped: str = "reached the end of the range"
+
+
+def range_test(fast, optimizer: torch.optim.Optimizer, batches: Iterable, criterion, lrs: Sequence[float],
+               base_lr: float, grad_clip: Optional[float] = None) -> Curve:
+    """One optimizer step per learning rate in ``lrs`` over ``batches`` of (prefix features, targets).
+
+    Each param group trains at its base rate (``initial_lr``) times ``lr / base_lr``. The sweep stops early
+    when the smoothed loss exceeds ``DIVERGED`` times its minimum, or at a non-finite loss (that step is
+    left out and not taken). ``fast.model`` and ``optimizer`` are restored to their state before the sweep.
+    """
+    model_state = copy.deepcopy(fast.model.state_dict())
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    base_rates = [group["initial_lr"] for group in optimizer.param_groups]
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    curve, smoother, best = Curve(), Smoother(), math.inf
+    try:
+        for lr, (features, targets) in zip(lrs, batches):
+            for group, base in zip(optimizer.param_groups, base_rates):
+                group["lr"] = base * lr / base_lr
+            loss = criterion(fast.head(features), targets.to(fast.device))
+            value = loss.item()
+            if not math.isfinite(value):
+                curve.stopped = f"the loss turned {value} at lr {lr:.2e}"
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(trainable, grad_clip)
+            optimizer.step()
+            smoothed = smoother(value)
+            curve.lrs.append(lr)
+            curve.losses.append(value)
+            curve.smoothed.append(smoothed)
+            best = min(best, smoothed)
+            if smoothed > DIVERGED * best:
+                curve.stopped = f"the smoothed loss exceeded {DIVERGED:g}x its minimum at lr {lr:.2e}"
+                break
+        else:
+            if len(curve.lrs) < len(lrs):
+                curve.stopped = "ran out of batches"
+    finally:
+        fast.model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        optimizer.zero_grad(set_to_none=True)
+    return curve
+
+
+@dataclass
+class Suggestion:
+    lr: Optional[float]  # None when the curve shows no usable descent
+    rule: str  # how it was chosen, or why there is none
+    steepest: Optional[float] = None  # lr of the steepest descent of the smoothed loss (before its minimum)
+    minimum: Optional[float] = None  # lr of the smoothed loss's minimum
+
+
+def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> Suggestion:
+    """The learning rate to train at: the steepest descent of the smoothed loss, checked against minimum/10.
+
+    The steepest descent (most negative slope against log lr, before the minimum) is used when it lies within
+    10x of minimum/10, i.e. between minimum/100 and the minimum; otherwise (a noisy dip near the start)
+    minimum/10 is used. Both are classic rules of thumb (fastai's "steep" and "minimum/10").
+    """
+    if len(smoothed) < MIN_POINTS:
+        return Suggestion(None, f"only {len(smoothed)} finite loss value(s), fewer than {MIN_POINTS}: lower --start "
+                                "or raise --steps")
+    low = min(range(len(smoothed)), key=smoothed.__getitem__)
+    if low == 0:
+        return Suggestion(None, f"the loss rose from the first step, at {lrs[0]:.2e}: the range starts too high; "
+                                "lower --start", minimum=lrs[0])
+    x = [math.log10(lr) for lr in lrs[:low + 1]]
+    y = list(smoothed[:low + 1])
+    slopes = [(y[min(i + 1, low)] - y[max(i - 1, 0)]) / (x[min(i + 1, low)] - x[max(i - 1, 0)])
+              for i in range(low + 1)]
+    steep = min(range(low + 1), key=slopes.__getitem__)
+    steepest, minimum = lrs[steep], lrs[low]
+    still_falling = "; the loss was still falling at the end of the range: raise --end" if low == len(lrs) - 1 else ""
+    if steepest >= minimum / 100:
+        return Suggestion(steepest, f"steepest descent of the smoothed loss, at {steepest:.2e}; checked against "
+                                    f"minimum/10 = {minimum / 10:.2e}: within 10x{still_falling}", steepest, minimum)
+    return Suggestion(minimum / 10, f"minimum of the smoothed loss / 10 = {minimum:.2e} / 10; the steepest descent, "
+                                    f"at {steepest:.2e}, is more than 10x below it{still_falling}", steepest, minimum)
+
+
+def overrides(config: Config, lr: float) -> list[str]:
+    """The ``--set`` values that train at ``lr``: ``optim.lr``, and ``optim.param_groups`` scaled with it."""
+    sets = [f"optim.lr={lr:g}"]
+    if config.optim.param_groups:
+        factor = lr / config.optim.lr
+        groups = [{"params": group.params, "lr": float(f"{group.lr * factor:.2g}")}
+                  for group in config.optim.param_groups]
+        sets.append("optim.param_groups=" + json.dumps(groups))  # JSON is YAML
+    return sets
+
+
+def train_command(config_path: Optional[Path], sets: Sequence[str], new: Sequence[str]) -> str:
+    """``finetune train`` with the same config and ``--set`` options, those for the keys in ``new`` replaced."""
+    replaced = {item.split("=", 1)[0].strip() for item in new}
+    words = ["finetune", "train"] + (["--config", str(config_path)] if config_path else [])
+    for item in [s for s in sets if s.split("=", 1)[0].strip() not in replaced] + list(new):
+        words += ["--set", item]
+    return shlex.join(words)
+
+
+@dataclass
+class LRFind:
+    curve: Curve
+    suggestion: Suggestion
+    start: float
+    end: float
+    steps: int
+    source: str  # where the features came from, in words
+    groups: list[dict]  # each param group's share of optim.lr and its tensor count
+    overrides: list[str]
+    command: Optional[str]
+    plot: str
+    seconds: float
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.update(data.pop("curve"))
+        data["suggestion"] = self.suggestion.lr
+        data.update({f"suggestion_{k}": v for k, v in asdict(self.suggestion).items() if k != "lr"})
+        return data
+
+
+def check_range(start: float, end: float, steps: int) -> None:
+    """Raise FinetuneError (exit 2) for a range that is empty or outside what ``optim.lr`` accepts."""
+    if not 0 < start < end:
+        raise FinetuneError(f"--start {start:g} and --end {end:g} give an empty range: need 0 < --start < --end, "
+                            "e.g. --start 1e-6 --end 1.")
+    if end > MAX_LR:
+        raise FinetuneError(f"--end {end:g} is above {MAX_LR:g}, the largest optim.lr the config accepts; "
+                            f"use --end {MAX_LR:g} or less.")
+    if steps < MIN_POINTS:
+        raise FinetuneError(f"--steps {steps} is too few for a curve; use at least {MIN_POINTS} (100 is usual).")
+
+
+def plot_path(output: Optional[Path]) -> Path:
+    """``--output``: a ``.png`` file, or else a folder to put lr_find.png in; the current folder by default."""
+    path = Path(output) if output is not None else Path.cwd()
+    return path if path.suffix.lower() == ".png" else path / "lr_find.png"
+
+
+def lr_find(config: Config, start: float = 1e-6, end: float = 1.0, steps: int = 100,
+            output: Optional[Path] = None, sets: Sequence[str] = ()) -> LRFind:
+    """Run the range test over what ``train`` trains in epoch 1 and write the plot; returns curve and suggestion.
+
+    ``sets`` are the ``--set`` options given, repeated in the suggested command. Raises FinetuneError (exit 2)
+    for a bad range, a config without training data, or nothing to train.
+    """
+    from finetune.plots import plot_lr_find
+
+    check_range(start, end, steps)
+    if config.data.root is None:
+        raise config_error(config, [("data.root", "is not set; lr-find trains on the training images, so give "
+                                     "an ImageFolder tree (e.g. --set data.root=data/shapes)")])
+    began = time.perf_counter()
+    ensure_demo_data(config)
+    data = load_datasets(config)
+    built = build(config, data.classes, progress=False)
+    out = plot_path(output)
+    targets = [target for _, target in image_samples(data.train)]
+    device = torch.device(select_device(config.train.device, torch.cuda.is_available()))
+    fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, config.train.precision, device)
+    set_train_mode(built.model, built.bn_modes)
+    optimizer = build_optimizer(built.model, config.optim, built.arch)
+    weights = class_weights(config.train.class_weights, targets, built.num_classes)
+    criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
+                                    label_smoothing=config.train.label_smoothing)
+    use_cache, _ = cache_decision(config.train.cache_features, fast, config.data.augment)
+    train_set = SeededSamples(data.train, config.train.seed) if config.data.augment else data.train
+    with tempfile.TemporaryDirectory(prefix="finetune-lr-find-") as spill:
+        source = FeatureSource(fast, train_set, config.train.batch_size, shuffle=True, seed=config.train.seed,
+                               workers=config.data.workers if config.data.workers is not None else default_workers(),
+                               cache_bytes=config.train.cache_max_gb * 2**30 if use_cache else None,
+                               folder=Path(spill), weights=sampling_weights(config.data.sampler, targets,
+                                                                            built.num_classes))
+        try:
+            curve = range_test(fast, optimizer, itertools.chain.from_iterable(map(source.epoch, itertools.count())),
+                               criterion, ramp(start, end, steps), config.optim.lr, config.optim.grad_clip)
+        finally:
+            source.close()
+    suggestion = suggest(curve.lrs, curve.smoothed)
+    if suggestion.lr is not None:
+        suggestion.lr = float(f"{suggestion.lr:.2g}")  # a rate people can type; the curve is not that precise
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_lr_find(curve.lrs, curve.losses, curve.smoothed, suggestion.lr, out)
+    names = fast.prefix_names
+    where = (f"the feature cache (the images pass once through the frozen prefix {names[0]} .. {names[-1]})"
+             if use_cache else f"images through the whole model{' (frozen prefix without autograd)' if names else ''}")
+    new = overrides(config, suggestion.lr) if suggestion.lr is not None else []
+    return LRFind(curve, suggestion, start, end, steps, where,
+                  [{"lr_ratio": group["initial_lr"] / config.optim.lr, "tensors": len(group["params"])}
+                   for group in optimizer.param_groups],
+                  new, train_command(config.path, sets, new) if new else None, str(out),
+                  round(time.perf_counter() - began, 3))
