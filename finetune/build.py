@@ -1,18 +1,24 @@
 """Config -> a ready model: weights, head, freeze plan and BatchNorm modes.
 
-``train``, ``freeze-report`` and ``inspect-grads`` all build through here, so what
-the reports show is exactly what training does.
+``train``, ``freeze-report``, ``inspect-grads`` and ``lr-find`` all build through
+here, so what the reports show is exactly what training does. Every config problem
+that needs the model's parameter names (or the process count) is found here and
+reported together, before any weights are loaded.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import nn
 
+from finetune.arch import Arch, get_arch
 from finetune.config import Config, config_error
-from finetune.freeze import Decision, apply_plan, batchnorm_modes, plan_freeze
+from finetune.fastpath import cache_problems
+from finetune.freeze import Decision, apply_plan, batchnorm_modes, check_patterns, plan_freeze
 from finetune.model import WeightsInfo, build_model
 from finetune.optim import check_patterns as check_lr_patterns
 
@@ -20,6 +26,7 @@ from finetune.optim import check_patterns as check_lr_patterns
 @dataclass
 class Built:
     model: nn.Module
+    arch: Arch
     plan: dict[str, Decision]
     bn_modes: dict[str, str]
     weights: WeightsInfo
@@ -46,21 +53,41 @@ def resolve_num_classes(config: Config, class_names: Optional[list[str]]) -> int
 
 
 def build(config: Config, class_names: Optional[list[str]] = None, progress: bool = True, epoch: int = 1) -> Built:
-    """Build the model the config describes, frozen as the config's rules say for (1-based) ``epoch``."""
+    """Build the model the config describes, frozen as the config's rules say for (1-based) ``epoch``.
+
+    Raises FinetuneError listing every config problem at once (see :func:`config_problems`).
+    """
     num_classes = resolve_num_classes(config, class_names)
-    names = _parameter_names(num_classes)
-    plan = plan_freeze(names, config.freeze, config.where, epoch)  # before loading weights: fail fast
-    problems = check_lr_patterns(names, config.optim)
-    problems += [(f"freeze.stages[{i}].epoch", f"is {stage.epoch} but train.epochs is {config.train.epochs}: "
-                  "the stage would never start") for i, stage in enumerate(config.freeze.stages)
-                 if stage.epoch > config.train.epochs]
+    arch = get_arch(config.model.arch)
+    with torch.device("meta"):  # the model's structure only: no memory, no initialisation
+        skeleton = arch.build(num_classes)
+    problems = config_problems(config, arch, skeleton)
     if problems:
         raise config_error(config, problems)
+    plan = plan_freeze([name for name, _ in skeleton.named_parameters()], config.freeze, epoch)
     if not any(decision.trainable for decision in plan.values()):
         raise _nothing_to_train(config)
     model, weights = build_model(config, num_classes, progress=progress)
     apply_plan(model, plan)
-    return Built(model, plan, batchnorm_modes(model, plan, config.freeze.batchnorm), weights, num_classes)
+    return Built(model, arch, plan, batchnorm_modes(model, plan, config.freeze.batchnorm), weights, num_classes)
+
+
+def config_problems(config: Config, arch: Arch, skeleton: nn.Module) -> list[tuple[str, str]]:
+    """Every ``(key, message)`` problem the schema cannot see: patterns that match no parameter, stages that never
+    start, a global batch that does not divide among the processes (WORLD_SIZE), and rules that depend on the
+    freeze plan. ``skeleton`` is the model on the meta device."""
+    names = [name for name, _ in skeleton.named_parameters()]
+    problems = check_patterns(names, config.freeze) + check_lr_patterns(names, config.optim)
+    problems += [(f"freeze.stages[{i}].epoch", f"is {stage.epoch} but train.epochs is {config.train.epochs}: "
+                  "the stage would never start") for i, stage in enumerate(config.freeze.stages)
+                 if stage.epoch > config.train.epochs]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.train.batch_size % world:
+        problems.append(("train.batch_size", f"{config.train.batch_size} is the global batch and must divide "
+                         f"evenly among {world} processes"))
+    plan = plan_freeze(names, config.freeze, epoch=1)  # patterns that match nothing simply decide nothing here
+    problems += cache_problems(config, arch, skeleton, plan, batchnorm_modes(skeleton, plan, config.freeze.batchnorm))
+    return problems
 
 
 def _nothing_to_train(config: Config):
@@ -72,11 +99,3 @@ def _nothing_to_train(config: Config):
                                   f"{freeze.default!r}), so there is nothing to train. Add patterns to "
                                   "freeze.trainable (e.g. [fc] for the head only) or set freeze.default: "
                                   "trainable")])
-
-
-def _parameter_names(num_classes: int) -> list[str]:
-    import torch
-    from torchvision.models import resnet18
-
-    with torch.device("meta"):  # names only: no memory, no initialisation
-        return [name for name, _ in resnet18(num_classes=num_classes).named_parameters()]

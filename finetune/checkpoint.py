@@ -14,8 +14,19 @@ import torch
 from finetune.errors import FinetuneError
 
 FORMAT = 1
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (Linux reports it in /proc); else set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: Path, write) -> None:
@@ -30,7 +41,7 @@ def atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; run files are ordinary files
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; run files are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -89,6 +100,12 @@ def safe_load(path: Path, what: str) -> Any:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a finetune checkpoint (``last.pt``/``best.pt``) safely."""
     checkpoint = safe_load(path, "checkpoint")
+    written = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    if isinstance(written, int) and written > FORMAT and "model" in checkpoint:
+        from finetune import __version__
+
+        raise FinetuneError(f"{path} was written by a newer finetune (checkpoint format {written}); finetune "
+                            f"{__version__} reads format {FORMAT}. Upgrade finetune to use it.")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT or "model" not in checkpoint:
         raise FinetuneError(f"{path} is not a finetune checkpoint (last.pt or best.pt from a run directory).")
     return checkpoint

@@ -16,9 +16,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
 
+from finetune.arch import ARCH_NAMES, ARCHS, DEFAULT_ARCH, WEIGHT_NAMES
 from finetune.errors import FinetuneError
 
-TORCHVISION_WEIGHTS = ("DEFAULT", "IMAGENET1K_V1")
 # Keys holding paths; in a config file they are relative to the file's folder.
 PATH_KEYS = ("model.weights", "data.root", "train.output_dir")
 
@@ -28,10 +28,19 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    arch: Literal["resnet18"] = "resnet18"
-    weights: str = "DEFAULT"
+    arch: Literal[ARCH_NAMES] = DEFAULT_ARCH
+    weights: str = "DEFAULT"  # after arch: its validator reads arch
     weights_fallback: Literal["error", "random"] = "error"
     num_classes: Optional[int] = Field(None, ge=2)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_of_arch(cls, weights: str, info: ValidationInfo) -> str:
+        arch = ARCHS.get(info.data.get("arch"))
+        if arch and weights in WEIGHT_NAMES and weights != "DEFAULT" and weights not in arch.weight_names:
+            raise ValueError(f"torchvision has no {weights} weights for {arch.name}; use DEFAULT or "
+                             f"{' or '.join(arch.weight_names)}, a state-dict file, or none")
+        return weights
 
 
 class DataConfig(_Section):
@@ -40,7 +49,9 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     augment: bool = False
     sampler: Literal["shuffle", "balanced"] = "shuffle"
-    workers: Optional[int] = Field(None, ge=0)
+    workers: Optional[int] = Field(None, ge=0)  # decode threads; None: data.default_workers()
+    fast_decode: bool = True  # JPEGs decoded at the smallest DCT scale that still covers the stored size
+    cache_images: Literal["auto", "on", "off"] = "auto"
     demo: Optional[Literal["shapes"]] = None
     skip_bad_images: bool = False
 
@@ -93,6 +104,12 @@ class OptimConfig(_Section):
         return nesterov
 
 
+class EarlyStopping(_Section):
+    monitor: Literal["val_acc", "val_loss", "val_balanced_acc", "val_macro_f1"] = "val_acc"
+    patience: int = Field(3, ge=0)  # epochs without improvement before stopping
+    min_delta: float = Field(0.0, ge=0)  # a smaller change is no improvement
+
+
 class TrainConfig(_Section):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -106,6 +123,8 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     sync_batchnorm: bool = False
     dist_timeout_s: int = Field(600, ge=10)
+    early_stopping: Optional[EarlyStopping] = None
+    time_limit_min: Optional[float] = Field(None, gt=0)
 
     @field_validator("class_weights", mode="before")
     @classmethod
@@ -266,7 +285,7 @@ def _expand_user(value: str) -> Path:
 
 
 def _is_path(value) -> bool:
-    return isinstance(value, str) and value not in TORCHVISION_WEIGHTS and value != "none"
+    return isinstance(value, str) and value not in WEIGHT_NAMES and value != "none"
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

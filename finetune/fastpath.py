@@ -1,7 +1,7 @@
 """Fast CPU paths: the frozen prefix runs without autograd, and its outputs can be cached.
 
-ResNet-18 is a chain of stages (stem layers, eight residual blocks, pooling, fc).
-The stages before the first trainable parameter form the *frozen prefix*: it runs
+A model is a chain of stages (for a ResNet: stem layers, residual blocks, pooling,
+fc; ``arch`` describes the chain). The stages before the first trainable parameter form the *frozen prefix*: it runs
 under ``torch.no_grad()``, so autograd builds no graph and keeps no activations
 for it; only the trainable suffix builds a graph. When the prefix is also
 deterministic (its BatchNorm layers in eval mode) and the training transform has
@@ -27,29 +27,28 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler
 
-from finetune.data import Indexed, drops_last, epoch_sampler, make_loader
+from finetune.arch import Arch
+from finetune.data import Indexed, collate_channels_last, drops_last, epoch_sampler, make_loader, skipped_batch_error
 from finetune.distributed import Dist
 from finetune.freeze import Decision
 
 ON_DISK_NAME = "feature-cache-{split}.bin"
 
 
-def stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """ResNet-18 as an ordered chain of (name, module): running them in turn equals ``model(x)``."""
-    chain = [(name, getattr(model, name)) for name in ("conv1", "bn1", "relu", "maxpool")]
-    for layer in ("layer1", "layer2", "layer3", "layer4"):
-        chain += [(f"{layer}.{i}", block) for i, block in enumerate(getattr(model, layer))]
-    return chain + [("avgpool", model.avgpool), ("flatten", nn.Flatten(1)), ("fc", model.fc)]
-
-
-def frozen_prefix_length(model: nn.Module, plan: dict[str, Decision]) -> int:
-    """How many leading stages hold no trainable parameter."""
+def frozen_prefix_length(chain: list[tuple[str, nn.Module]], plan: dict[str, Decision]) -> int:
+    """How many leading stages of ``chain`` hold no trainable parameter."""
     count = 0
-    for name, module in stages(model):
+    for name, module in chain:
         if any(plan[f"{name}.{p}"].trainable for p, _ in module.named_parameters()):
             break
         count += 1
     return count
+
+
+def prefix_is_deterministic(prefix: list[str], bn_modes: dict[str, str]) -> bool:
+    """Eval-mode BatchNorm makes the prefix (stage names) a fixed function of the image: its outputs can be cached."""
+    inside = [m for m in bn_modes if any(m == n or m.startswith(n + ".") for n in prefix)]
+    return all(bn_modes[m] == "eval" for m in inside)
 
 
 class FastModel:
@@ -58,24 +57,22 @@ class FastModel:
     ``model`` is shared, not copied: its state dict, checkpoints and optimizer are untouched.
     """
 
-    def __init__(self, model: nn.Module, plan: dict[str, Decision], bn_modes: dict[str, str], precision: str,
-                 device: torch.device = torch.device("cpu")):
+    def __init__(self, model: nn.Module, arch: Arch, plan: dict[str, Decision], bn_modes: dict[str, str],
+                 precision: str, device: torch.device = torch.device("cpu")):
         self.device = device
         self.model = model.to(device, memory_format=torch.channels_last)
-        chain = stages(model)
-        self.split = frozen_prefix_length(model, plan)
+        chain = arch.stages(model)
+        self.split = frozen_prefix_length(chain, plan)
         self.prefix, self.suffix = chain[:self.split], chain[self.split:]
         self.trainable_part: nn.Module = nn.Sequential(OrderedDict(
             (name.replace(".", "_"), module) for name, module in self.suffix))
         self.bf16 = precision == "bf16"
-        prefix_bn = [m for m, mode in bn_modes.items() if any(m == n or m.startswith(n + ".") for n, _ in self.prefix)]
-        # Eval-mode BatchNorm makes the prefix a fixed function of the image: its outputs can be cached.
-        self.prefix_deterministic = all(bn_modes[m] == "eval" for m in prefix_bn)
+        self.prefix_deterministic = prefix_is_deterministic(self.prefix_names, bn_modes)
 
     @classmethod
-    def whole(cls, model: nn.Module) -> "FastModel":
+    def whole(cls, model: nn.Module, arch: Arch) -> "FastModel":
         """No prefix: ``head`` runs the whole model (for evaluating a checkpoint)."""
-        return cls(model, {name: Decision(True, "whole") for name, _ in model.named_parameters()}, {}, "fp32")
+        return cls(model, arch, {name: Decision(True, "whole") for name, _ in model.named_parameters()}, {}, "fp32")
 
     @property
     def prefix_names(self) -> list[str]:
@@ -114,14 +111,30 @@ class FastModel:
 
 def cache_decision(setting: str, fast: FastModel, augment: bool) -> tuple[bool, str]:
     """Whether to cache prefix features (``train.cache_features``) and why, in words for the log."""
+    return _cache_decision(setting, fast.split, fast.prefix_deterministic, augment)
+
+
+def cache_problems(config, arch: Arch, model: nn.Module, plan: dict[str, Decision],
+                   bn_modes: dict[str, str]) -> list[tuple[str, str]]:
+    """``train.cache_features: on`` where the cache cannot be used (``model`` may be on the meta device)."""
+    if config.train.cache_features != "on":
+        return []
+    chain = [name for name, _ in arch.stages(model)]
+    split = frozen_prefix_length(arch.stages(model), plan)
+    usable, why = _cache_decision("on", split, prefix_is_deterministic(chain[:split], bn_modes), config.data.augment)
+    return [] if usable else [("train.cache_features", f"is 'on' but the cache cannot be used: "
+                                                       f"{why.removeprefix('off (').rstrip(')')}; use auto or off")]
+
+
+def _cache_decision(setting: str, split: int, deterministic: bool, augment: bool) -> tuple[bool, str]:
     if setting == "off":
         return False, "off (train.cache_features: off)"
     reasons = []
-    if fast.split == 0:
+    if split == 0:
         reasons.append("nothing is frozen before the first trainable layer")
     if augment:
         reasons.append("data.augment is on: random transforms change the features every epoch")
-    if not fast.prefix_deterministic:
+    if not deterministic:
         reasons.append("frozen BatchNorm layers run in train mode (freeze.batchnorm: train)")
     if reasons:
         return False, "off (" + "; ".join(reasons) + ")"
@@ -135,6 +148,7 @@ class FeatureCache:
     features: torch.Tensor
     targets: torch.Tensor
     filled: torch.Tensor  # bool per sample
+    skipped: torch.Tensor  # bool per sample: an unreadable image left out (data.skip_bad_images), found when decoded
     path: Optional[Path] = None
 
     @classmethod
@@ -148,7 +162,8 @@ class FeatureCache:
             with open(path, "wb") as f:
                 f.truncate(numel * 4)
             features = torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32).view(size, *shape)
-        return cls(features, torch.zeros(size, dtype=torch.long), torch.zeros(size, dtype=torch.bool), path)
+        return cls(features, torch.zeros(size, dtype=torch.long), torch.zeros(size, dtype=torch.bool),
+                   torch.zeros(size, dtype=torch.bool), path)
 
     @property
     def complete(self) -> bool:
@@ -163,6 +178,9 @@ class FeatureCache:
         self.targets[indices] = targets
         self.filled[indices] = True
 
+    def skip(self, indices: list[int]) -> None:
+        self.filled[indices] = self.skipped[indices] = True
+
     def merge(self, dist: Dist) -> None:
         """Combine the shards the processes filled (a sample two of them hold is averaged)."""
         self.features[~self.filled] = 0
@@ -171,11 +189,15 @@ class FeatureCache:
         self.features.copy_(dist.sum_tensor(self.features.clone()) / per_sample)
         self.targets.copy_((dist.sum_tensor((self.targets * self.filled).double()) / count).round().long())
         self.filled.copy_(dist.sum_tensor(self.filled.float()) > 0)
+        self.skipped.copy_(dist.sum_tensor(self.skipped.float()) > 0)
 
     def batches(self, sampler, batch_size: int, drop_last: bool):
         """(features, targets) batches in the sampler's order: the same batches the image loader would give."""
         for indices in BatchSampler(sampler, batch_size, drop_last):
             index = torch.as_tensor(indices)
+            index = index[~self.skipped[index]]  # unreadable images skipped: left out, as the image loader does
+            if not len(index):
+                raise skipped_batch_error()
             yield self.features[index], self.targets[index]
 
     def close(self) -> None:
@@ -254,8 +276,9 @@ class FeatureSource:
         for indices in BatchSampler(self._sampler(0, weighted=False), self.batch_size, drop_last=False):
             if self.cache is not None and bool(self.cache.filled[indices].all()):
                 continue
-            images, targets = zip(*(self.dataset[i] for i in indices))
-            self._store(torch.as_tensor(indices), self.fast.features(torch.stack(images)), torch.as_tensor(targets))
+            images, targets, kept = collate_channels_last([Indexed(self.dataset)[i] for i in indices])
+            self._store(kept, self.fast.features(images), targets)
+            self.cache.skip(sorted(set(indices) - set(kept.tolist())))
         if self.dist.active:
             self.cache.merge(self.dist)
 

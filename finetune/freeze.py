@@ -14,9 +14,7 @@ import difflib
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Callable, Iterable
-
-from finetune.errors import FinetuneError
+from typing import Iterable
 
 
 @dataclass(frozen=True)
@@ -35,19 +33,16 @@ def specificity(pattern: str) -> int:
     return sum(ch not in "*?" for ch in pattern)
 
 
-def plan_freeze(names: Iterable[str], freeze, where: Callable[[str], str] = lambda key: key,
-                epoch: int = 1) -> dict[str, Decision]:
+def plan_freeze(names: Iterable[str], freeze, epoch: int = 1) -> dict[str, Decision]:
     """Decide, for each parameter name, whether it trains in (1-based) ``epoch`` and which rule decided.
 
     ``freeze`` is the ``freeze`` section of the config; its stages that start by
-    ``epoch`` add their patterns to ``freeze.trainable``. Raises FinetuneError if a
-    pattern matches no parameter, listing every such pattern with the closest names.
+    ``epoch`` add their patterns to ``freeze.trainable``. Patterns are checked by
+    :func:`check_patterns`.
     """
-    names = list(names)
     rules = [(p, False, "frozen") for p in freeze.frozen] + [(p, True, "trainable") for p in freeze.trainable]
     rules += [(p, True, f"stage@{stage.epoch}") for stage in freeze.stages if stage.epoch <= epoch
               for p in stage.trainable]
-    _check_patterns(names, freeze, where)
     plan = {}
     for name in names:
         best = None
@@ -60,7 +55,8 @@ def plan_freeze(names: Iterable[str], freeze, where: Callable[[str], str] = lamb
     return plan
 
 
-def _check_patterns(names: list[str], freeze, where) -> None:
+def check_patterns(names: list[str], freeze) -> list[tuple[str, str]]:
+    """Problems ``[(key, message)]`` for freeze patterns that match no parameter, with the closest names."""
     candidates = sorted(set(names) | {n.rsplit(".", i)[0] for n in names for i in range(1, n.count(".") + 1)})
     keyed = [(f"freeze.{kind}[{i}]", p) for kind in ("trainable", "frozen")
              for i, p in enumerate(getattr(freeze, kind))]
@@ -71,10 +67,8 @@ def _check_patterns(names: list[str], freeze, where) -> None:
         if not any(matches(pattern, n) for n in names):
             close = difflib.get_close_matches(pattern.rstrip(".*"), candidates, n=3, cutoff=0.5)
             hint = f"closest names: {', '.join(close)}" if close else "run `finetune freeze-report` to list names"
-            problems.append(f"{where(key)}  {key}: pattern {pattern!r} matches no parameter; {hint}")
-    if problems:
-        noun = "problem" if len(problems) == 1 else "problems"
-        raise FinetuneError(f"Invalid freeze rules ({len(problems)} {noun}):\n" + "\n".join(f"  {p}" for p in problems))
+            problems.append((key, f"pattern {pattern!r} matches no parameter; {hint}"))
+    return problems
 
 
 def apply_plan(model, plan: dict[str, Decision]) -> None:
@@ -106,14 +100,6 @@ def set_train_mode(model, bn_modes: dict[str, str]) -> None:
     for name, module in model.named_modules():
         if bn_modes.get(name) == "eval":
             module.eval()
-
-
-def module_group(param_name: str) -> str:
-    """The report row a ResNet parameter belongs to: stem, layerN.B or fc."""
-    parts = param_name.split(".")
-    if parts[0].startswith("layer") and len(parts) > 2:
-        return ".".join(parts[:2])
-    return parts[0] if parts[0] == "fc" else "stem"
 
 
 def frozen_tensors(model, plan: dict[str, Decision], bn_modes: dict[str, str]) -> dict:

@@ -30,7 +30,7 @@ from torch import nn
 from finetune.build import Built, build
 from finetune.config import Config
 from finetune.data import class_names_or_none, load_datasets, make_loader
-from finetune.freeze import frozen_tensors, module_group, set_train_mode
+from finetune.freeze import frozen_tensors, set_train_mode
 from finetune.optim import build_optimizer
 
 HEAD_TOLERANCE = 1e-5  # max |autograd - closed form|, relative to max |closed form| (float32 sums)
@@ -128,7 +128,7 @@ def _parameter_rows(model: nn.Module, built: Built) -> list[dict]:
     rows = []
     for name, p in model.named_parameters():
         grad = p.grad
-        rows.append({"name": name, "module": module_group(name), "trainable": built.plan[name].trainable,
+        rows.append({"name": name, "module": built.arch.group(name), "trainable": built.plan[name].trainable,
                      "grad_norm": None if grad is None else grad.norm().item(),
                      "max_abs_grad": None if grad is None else grad.abs().max().item(),
                      "finite": True if grad is None else bool(torch.isfinite(grad).all())})
@@ -220,7 +220,7 @@ def _finite_differences(start: nn.Module, built: Built, x, y, features, targets,
     generator = torch.Generator().manual_seed(0)
     groups: dict[str, list[str]] = {}
     for n in trainable:
-        groups.setdefault(module_group(n), []).append(n)
+        groups.setdefault(built.arch.group(n), []).append(n)
     worst = 0.0
     with torch.no_grad(), _frozen_bn_buffers(model):
         for group, names in groups.items():
@@ -272,7 +272,7 @@ def _one_step(model: nn.Module, built: Built, before: dict, config: Config) -> C
     for source, target in zip(model.parameters(), stepped.parameters()):
         target.grad = None if source.grad is None else source.grad.clone()
     initial = {n: p.detach().clone() for n, p in stepped.named_parameters()}
-    build_optimizer(stepped, config.optim).step()
+    build_optimizer(stepped, config.optim, built.arch).step()
     changed_frozen = [n for n, t in frozen_tensors(stepped, built.plan, built.bn_modes).items()
                       if not torch.equal(t, before[n])]
     unmoved = [n for n, p in stepped.named_parameters() if built.plan[n].trainable and torch.equal(p, initial[n])]

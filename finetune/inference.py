@@ -1,31 +1,36 @@
-"""Use a trained checkpoint: evaluate it on a labelled folder, or predict classes of images."""
+"""Use a trained model (a checkpoint or a file of `finetune export`): evaluate it on a labelled folder, or predict
+classes of images."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+import io
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.models import resnet18
 
-from finetune.checkpoint import load_checkpoint
+from finetune import metrics
+from finetune.arch import get_arch
+from finetune.checkpoint import atomic_write_text, load_checkpoint
 from finetune.config import Config
 from finetune.data import (
     class_names,
     drop_bad_images,
     eval_transform,
     image_folder,
+    image_samples,
     load_datasets,
     make_loader,
     read_image,
 )
-from finetune.engine import evaluate
 from finetune.errors import FinetuneError
 from finetune.fastpath import FastModel
-from finetune.model import FEATURES
+
+PREDICT_BATCH = 32
 
 
 @dataclass
@@ -34,6 +39,7 @@ class Trained:
     classes: list[str]
     config: Config
     path: Path
+    progress: dict = field(default_factory=dict)  # the checkpoint's training state: epoch, history, ...
 
 
 def load_trained(path: Path) -> Trained:
@@ -41,47 +47,146 @@ def load_trained(path: Path) -> Trained:
     checkpoint = load_checkpoint(path)
     try:
         classes = [str(name) for name in checkpoint["classes"]]
-        model = resnet18(weights=None)
-        model.fc = nn.Linear(FEATURES, len(classes))
-        model.load_state_dict(checkpoint["model"])
         config = Config.model_validate(checkpoint["config"])
+        model = get_arch(config.model.arch).build(len(classes))
+        model.load_state_dict(checkpoint["model"])
     except Exception as exc:  # a damaged or foreign file that merely looks like a checkpoint
         problem = " ".join(str(exc).split())
         problem = problem if len(problem) <= 300 else problem[:297] + "..."
         raise FinetuneError(f"{path} is not a usable finetune checkpoint: {type(exc).__name__}"
                             f"{': ' + problem if problem else ''}\n"
                             "Give last.pt or best.pt from a run directory of `finetune train`.") from None
-    return Trained(model.eval(), classes, config, Path(path))
+    return Trained(model.eval(), classes, config, Path(path), dict(checkpoint.get("progress") or {}))
 
 
-def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Optional[Path] = None) -> dict:
-    """Loss, top-1, top-5, per-class accuracy and a confusion.png for a checkpoint.
+@dataclass
+class Loaded:
+    """A model ready to classify: a checkpoint, or an ONNX or TorchScript file of `finetune export`.
+
+    ``fast(batch)`` gives the logits of a batch normalised as ``data.eval_transform`` makes it;
+    ``engine.evaluate`` calls its ``head`` the same way.
+    """
+
+    path: Path
+    kind: str  # "checkpoint", "onnx" or "torchscript"
+    classes: list[str]
+    config: Config  # the run's config: an export carries it in its metadata
+    fast: Any  # a FastModel, or an _Exported
+
+
+class _Exported:
+    """An exported model as engine.evaluate and predict call a model: normalised batches in, logits out."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model  # takes RGB in [0, 1] and normalises it itself
+
+    def head(self, batch: torch.Tensor) -> torch.Tensor:
+        from finetune.export import to_pixels
+
+        return self.model(to_pixels(batch))
+
+    __call__ = head
+
+
+def load_model(path: Path) -> Loaded:
+    """A checkpoint, or an exported ``.onnx`` (run by onnxruntime) or TorchScript file, ready to classify.
+
+    Classes, image size and the run's config of an export come from its own metadata.
+    """
+    path = Path(path)
+    from finetune import export
+
+    if path.suffix == ".onnx" or export.is_torchscript_export(path):
+        if not path.is_file():
+            raise FinetuneError(f"Exported model not found: {path}")
+        kind = "onnx" if path.suffix == ".onnx" else "torchscript"
+        model, meta = export.load_onnx(path) if kind == "onnx" else export.load_torchscript(path)
+        try:
+            config = Config.model_validate(meta["config"])
+            config.data.image_size = int(meta["image_size"])
+            classes = [str(name) for name in meta["classes"]]
+        except Exception as exc:
+            raise FinetuneError(f"{path} has finetune metadata this version cannot use "
+                                f"({type(exc).__name__}); export it again with this finetune.") from None
+        return Loaded(path, kind, classes, config, _Exported(model))
+    trained = load_trained(path)
+    fast = FastModel.whole(trained.model, get_arch(trained.config.model.arch))
+    return Loaded(path, "checkpoint", trained.classes, trained.config, fast)
+
+
+def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Optional[Path] = None,
+                        top_losses: int = 0) -> dict:
+    """Loss, top-1, top-5, per-class precision/recall/F1/support, balanced accuracy and macro F1 of a checkpoint,
+    with confusion.png (counts, and normalised per true class).
 
     ``data`` is an ImageFolder tree (its ``val/`` when it has one); by default the
-    validation split of the run's own config.
+    validation split of the run's own config. With ``top_losses`` K it also writes
+    top_losses.png (the K images with the highest loss) and predictions.csv (every
+    image: path, true and predicted class, the probability of each class, loss; by loss).
+    Pictures go beside the checkpoint or in ``output_dir``.
     """
-    trained = load_trained(path)
+    from finetune.plots import plot_confusion, plot_top_losses
+
+    trained = load_model(path)
     config = trained.config.model_copy(deep=True)
     if data is not None:
         data = Path(data)
         config.data.root = str(data / "val" if (data / "val").is_dir() else data)
-    datasets = _eval_set(config, trained.classes, whole=data is not None)
-    loader = make_loader(datasets, config.train.batch_size, shuffle=False)
-    result = evaluate(FastModel.whole(trained.model), loader, nn.CrossEntropyLoss(), len(trained.classes))
-    confusion = result.pop("confusion")
-    per_class = []
-    for i, name in enumerate(trained.classes):
-        total = confusion[i].sum().item()
-        per_class.append({"class": name, "images": total,
-                          "acc": confusion[i, i].item() / total if total else None})
+    dataset = _eval_set(config, trained.classes, whole=data is not None)
+    n = len(trained.classes)
+    logits, targets = _logits(trained.fast, make_loader(dataset, config.train.batch_size, shuffle=False), n)
+    confusion = torch.bincount(targets * n + logits.argmax(1), minlength=n * n).reshape(n, n)
+    losses = nn.functional.cross_entropy(logits, targets, reduction="none")
+    top5 = (logits.topk(min(5, n), dim=1).indices == targets[:, None]).any(1)
+    scores = metrics.summary(confusion)
     out = Path(output_dir) if output_dir else Path(path).parent
     out.mkdir(parents=True, exist_ok=True)
-    from finetune.plots import plot_confusion
-
     plot_confusion(confusion, trained.classes, out / "confusion.png")
-    return {"checkpoint": str(path), "data": config.data.root, "images": result["n"], "loss": result["loss"],
-            "top1": result["acc"], "top5": result["top5"], "per_class": per_class,
-            "confusion": confusion.tolist(), "classes": trained.classes, "confusion_png": str(out / "confusion.png")}
+    result = {"checkpoint": str(path), "data": config.data.root, "images": len(targets), "loss": _mean(losses),
+              "top1": _mean(logits.argmax(1) == targets), "top5": _mean(top5),
+              "balanced_accuracy": scores["balanced_accuracy"], "macro_f1": scores["macro_f1"],
+              "per_class": [{"class": name, **row} for name, row in zip(trained.classes, scores["per_class"])],
+              "confusion": confusion.tolist(), "classes": trained.classes, "confusion_png": str(out / "confusion.png")}
+    if top_losses:
+        rows = _by_loss(dataset, logits, targets, losses, trained.classes)
+        _write_predictions(rows, trained.classes, out / "predictions.csv")
+        plot_top_losses(rows[:top_losses], out / "top_losses.png")
+        result.update(top_losses=[{k: v for k, v in row.items() if k != "probs"} for row in rows[:top_losses]],
+                      top_losses_png=str(out / "top_losses.png"), predictions_csv=str(out / "predictions.csv"))
+    return result
+
+
+def _mean(values: torch.Tensor) -> float:
+    return values.double().mean().item() if len(values) else float("nan")  # no images: nothing to average
+
+
+@torch.inference_mode()
+def _logits(fast, loader, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 logits and targets of every image, in loader order."""
+    logits, targets = [torch.empty(0, num_classes)], [torch.empty(0, dtype=torch.long)]
+    for images, labels in loader:
+        logits.append(fast.head(images).float().cpu())
+        targets.append(labels)
+    return torch.cat(logits), torch.cat(targets)
+
+
+def _by_loss(dataset, logits, targets, losses, classes: list[str]) -> list[dict]:
+    """One row per image, highest loss first: its file, true and predicted class, probabilities and loss."""
+    probs = logits.softmax(1)
+    rows = [{"path": path, "true": classes[t], "predicted": classes[p], "prob": prob[p], "loss": loss, "probs": prob}
+            for (path, _), t, p, prob, loss in zip(image_samples(dataset), targets.tolist(),
+                                                   logits.argmax(1).tolist(), probs.tolist(), losses.tolist())]
+    return sorted(rows, key=lambda row: -row["loss"])
+
+
+def _write_predictions(rows: list[dict], classes: list[str], path: Path) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", "true", "predicted", *(f"prob_{name}" for name in classes), "loss"])
+    for row in rows:
+        writer.writerow([row["path"], row["true"], row["predicted"], *(f"{p:.6g}" for p in row["probs"]),
+                         f"{row['loss']:.6g}"])
+    atomic_write_text(path, text.getvalue())
 
 
 def _eval_set(config: Config, classes: list[str], whole: bool):
@@ -99,18 +204,23 @@ def _eval_set(config: Config, classes: list[str], whole: bool):
 
 
 def predict(path: Path, inputs: list[Path], top_k: int = 3) -> list[dict]:
-    """Top-k classes with probabilities for each image (directories are walked for images)."""
-    trained = load_trained(path)
-    transform = eval_transform(trained.config.data.image_size)
-    k = max(1, min(top_k, len(trained.classes)))
+    """Top-k classes with probabilities for each image (directories are walked for images).
+
+    ``path`` is a checkpoint or an exported .onnx / TorchScript file.
+    """
+    loaded = load_model(path)
+    transform = eval_transform(loaded.config.data.image_size)
+    k = max(1, min(top_k, len(loaded.classes)))
+    images = _images(inputs)
     results = []
-    for image_path in _images(inputs):
-        batch = transform(read_image(str(image_path), hint=""))[None]
+    for start in range(0, len(images), PREDICT_BATCH):
+        chunk = images[start:start + PREDICT_BATCH]
+        batch = torch.stack([transform(read_image(str(image_path), hint="")) for image_path in chunk])
         with torch.inference_mode():
-            probs = trained.model(batch).softmax(1)[0]
-        top = probs.topk(k)
-        results.append({"image": str(image_path), "predictions": [
-            {"class": trained.classes[i], "prob": p} for p, i in zip(top.values.tolist(), top.indices.tolist())]})
+            top = loaded.fast(batch).float().softmax(1).topk(k)
+        for image_path, probs, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
+            results.append({"image": str(image_path), "predictions": [
+                {"class": loaded.classes[i], "prob": p} for p, i in zip(probs, indices)]})
     return results
 
 

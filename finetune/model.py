@@ -1,27 +1,24 @@
-"""Build ResNet-18, resolve its weights (torchvision API, a local file, or none) and swap the head."""
+"""Build the configured architecture, resolve its weights (torchvision API, a local file, or none), swap the head."""
 
 from __future__ import annotations
 
 import contextlib
 import io
-import os
 import pickle
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
-from torchvision.models import ResNet18_Weights, resnet18
 
+from finetune.arch import WEIGHT_NAMES, Arch, get_arch
 from finetune.checkpoint import UNSAFE_MARK, safe_load, unsafe_file_error
-from finetune.config import TORCHVISION_WEIGHTS, Config
+from finetune.config import Config
 from finetune.errors import FinetuneError
 
-FEATURES = 512  # width of the features entering ResNet-18's fc
 IMAGENET_CLASSES = 1000
 DOWNLOAD_TIMEOUT_S = 20
 
@@ -35,32 +32,32 @@ class WeightsInfo:
 
 
 def build_model(config: Config, num_classes: int, progress: bool = True) -> tuple[nn.Module, WeightsInfo]:
-    """ResNet-18 with the configured weights and a fresh ``num_classes`` head (seeded by train.seed)."""
-    torch.manual_seed(config.train.seed)
-    model = resnet18(weights=None)
-    state, info = _load_weights(config, progress)
+    """``model.arch`` with the configured weights and a fresh ``num_classes`` head.
+
+    The random initialisation is seeded by ``train.seed`` without touching the global RNG.
+    """
+    arch = get_arch(config.model.arch)
+    state, info = _load_weights(arch, config, progress)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)
+        model = arch.build(num_classes)
     if state is not None:
-        _load_backbone(model, state, config.model.weights)
-    model.fc = nn.Linear(FEATURES, num_classes)
-    if state is not None and _file_has_head(state, num_classes, config.model.weights):
-        model.fc.load_state_dict({"weight": state["fc.weight"], "bias": state["fc.bias"]})
-        info.head_loaded = True
+        _load_backbone(arch, model, state, config.model.weights)
+        if _file_has_head(arch, model, state, num_classes, config.model.weights):
+            getattr(model, arch.head).load_state_dict({"weight": state[f"{arch.head}.weight"],
+                                                       "bias": state[f"{arch.head}.bias"]})
+            info.head_loaded = True
     return model, info
 
 
-def torchvision_cache_file(name: str) -> Path:
-    """Where torchvision's weights API looks for (and downloads) the ``name`` weights."""
-    weights = ResNet18_Weights.verify(name)
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
-
-
-def _load_weights(config: Config, progress: bool):
+def _load_weights(arch: Arch, config: Config, progress: bool):
     spec = config.model.weights
     if spec == "none":
         return None, WeightsInfo("none (random init)", pretrained=False)
-    if spec in TORCHVISION_WEIGHTS:
+    if spec in WEIGHT_NAMES:
         try:
-            return _torchvision_state(spec, progress), WeightsInfo(f"torchvision ResNet18_Weights.{spec}", True)
+            state = _torchvision_state(arch, spec, progress)
+            return state, WeightsInfo(f"torchvision {arch.weights_class}.{spec}", True)
         except FinetuneError as exc:
             if config.model.weights_fallback != "random":
                 raise
@@ -69,9 +66,9 @@ def _load_weights(config: Config, progress: bool):
     return load_state_dict_file(Path(spec)), WeightsInfo(f"file {spec}", pretrained=True)
 
 
-def _torchvision_state(name: str, progress: bool) -> dict:
-    weights = ResNet18_Weights.verify(name)
-    cached = torchvision_cache_file(name)
+def _torchvision_state(arch: Arch, name: str, progress: bool) -> dict:
+    weights = arch.weights_enum().verify(name)
+    cached = arch.cache_file(name)
     try:
         # torch.hub announces a download on stdout: keep stdout for results (--json), the notice for stderr.
         notice = contextlib.redirect_stdout(sys.stderr if progress else io.StringIO())
@@ -80,22 +77,22 @@ def _torchvision_state(name: str, progress: bool) -> dict:
     except pickle.UnpicklingError as exc:
         if UNSAFE_MARK in str(exc):
             raise unsafe_file_error(cached, "cached weights file", exc) from None
-        raise _unavailable(name, cached, exc) from None
+        raise _unavailable(arch, name, cached, exc) from None
     except Exception as exc:  # network down, hash mismatch...
-        raise _unavailable(name, cached, exc) from None
+        raise _unavailable(arch, name, cached, exc) from None
     return checked_state_dict(state, cached)
 
 
-def _unavailable(name: str, cached: Path, exc: Exception) -> FinetuneError:
+def _unavailable(arch: Arch, name: str, cached: Path, exc: Exception) -> FinetuneError:
     problem = f"{type(exc).__name__}: {exc}".strip()
     if cached.exists():
         problem += f"\n  (the cached file {cached} exists but could not be loaded: delete or replace it)"
     return FinetuneError(
-        f"Could not get the pretrained weights ResNet18_Weights.{name} (model.weights = {name}).\n"
+        f"Could not get the pretrained weights {arch.weights_class}.{name} (model.weights = {name}).\n"
         f"  {problem}\n"
         "Three ways out:\n"
         f"  1. put the file in torchvision's cache: {cached}\n"
-        "  2. give a local state-dict file: --set model.weights=/path/to/resnet18.pth\n"
+        f"  2. give a local state-dict file: --set model.weights=/path/to/{arch.name}.pth\n"
         "  3. train from random weights: --set model.weights=none "
         "(or allow it as a fallback with model.weights_fallback: random)")
 
@@ -130,9 +127,10 @@ def checked_state_dict(obj, path: Path) -> dict:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def _load_backbone(model: nn.Module, state: dict, spec: str) -> None:
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    given = {k: v for k, v in state.items() if not k.startswith("fc.")}
+def _load_backbone(arch: Arch, model: nn.Module, state: dict, spec: str) -> None:
+    head = f"{arch.head}."
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
+    given = {k: v for k, v in state.items() if not k.startswith(head)}
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
     wrong_shape = [f"{k} {tuple(given[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
@@ -141,19 +139,21 @@ def _load_backbone(model: nn.Module, state: dict, spec: str) -> None:
         lines = [f"  {label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
                  if keys]
-        raise FinetuneError(f"Weights {spec} do not fit ResNet-18 (model.arch = resnet18):\n" + "\n".join(lines)
-                            + "\nGive a ResNet-18 state dict, or use model.weights: DEFAULT or none.")
+        raise FinetuneError(f"Weights {spec} do not fit {arch.title} (model.arch = {arch.name}):\n"
+                            + "\n".join(lines)
+                            + f"\nGive a {arch.title} state dict, or use model.weights: DEFAULT or none.")
     model.load_state_dict({**model.state_dict(), **given})
 
 
-def _file_has_head(state: dict, num_classes: int, spec: str) -> bool:
+def _file_has_head(arch: Arch, model: nn.Module, state: dict, num_classes: int, spec: str) -> bool:
     """True when the file's head fits the new one; an ImageNet head is simply replaced."""
-    if "fc.weight" not in state or "fc.bias" not in state:
+    weight, bias = f"{arch.head}.weight", f"{arch.head}.bias"
+    if weight not in state or bias not in state:
         return False
-    shape = tuple(state["fc.weight"].shape)
-    if shape == (num_classes, FEATURES) and tuple(state["fc.bias"].shape) == (num_classes,):
+    shape, features = tuple(state[weight].shape), arch.head_features(model)
+    if shape == (num_classes, features) and tuple(state[bias].shape) == (num_classes,):
         return True
-    if shape == (IMAGENET_CLASSES, FEATURES):
+    if shape == (IMAGENET_CLASSES, features):
         return False
     raise FinetuneError(f"Weights {spec} have a {shape[0]}-class head but model.num_classes is {num_classes}.\n"
-                        f"Set model.num_classes: {shape[0]} to match the file, or drop fc.weight/fc.bias from it.")
+                        f"Set model.num_classes: {shape[0]} to match the file, or drop {weight}/{bias} from it.")

@@ -2,7 +2,7 @@
 
 Each trainable parameter gets a learning rate: from the most specific matching
 ``optim.param_groups`` pattern, else ``optim.lr * optim.layer_lr_decay ** depth``
-(depth 0 for fc, 1 for layer4 ... 5 for the stem) when the decay is set, else
+(depth 0 for the head, growing towards the input: see ``arch``) when the decay is set, else
 ``optim.lr``. Parameters with the same learning rate and weight decay share one
 SGD param group; parameters unfrozen by a later stage join as new groups, with
 fresh momentum. The schedule multiplies every group's own base rate.
@@ -14,14 +14,12 @@ import math
 
 import torch
 
+from finetune.arch import Arch
 from finetune.config import OptimConfig
 from finetune.freeze import matches, specificity
 
-DEPTH = {"fc": 0, "layer4": 1, "layer3": 2, "layer2": 3, "layer1": 4}  # anything else is the stem: 5
-STEM_DEPTH = 5
 
-
-def learning_rate(name: str, optim: OptimConfig) -> tuple[float, str]:
+def learning_rate(name: str, optim: OptimConfig, arch: Arch) -> tuple[float, str]:
     """The base learning rate of parameter ``name`` and the rule that set it."""
     best = None
     for i, group in enumerate(optim.param_groups):
@@ -31,7 +29,7 @@ def learning_rate(name: str, optim: OptimConfig) -> tuple[float, str]:
     if best:
         return best[1], best[2]
     if optim.layer_lr_decay is not None:
-        depth = DEPTH.get(name.split(".")[0], STEM_DEPTH)
+        depth = arch.depth(name)
         return optim.lr * optim.layer_lr_decay ** depth, f"optim.lr * {optim.layer_lr_decay}^{depth}"
     return optim.lr, "optim.lr"
 
@@ -45,12 +43,12 @@ def weight_decay(name: str, model: torch.nn.Module, optim: OptimConfig) -> float
     return optim.weight_decay
 
 
-def param_groups(model: torch.nn.Module, names: list[str], optim: OptimConfig) -> list[dict]:
+def param_groups(model: torch.nn.Module, names: list[str], optim: OptimConfig, arch: Arch) -> list[dict]:
     """SGD param groups for the parameters ``names``: one per (learning rate, weight decay), in model order."""
     params = dict(model.named_parameters())
     groups: dict[tuple, dict] = {}
     for name in names:
-        key = (learning_rate(name, optim)[0], weight_decay(name, model, optim))
+        key = (learning_rate(name, optim, arch)[0], weight_decay(name, model, optim))
         group = groups.setdefault(key, {"params": [], "names": [], "lr": key[0], "initial_lr": key[0],
                                         "weight_decay": key[1]})
         group["params"].append(params[name])
@@ -65,17 +63,17 @@ def check_patterns(names: list[str], optim: OptimConfig) -> list[tuple[str, str]
             if not any(matches(pattern, n) for n in names)]
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.SGD:
-    """SGD that receives exactly the parameters with ``requires_grad=True``."""
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, arch: Arch) -> torch.optim.SGD:
+    """SGD that receives exactly the parameters with ``requires_grad=True`` (``arch`` gives layer depths)."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    return torch.optim.SGD(param_groups(model, names, optim), lr=optim.lr, momentum=optim.momentum,
+    return torch.optim.SGD(param_groups(model, names, optim, arch), lr=optim.lr, momentum=optim.momentum,
                            nesterov=optim.nesterov, weight_decay=optim.weight_decay)
 
 
 def add_trainable(optimizer: torch.optim.Optimizer, model: torch.nn.Module, names: list[str],
-                  optim: OptimConfig) -> None:
+                  optim: OptimConfig, arch: Arch) -> None:
     """Newly unfrozen parameters join ``optimizer`` as new param groups (so with fresh momentum)."""
-    for group in param_groups(model, names, optim):
+    for group in param_groups(model, names, optim, arch):
         optimizer.add_param_group(group)
 
 

@@ -8,13 +8,12 @@ from finetune.build import Built, build
 from finetune.config import Config
 from finetune.data import class_names_or_none
 from finetune.hardware import PrecisionChoice, precision_for_config
-from finetune.freeze import module_group
 from finetune.optim import build_optimizer
 
 
 @dataclass
 class GroupRow:
-    module: str  # stem, layer1.0 ... layer4.1, fc
+    module: str  # as the architecture groups parameters, e.g. stem, layer1.0 ... layer4.1, fc
     params: int
     trainable_params: int
     state: str  # trainable | frozen | mixed
@@ -55,7 +54,7 @@ def build_freeze_report(config: Config, epoch: int = 1) -> FreezeReport:
     precision = precision_for_config(config)
     classes = class_names_or_none(config) if config.model.num_classes is None else None
     built = build(config, classes, epoch=epoch)
-    return freeze_report(built, build_optimizer(built.model, config.optim), precision, epoch)
+    return freeze_report(built, build_optimizer(built.model, config.optim, built.arch), precision, epoch)
 
 
 def freeze_report(built: Built, optimizer, precision: PrecisionChoice, epoch: int = 1) -> FreezeReport:
@@ -82,18 +81,18 @@ def freeze_report(built: Built, optimizer, precision: PrecisionChoice, epoch: in
         precision_reason=precision.reason,
         parameters=rows,
         batchnorm=[{"module": m, "mode": mode} for m, mode in built.bn_modes.items()],
-        groups=_group_rows(rows, built.bn_modes),
+        groups=_group_rows(rows, built.bn_modes, built.arch.group),
     )
 
 
-def _group_rows(rows: list[dict], bn_modes: dict[str, str]) -> list[GroupRow]:
+def _group_rows(rows: list[dict], bn_modes: dict[str, str], group_of) -> list[GroupRow]:
     groups: dict[str, list[dict]] = {}
     for row in rows:
-        groups.setdefault(module_group(row["name"]), []).append(row)
+        groups.setdefault(group_of(row["name"]), []).append(row)
     result = []
     for name, members in groups.items():
         flags = {r["trainable"] for r in members}
-        modes = {mode for module, mode in bn_modes.items() if module_group(module + ".x") == name}
+        modes = {mode for module, mode in bn_modes.items() if group_of(module) == name}
         rules = list(dict.fromkeys(r["rule"] for r in members))
         result.append(GroupRow(
             module=name,

@@ -39,6 +39,9 @@ class Reporter:
     def warn(self, text: str) -> None:
         pass
 
+    def epoch_start(self, epoch: int, run) -> None:
+        """Called before (1-based) ``epoch`` trains, with the :class:`~finetune.engine.Run` (for callbacks)."""
+
     def step(self, epoch: int, step: int, steps: int, loss: float, acc: float, lr: float, images_per_s: float) -> None:
         pass
 

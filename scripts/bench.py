@@ -32,13 +32,12 @@ from torchvision.models import resnet18
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune import engine  # noqa: E402
 from finetune.build import build  # noqa: E402
 from finetune.config import load_config  # noqa: E402
 from finetune.fastpath import FastModel, FeatureSource  # noqa: E402
 from finetune.freeze import set_train_mode  # noqa: E402
-from finetune.optim import build_optimizer, build_scheduler  # noqa: E402
-from finetune.progress import Reporter  # noqa: E402
+from finetune.engine import TrainState, train_one_epoch  # noqa: E402
+from finetune.optim import Schedule, build_optimizer  # noqa: E402
 
 CLASSES = 10
 BATCH = 32
@@ -69,7 +68,7 @@ def plain_step_fn(freeze: str):
     if freeze != "full":
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("layer4") and freeze == "layer4+head"
-    model.fc = nn.Linear(512, CLASSES)
+    model.fc = nn.Linear(model.fc.in_features, CLASSES)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
 
@@ -83,22 +82,17 @@ def plain_step_fn(freeze: str):
 
 
 def finetune_step_fn(freeze: str, precision: str, size: int, run_dir: Path):
-    """One step of finetune's own epoch loop (engine._train_epoch) on the given batch."""
+    """One step of finetune's own epoch loop (engine.train_one_epoch) on the given batch."""
     config = config_for(freeze, precision, size)
     built = build(config, None)
-    fast = FastModel(built.model, built.plan, built.bn_modes, precision)
-    optimizer = build_optimizer(built.model, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim, 1, 10**9)
-    trainable = [p for p in built.model.parameters() if p.requires_grad]
+    fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, precision)
+    optimizer = build_optimizer(built.model, config.optim, built.arch)
+    schedule = Schedule(optimizer, config.optim, 1, 10**9)
     criterion = nn.CrossEntropyLoss()
     set_train_mode(built.model, built.bn_modes)
 
     def step(x, y):
-        progress = engine.Progress()
-        batches = [(fast.features(x), y)]
-        with engine._Stop() as stop:
-            engine._train_epoch(fast, trainable, batches, criterion, optimizer, scheduler, progress, 1, Reporter(),
-                                stop, None, run_dir)
+        train_one_epoch(fast, [(fast.features(x), y)], criterion, optimizer, schedule, TrainState())
 
     return step
 
@@ -140,19 +134,15 @@ def cached_epoch(size: int, images: int, run_dir: Path) -> tuple[float, float]:
 
     config = config_for("head-only", "fp32", size)
     built = build(config, None)
-    fast = FastModel(built.model, built.plan, built.bn_modes, "fp32")
+    fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, "fp32")
     source = FeatureSource(fast, data, BATCH, shuffle=True, seed=0, workers=0, cache_bytes=2**30, folder=run_dir)
-    optimizer = build_optimizer(built.model, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim, 3, images // BATCH + 1)
-    trainable = [p for p in built.model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(built.model, config.optim, built.arch)
+    schedule = Schedule(optimizer, config.optim, 3, images // BATCH + 1)
     seconds = []
     for epoch in range(3):  # epoch 0 fills the cache
-        progress = engine.Progress(epoch=epoch)
         set_train_mode(built.model, built.bn_modes)
         start = time.perf_counter()
-        with engine._Stop() as stop:
-            engine._train_epoch(fast, trainable, source.epoch(epoch), nn.CrossEntropyLoss(), optimizer, scheduler,
-                                progress, images // BATCH, Reporter(), stop, None, run_dir)
+        train_one_epoch(fast, source.epoch(epoch), nn.CrossEntropyLoss(), optimizer, schedule, TrainState(epoch=epoch))
         seconds.append(time.perf_counter() - start)
     source.close()
     return statistics.median(seconds[1:]), plain_seconds

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from finetune.reporting import Reporter  # rich only: no torch at collection
 
 REPO = Path(__file__).resolve().parents[1]
 # An unreachable proxy: anything that tries to download fails at once instead of reaching the network.
@@ -107,3 +110,40 @@ def tiny_config(folder: Path, data_root: Path, **sections) -> Path:
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def weights(run_dir: Path) -> dict:
+    """The model state dict of a run's last.pt."""
+    import torch
+
+    return torch.load(run_dir / "last.pt", weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different[:5]}"
+
+
+class SignalAtStep(Reporter):
+    """A silent reporter that sends a real signal to this process after a given training step, like Ctrl-C."""
+
+    def __init__(self, epoch: int, step: int, signum=signal.SIGINT):
+        super().__init__()
+        self.at, self.signum = (epoch, step), signum
+
+    def step(self, epoch, step, *args):
+        if (epoch, step) == self.at:
+            os.kill(os.getpid(), self.signum)
+
+
+class CodeRunningPayload:
+    """Unpickling this creates ``marker`` (builtins.open in write mode): proof that code from a file ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

@@ -21,7 +21,7 @@ from typing import Callable
 import pytest
 import torch
 import yaml
-from conftest import OFFLINE_ENV, make_colour_folder, run_cli, tiny_config
+from conftest import OFFLINE_ENV, CodeRunningPayload, make_colour_folder, run_cli, tiny_config
 
 from finetune.config import load_config
 from finetune.data import load_datasets
@@ -243,20 +243,10 @@ def _(folder, shared):
 
 # --- untrusted files -------------------------------------------------------------------------------------------
 
-class _Payload:
-    """Unpickling this creates ``marker`` (builtins.open in write mode): proof that code from the file ran."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def _evil_checkpoint(folder: Path) -> tuple[Path, Path]:
     (folder / "run").mkdir()
     path, marker = folder / "run" / "best.pt", folder / "MARKER"
-    torch.save({"format": 1, "model": {}, "classes": ["a", "b"], "payload": _Payload(marker)}, path)
+    torch.save({"format": 1, "model": {}, "classes": ["a", "b"], "payload": CodeRunningPayload(marker)}, path)
     return path, marker
 
 

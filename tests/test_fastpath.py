@@ -7,16 +7,17 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import SignalAtStep, assert_same_weights, tiny_config
 
 from finetune import engine
 from finetune.build import build
 from finetune.config import load_config
 from finetune.errors import FinetuneError
-from finetune.fastpath import FastModel, cache_decision, frozen_prefix_length, stages
+from finetune.arch import get_arch
+from finetune.fastpath import FastModel, cache_decision, frozen_prefix_length
 from finetune.freeze import set_train_mode
 from finetune.optim import build_optimizer
-from finetune.progress import Reporter
+from finetune.reporting import Reporter
 
 CLASSES = ["blue", "green", "red"]
 
@@ -29,7 +30,7 @@ def test_stages_chain_equals_the_model(tmp_path, colour_data):
     model = built_for(tmp_path, colour_data).model.eval()
     x = torch.randn(2, 3, 32, 32)
     out = x
-    for _, module in stages(model):
+    for _, module in get_arch("resnet18").stages(model):
         out = module(out)
     torch.testing.assert_close(out, model(x))
 
@@ -43,8 +44,9 @@ def test_stages_chain_equals_the_model(tmp_path, colour_data):
 def test_frozen_prefix_ends_before_the_first_trainable_parameter(tmp_path, colour_data, freeze, split,
                                                                   first_trainable):
     built = built_for(tmp_path, colour_data, **freeze)
-    assert frozen_prefix_length(built.model, built.plan) == split
-    assert stages(built.model)[split][0] == first_trainable
+    chain = built.arch.stages(built.model)
+    assert frozen_prefix_length(chain, built.plan) == split
+    assert chain[split][0] == first_trainable
 
 
 @pytest.mark.parametrize("freeze", [{"trainable": ["fc"]}, {"trainable": ["layer4", "fc"]},
@@ -55,13 +57,13 @@ def test_fast_steps_equal_plain_steps(tmp_path, colour_data, freeze):
     config = load_config(tiny_config(tmp_path, colour_data, freeze=freeze))
     built = build(config, CLASSES)
     plain = copy.deepcopy(built.model)
-    fast = FastModel(built.model, built.plan, built.bn_modes, "fp32")
+    fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, "fp32")
     assert fast.split > 0
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(6, 3, 32, 32, generator=generator), torch.randint(3, (6,), generator=generator))
                for _ in range(3)]
     for model, forward in ((plain, plain), (built.model, fast)):
-        optimizer = build_optimizer(model, config.optim)
+        optimizer = build_optimizer(model, config.optim, built.arch)
         set_train_mode(model, built.bn_modes)
         for x, y in batches:
             optimizer.zero_grad()
@@ -73,7 +75,7 @@ def test_fast_steps_equal_plain_steps(tmp_path, colour_data, freeze):
 
 def test_prefix_builds_no_graph(tmp_path, colour_data):
     built = built_for(tmp_path, colour_data, trainable=["layer4", "fc"])
-    fast = FastModel(built.model, built.plan, built.bn_modes, "fp32")
+    fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, "fp32")
     features = fast.features(torch.randn(2, 3, 32, 32))
     assert features.grad_fn is None and not features.requires_grad
     assert fast.head(features).grad_fn is not None
@@ -81,16 +83,16 @@ def test_prefix_builds_no_graph(tmp_path, colour_data):
 
 def test_cache_auto_turns_off_with_augmentation_or_train_mode_batchnorm(tmp_path, colour_data):
     built = built_for(tmp_path, colour_data)
-    fast = FastModel(built.model, built.plan, built.bn_modes, "fp32")
+    fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, "fp32")
     assert cache_decision("auto", fast, augment=False)[0] is True
     on, why = cache_decision("auto", fast, augment=True)
     assert not on and "data.augment" in why
     assert cache_decision("off", fast, augment=False)[0] is False
     bn_train = built_for(tmp_path, colour_data, batchnorm="train")
-    on, why = cache_decision("auto", FastModel(bn_train.model, bn_train.plan, bn_train.bn_modes, "fp32"), False)
+    on, why = cache_decision("auto", FastModel(bn_train.model, bn_train.arch, bn_train.plan, bn_train.bn_modes, "fp32"), False)
     assert not on and "freeze.batchnorm" in why
     everything = built_for(tmp_path, colour_data, default="trainable", trainable=[])
-    on, why = cache_decision("auto", FastModel(everything.model, everything.plan, everything.bn_modes, "fp32"), False)
+    on, why = cache_decision("auto", FastModel(everything.model, everything.arch, everything.plan, everything.bn_modes, "fp32"), False)
     assert not on and "nothing is frozen" in why
 
 
@@ -155,7 +157,6 @@ def test_cache_on_with_augmentation_is_a_config_error(tmp_path, colour_data):
 
 
 def test_resumed_cached_run_equals_uninterrupted(tmp_path, colour_data):
-    from test_train import SignalAtStep, assert_same_weights
 
     sections = dict(freeze={"trainable": ["layer4", "fc"]}, train={"epochs": 3, "batch_size": 5})
     whole, _, _ = run(tmp_path, colour_data, "whole", **sections)

@@ -9,15 +9,15 @@ from conftest import write_config
 from finetune.build import build
 from finetune.config import FreezeConfig, load_config
 from finetune.errors import FinetuneError
-from finetune.freeze import batchnorm_modes, plan_freeze, set_train_mode
+from finetune.freeze import batchnorm_modes, check_patterns, plan_freeze, set_train_mode
 from finetune.optim import build_optimizer
 
 
 @pytest.fixture(scope="module")
 def names() -> list[str]:
-    from finetune.build import _parameter_names
+    from finetune.arch import get_arch
 
-    return _parameter_names(10)
+    return get_arch("resnet18").parameter_names(10)
 
 
 @pytest.fixture(scope="module")
@@ -94,24 +94,37 @@ def test_unmatched_takes_default(names, default):
 
 # --- pattern errors --------------------------------------------------------------------------------------------
 
+def problems(names, **freeze) -> dict[str, str]:
+    return dict(check_patterns(names, FreezeConfig(**freeze)))
+
+
 def test_pattern_matching_nothing_names_key_and_closest(names):
-    with pytest.raises(FinetuneError) as info:
-        plan(names, trainable=["fc", "layer5.*"])
-    message = str(info.value)
-    assert info.value.exit_code == 2
-    assert "freeze.trainable[1]" in message and "'layer5.*'" in message and "1 problem" in message
+    found = problems(names, trainable=["fc", "layer5.*"])
+    assert list(found) == ["freeze.trainable[1]"]
+    message = found["freeze.trainable[1]"]
+    assert "'layer5.*'" in message
     assert "closest names:" in message and "layer4" in message.split("closest names:")[1]
 
 
 def test_several_bad_patterns_reported_together(names):
+    found = problems(names, trainable=["fc", "layer9", "fc.wieght"], frozen=["conv"])
+    assert sorted(found) == ["freeze.frozen[0]", "freeze.trainable[1]", "freeze.trainable[2]"]
+    assert "fc.weight" in found["freeze.trainable[2]"]  # closest name to the misspelling
+
+
+def test_every_config_problem_is_reported_at_once(tmp_path):
+    path = write_config(tmp_path / "c.yaml", "model:\n  weights: none\n  num_classes: 4\n"
+                                              "freeze:\n  trainable: [fc, layer5]\n"
+                                              "  stages: [{epoch: 9, trainable: [layer4]}]\n"
+                                              "optim:\n  param_groups: [{params: [layer7], lr: 0.1}]\n"
+                                              "train:\n  epochs: 3\n")
     with pytest.raises(FinetuneError) as info:
-        plan(names, trainable=["fc", "layer9", "fc.wieght"], frozen=["conv"])
+        build(load_config(path), progress=False)
     message = str(info.value)
-    assert "3 problems" in message
-    for key in ("freeze.trainable[1]", "freeze.trainable[2]", "freeze.frozen[0]"):
-        assert key in message
-    assert "fc.weight" in message  # closest name to the misspelling
-    assert "freeze.trainable[0]" not in message
+    assert info.value.exit_code == 2 and "3 problems" in message
+    assert f"{path}:5  freeze.trainable[1]: pattern 'layer5' matches no parameter" in message
+    assert f"{path}:6  freeze.stages[0].epoch: is 9 but train.epochs is 3" in message
+    assert f"{path}:8  optim.param_groups[0].params[0]: pattern 'layer7' matches no parameter" in message
 
 
 def test_bad_pattern_in_file_names_file_and_line(tmp_path):
@@ -154,7 +167,7 @@ def test_batchnorm_modes(sets, policy, train_bn):
 
 def _train_steps(built, steps: int = 3) -> None:
     torch.manual_seed(0)
-    optimizer = build_optimizer(built.model, load_config(None, ["optim.lr=0.1"]).optim)
+    optimizer = build_optimizer(built.model, load_config(None, ["optim.lr=0.1"]).optim, built.arch)
     set_train_mode(built.model, built.bn_modes)
     for _ in range(steps):
         x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2,))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_config
+from conftest import CodeRunningPayload, write_config
 from torch import nn
 
 from finetune.build import resolve_num_classes
@@ -185,20 +185,10 @@ def test_corrupt_file_is_not_reported_as_unsafe(tmp_path):
 
 # --- files that would run code when unpickled ------------------------------------------------------------------
 
-class _Payload:
-    """Unpickling this creates ``marker`` (builtins.open in write mode): proof that code ran."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 @pytest.mark.parametrize("how", ["torch.save", "pickle", "torch.save-in-state-dict", "hub-cache"])
 def test_code_running_pickle_is_refused(tmp_path, offline, how):
     marker = tmp_path / "MARKER"
-    payload = _Payload(marker)
+    payload = CodeRunningPayload(marker)
     if how == "hub-cache":
         path = offline / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
         path.parent.mkdir(parents=True)

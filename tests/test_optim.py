@@ -8,13 +8,16 @@ import pytest
 import torch
 
 from finetune.config import OptimConfig
+from finetune.arch import get_arch
 from finetune.optim import build_optimizer, build_scheduler, lr_factor
+
+RESNET = get_arch("resnet18")
 
 
 def test_optimizer_receives_only_trainable_parameters():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     model[0].requires_grad_(False)
-    optimizer = build_optimizer(model, OptimConfig(lr=0.1, momentum=0.5, nesterov=True, weight_decay=1e-4))
+    optimizer = build_optimizer(model, OptimConfig(lr=0.1, momentum=0.5, nesterov=True, weight_decay=1e-4), RESNET)
     (group,) = optimizer.param_groups
     assert [p is q for p, q in zip(group["params"], model[1].parameters())] == [True, True]
     assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.1, 0.5, True, 1e-4)
@@ -44,7 +47,7 @@ def test_warmup_is_linear_and_never_zero_then_the_schedule_runs():
 
 def test_scheduler_follows_the_factors():
     model = torch.nn.Linear(2, 2)
-    optimizer = build_optimizer(model, OptimConfig(lr=0.2))
+    optimizer = build_optimizer(model, OptimConfig(lr=0.2), RESNET)
     scheduler = build_scheduler(optimizer, OptimConfig(lr=0.2, schedule="step", step_size=1, gamma=0.5), 3, 2)
     seen = []
     for _ in range(6):

@@ -6,41 +6,41 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli, tiny_config
+from conftest import SignalAtStep, assert_same_weights, run_cli, tiny_config, weights
 
 from finetune import engine
+from finetune.arch import get_arch
 from finetune.build import build
 from finetune.config import OptimConfig, load_config
 from finetune.errors import FinetuneError
 from finetune.optim import Schedule, build_optimizer, lr_factor
-from finetune.progress import Reporter
+from finetune.reporting import Reporter
 
 STAGED = dict(freeze={"trainable": ["fc"], "stages": [{"epoch": 2, "trainable": ["layer4"]}]},
               optim={"lr": 0.02, "schedule": "cosine", "layer_lr_decay": 0.5},
               train={"epochs": 3, "batch_size": 6})
 
 
-@pytest.fixture
-def epochs_seen(monkeypatch):
+class EpochRecorder(Reporter):
     """What each epoch of training ran with: param groups, learning rates, requires_grad and BatchNorm mode."""
-    seen = []
-    original = engine._train_epoch
 
-    def recording(fast, trainable, batches, criterion, optimizer, scheduler, progress, *args, **kwargs):
-        model = fast.model
-        seen.append({"epoch": progress.epoch + 1, "groups": len(optimizer.param_groups),
-                     "lrs": [g["lr"] for g in optimizer.param_groups],
-                     "layer4_trains": model.layer4[0].conv1.weight.requires_grad,
-                     "layer4_bn_training": model.layer4[0].bn1.training, "prefix": fast.prefix_names[-1]})
-        return original(fast, trainable, batches, criterion, optimizer, scheduler, progress, *args, **kwargs)
+    def __init__(self):
+        super().__init__()
+        self.seen = []
 
-    monkeypatch.setattr(engine, "_train_epoch", recording)
-    return seen
+    def epoch_start(self, epoch, run):
+        model, fast = run.model, run.phase.fast
+        self.seen.append({"epoch": epoch, "groups": len(run.optimizer.param_groups),
+                          "lrs": [g["lr"] for g in run.optimizer.param_groups],
+                          "layer4_trains": model.layer4[0].conv1.weight.requires_grad,
+                          "layer4_bn_training": model.layer4[0].bn1.training, "prefix": fast.prefix_names[-1]})
 
 
-def test_a_stage_unfreezes_exactly_at_its_epoch(tmp_path, colour_data, epochs_seen):
+def test_a_stage_unfreezes_exactly_at_its_epoch(tmp_path, colour_data):
     config = load_config(tiny_config(tmp_path, colour_data, **STAGED))
-    engine.train(config, Reporter())
+    recorder = EpochRecorder()
+    engine.train(config, recorder)
+    epochs_seen = recorder.seen
     assert [e["layer4_trains"] for e in epochs_seen] == [False, True, True]
     assert [e["layer4_bn_training"] for e in epochs_seen] == [False, True, True]  # BatchNorm follows the freeze
     assert [e["groups"] for e in epochs_seen] == [1, 2, 2]  # a new param group when layer4 joins
@@ -49,9 +49,11 @@ def test_a_stage_unfreezes_exactly_at_its_epoch(tmp_path, colour_data, epochs_se
     assert [g["names"][0] for g in state["param_groups"]] == ["fc.weight", "layer4.0.conv1.weight"]
 
 
-def test_group_learning_rates_follow_decay_and_schedule(tmp_path, colour_data, epochs_seen):
+def test_group_learning_rates_follow_decay_and_schedule(tmp_path, colour_data):
     config = load_config(tiny_config(tmp_path, colour_data, **STAGED))
-    engine.train(config, Reporter())
+    recorder = EpochRecorder()
+    engine.train(config, recorder)
+    epochs_seen = recorder.seen
     steps = 6  # 36 images, batch 6
     for seen in epochs_seen:  # the rate at the first step of each epoch
         factor = lr_factor((seen["epoch"] - 1) * steps, steps, 3, config.optim)
@@ -63,7 +65,7 @@ def test_group_learning_rates_follow_decay_and_schedule(tmp_path, colour_data, e
 def test_schedule_scales_groups_added_later():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model[1].requires_grad_(False)
-    optimizer = build_optimizer(model, OptimConfig(lr=0.1))
+    optimizer = build_optimizer(model, OptimConfig(lr=0.1), get_arch("resnet18"))
     schedule = Schedule(optimizer, OptimConfig(lr=0.1, schedule="step", gamma=0.5), epochs=4, steps_per_epoch=1)
     schedule.step()
     optimizer.add_param_group({"params": list(model[1].parameters()), "initial_lr": 0.04})
@@ -72,7 +74,6 @@ def test_schedule_scales_groups_added_later():
 
 
 def test_resume_in_a_later_stage_equals_uninterrupted(tmp_path, colour_data):
-    from test_train import SignalAtStep, assert_same_weights, weights
 
     engine.train(load_config(tiny_config(tmp_path / "whole", colour_data, **STAGED)), Reporter())
     parted = load_config(tiny_config(tmp_path / "parted", colour_data, **STAGED))
@@ -86,7 +87,7 @@ def test_no_decay_for_batchnorm_and_biases(tmp_path, colour_data):
     config = load_config(tiny_config(tmp_path, colour_data, freeze={"trainable": ["layer4", "fc"]},
                                      optim={"weight_decay": 1e-4, "no_decay_bn_bias": True}))
     built = build(config, ["blue", "green", "red"])
-    decay = {name: group["weight_decay"] for group in build_optimizer(built.model, config.optim).param_groups
+    decay = {name: group["weight_decay"] for group in build_optimizer(built.model, config.optim, built.arch).param_groups
              for name in group["names"]}
     assert decay["layer4.0.conv1.weight"] == 1e-4 and decay["fc.weight"] == 1e-4
     assert decay["layer4.0.bn1.weight"] == 0 and decay["layer4.0.bn1.bias"] == 0 and decay["fc.bias"] == 0
@@ -97,7 +98,7 @@ def test_param_groups_set_learning_rates_by_pattern(tmp_path, colour_data):
                                      optim={"lr": 0.1, "param_groups": [{"params": ["layer4"], "lr": 0.001},
                                                                         {"params": ["layer4.1.conv2"], "lr": 0.002}]}))
     built = build(config, ["blue", "green", "red"])
-    lr = {name: group["lr"] for group in build_optimizer(built.model, config.optim).param_groups
+    lr = {name: group["lr"] for group in build_optimizer(built.model, config.optim, built.arch).param_groups
           for name in group["names"]}
     assert lr["fc.weight"] == 0.1 and lr["layer4.0.conv1.weight"] == 0.001 and lr["layer4.1.conv2.weight"] == 0.002
 

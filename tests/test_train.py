@@ -3,42 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 import torch
-from conftest import run_cli, tiny_config
+from conftest import SignalAtStep, assert_same_weights, run_cli, tiny_config, weights
 
 from finetune.config import load_config
 from finetune.engine import train
 from finetune.errors import FinetuneError
-from finetune.progress import Reporter
 
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "grad_norm", "seconds",
                "images_per_s"}
-
-
-def weights(run_dir):
-    return torch.load(run_dir / "last.pt", weights_only=True)["model"]
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"tensors differ: {different[:5]}"
-
-
-class SignalAtStep(Reporter):
-    """Sends a real signal to this process after a given training step, like Ctrl-C would."""
-
-    def __init__(self, epoch: int, step: int, signum=signal.SIGINT):
-        super().__init__()
-        self.at, self.signum = (epoch, step), signum
-
-    def step(self, epoch, step, *args):
-        if (epoch, step) == self.at:
-            os.kill(os.getpid(), self.signum)
 
 
 @pytest.fixture(scope="module")
