@@ -206,16 +206,19 @@ def evaluate(
                                                  show_default=False)] = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Where to write confusion.png "
                                                        "(default: beside the checkpoint).", show_default=False)] = None,
+    top_losses: Annotated[int, typer.Option("--top-losses", "-t", min=0, max=100, help="Also write top_losses.png "
+                                            "(the K images with the highest loss) and predictions.csv (every "
+                                            "image, by loss).", show_default=False)] = 0,
     json: JsonOption = False,
 ) -> None:
-    """Loss, top-1/top-5 and per-class accuracy of a checkpoint, with a confusion matrix picture.
+    """Loss, top-1/top-5, per-class precision/recall/F1, balanced accuracy and macro F1, with a confusion matrix.
 
-    Example:  finetune evaluate runs/quickstart/best.pt --data data/shapes
+    Example:  finetune evaluate runs/quickstart/best.pt --data data/shapes --top-losses 16
     """
     from finetune.inference import evaluate_checkpoint
     from finetune.render import print_evaluation, print_json
 
-    result = evaluate_checkpoint(checkpoint, data, output_dir)
+    result = evaluate_checkpoint(checkpoint, data, output_dir, top_losses)
     print_json(result) if json else print_evaluation(result)
 
 
@@ -248,19 +251,25 @@ def make_dataset(
     val_per_class: Annotated[int, typer.Option("--val-per-class", help="Validation images per class.")] = 100,
     image_size: Annotated[int, typer.Option("--image-size", help="Image width and height in pixels.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same images.")] = 0,
+    imbalance: Annotated[float, typer.Option("--imbalance", help="Make the classes imbalanced: the first class gets "
+                                             "this many times the images of the last (in train and val), the "
+                                             "others in between. 1 = balanced.")] = 1.0,
 ) -> None:
     """Generate the built-in demo data set (shapes on noisy backgrounds) as an ImageFolder tree.
 
     Example:  finetune make-dataset shapes data/shapes --classes 6 --seed 1
+    Imbalanced:  finetune make-dataset shapes data/shapes-imb --imbalance 10
     """
     if kind != "shapes":
         raise FinetuneError(f"Unknown demo data set {kind!r}; the one available is 'shapes'.")
     from finetune.demo import make_shapes
 
     info = make_shapes(out_dir, classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
-                       image_size=image_size, seed=seed)
+                       image_size=image_size, seed=seed, imbalance=imbalance)
+    names = info["classes"] if imbalance == 1 else [
+        f"{name} {train}/{val}" for name, train, val in zip(info["classes"], info["train_sizes"], info["val_sizes"])]
     typer.echo(f"Wrote {info['train']} train and {info['val']} val images of {len(info['classes'])} classes "
-               f"({', '.join(info['classes'])}) to {info['root']}")
+               f"({', '.join(names)}{' train/val images' if imbalance != 1 else ''}) to {info['root']}")
 
 
 def main() -> None:

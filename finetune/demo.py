@@ -107,10 +107,21 @@ def _image(shape: str, size: int, rng: random.Random) -> Image.Image:
     return ImageChops.add(img, noise, offset=-NOISE)
 
 
+def class_sizes(per_class: int, classes: int, imbalance: float) -> list[int]:
+    """Images per class: ``per_class`` for the first, falling geometrically to ``per_class / imbalance`` for the
+    last (all ``per_class`` when ``imbalance`` is 1)."""
+    return [round(per_class * imbalance ** (-i / (classes - 1))) for i in range(classes)]
+
+
 def make_shapes(out_dir, *, classes: int = 4, train_per_class: int = 1000, val_per_class: int = 100,
-                image_size: int = 64, seed: int = 0) -> dict:
+                image_size: int = 64, seed: int = 0, imbalance: float = 1.0) -> dict:
     """Write out_dir/train/<class>/<i>.png and out_dir/val/<class>/<i>.png; return a summary dict
-    {"root": str(out_dir), "classes": [names], "train": n_train_total, "val": n_val_total, "image_size": image_size}.
+    {"root": str(out_dir), "classes": [names], "train": n_train_total, "val": n_val_total, "image_size": image_size,
+    "train_sizes": [per class], "val_sizes": [per class]}.
+
+    ``imbalance`` r > 1 makes an imbalanced set, in both splits: the first class has ``*_per_class`` images, the
+    last r times fewer, the ones between geometrically in between. Each class's images are the first ones of the
+    balanced set's, so the two differ only in how many there are.
 
     Raises FinetuneError on bad arguments or if out_dir exists and is not empty.
     """
@@ -118,6 +129,16 @@ def make_shapes(out_dir, *, classes: int = 4, train_per_class: int = 1000, val_p
     _check_int(train_per_class, 1, None, "--train-per-class")
     _check_int(val_per_class, 1, None, "--val-per-class")
     _check_int(image_size, 16, None, "--image-size")
+    if isinstance(imbalance, bool) or not isinstance(imbalance, (int, float)) or not 1 <= imbalance < math.inf:
+        raise FinetuneError(f"--imbalance must be a number >= 1 (got {imbalance!r}); 1 is balanced, 10 gives the "
+                            "first class 10 times the images of the last.")
+    sizes = {"train": class_sizes(train_per_class, classes, imbalance),
+             "val": class_sizes(val_per_class, classes, imbalance)}
+    for split, option in (("train", "--train-per-class"), ("val", "--val-per-class")):
+        if sizes[split][-1] < 1:
+            raise FinetuneError(f"--imbalance {imbalance:g} leaves the last class no {split} images "
+                                f"({option} {sizes[split][0]} / {imbalance:g} < 0.5); raise {option} or lower "
+                                "--imbalance.")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"{out} exists and is not a folder; choose another output folder.")
@@ -131,8 +152,8 @@ def make_shapes(out_dir, *, classes: int = 4, train_per_class: int = 1000, val_p
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the data set is not secret
     try:
-        for split, count in (("train", train_per_class), ("val", val_per_class)):
-            for name in names:
+        for split in ("train", "val"):
+            for name, count in zip(names, sizes[split]):
                 # One stream per (seed, split, class): splits never share images,
                 # and a class's images do not depend on how many classes there are.
                 rng = random.Random(f"shapes/{seed}/{split}/{name}")
@@ -146,5 +167,5 @@ def make_shapes(out_dir, *, classes: int = 4, train_per_class: int = 1000, val_p
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"root": str(out_dir), "classes": names, "train": train_per_class * classes,
-            "val": val_per_class * classes, "image_size": image_size}
+    return {"root": str(out_dir), "classes": names, "train": sum(sizes["train"]), "val": sum(sizes["val"]),
+            "image_size": image_size, "train_sizes": sizes["train"], "val_sizes": sizes["val"]}

@@ -77,9 +77,9 @@ def plot_top_losses(rows: list[dict], path: Path) -> None:
     from PIL import Image
 
     plt = _pyplot()
-    columns = min(len(rows), max(1, math.ceil(math.sqrt(len(rows)))))
-    lines = math.ceil(len(rows) / columns)
-    fig, axes = plt.subplots(lines, columns, figsize=(2.6 * columns, 3.0 * lines), squeeze=False)
+    columns = max(1, math.ceil(math.sqrt(len(rows))))
+    lines = max(1, math.ceil(len(rows) / columns))
+    fig, axes = plt.subplots(lines, columns, figsize=(2.6 * columns, 3.2 * lines), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, row in zip(axes.flat, rows):
@@ -88,7 +88,6 @@ def plot_top_losses(rows: list[dict], path: Path) -> None:
         ax.set_title(f"true {row['true']}\npred {row['predicted']} ({row['prob']:.0%})\nloss {row['loss']:.2f}",
                      fontsize=9)
     fig.suptitle("top losses (validation images)")
-    fig.tight_layout()
     _save(fig, path)
 
 

@@ -58,16 +58,34 @@ def print_freeze_report(report: "FreezeReport") -> None:
 
 
 def print_evaluation(result: dict) -> None:
-    console.print(f"{result['checkpoint']} on {result['data']} ({result['images']} images)")
-    console.print(f"loss {result['loss']:.4f}   top-1 {result['top1']:.2%}   top-5 {result['top5']:.2%}")
-    table = Table(title="Per-class accuracy", title_justify="left")
+    console.print(f"{result['checkpoint']} on {result['data']} ({result['images']} images)", highlight=False)
+    console.print(f"loss {result['loss']:.4f}   accuracy (top-1) {result['top1']:.2%}   top-5 {result['top5']:.2%}   "
+                  f"balanced accuracy {_share(result['balanced_accuracy'])}   macro F1 {_share(result['macro_f1'])}",
+                  highlight=False)
+    table = Table(title="Per class", title_justify="left")
     table.add_column("class")
-    table.add_column("images", justify="right")
-    table.add_column("accuracy", justify="right")
+    for column in ("precision", "recall", "F1", "support"):
+        table.add_column(column, justify="right")
     for row in result["per_class"]:
-        table.add_row(row["class"], str(row["images"]), "-" if row["acc"] is None else f"{row['acc']:.2%}")
+        table.add_row(row["class"], _share(row["precision"]), _share(row["recall"]), _share(row["f1"]),
+                      str(row["support"]))
     console.print(table)
-    console.print(f"confusion matrix: {result['confusion_png']}")
+    console.print(f"confusion matrix: {result['confusion_png']}", highlight=False, soft_wrap=True)
+    if "top_losses" in result:
+        table = Table(title=f"Top {len(result['top_losses'])} losses", title_justify="left")
+        for column in ("image", "true", "predicted", "probability", "loss"):
+            table.add_column(column, justify="right" if column in ("probability", "loss") else "left",
+                             overflow="fold" if column == "image" else "ellipsis")
+        for row in result["top_losses"]:
+            table.add_row(row["path"], row["true"], row["predicted"], f"{row['prob']:.2%}", f"{row['loss']:.3f}")
+        console.print(table)
+        console.print(f"top losses: {result['top_losses_png']}\nevery image by loss: {result['predictions_csv']}",
+                      highlight=False, soft_wrap=True)
+
+
+def _share(value) -> str:
+    """A fraction as a percentage, or '-' when it is undefined (0/0)."""
+    return "-" if value is None else f"{value:.2%}"
 
 
 def print_predictions(results: list[dict]) -> None:

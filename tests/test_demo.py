@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from finetune.demo import SHAPES, make_shapes
+from finetune.demo import SHAPES, class_sizes, make_shapes
 from finetune.errors import FinetuneError
 
 SMALL = dict(classes=3, train_per_class=4, val_per_class=2, image_size=24)
@@ -19,7 +19,8 @@ def test_layout_counts_and_images(tmp_path):
     out = tmp_path / "nested" / "shapes"  # parents are created
     summary = make_shapes(out, **SMALL)
     names = list(SHAPES[:3])
-    assert summary == {"root": str(out), "classes": names, "train": 12, "val": 6, "image_size": 24}
+    assert summary == {"root": str(out), "classes": names, "train": 12, "val": 6, "image_size": 24,
+                       "train_sizes": [4, 4, 4], "val_sizes": [2, 2, 2]}
     assert sorted(p.name for p in out.iterdir()) == ["train", "val"]
     for split, per_class in (("train", 4), ("val", 2)):
         assert sorted(p.name for p in (out / split).iterdir()) == sorted(names)
@@ -110,3 +111,39 @@ def test_make_dataset_cli(tmp_path):
     unknown = run_cli("make-dataset", "faces", str(tmp_path / "other"))
     assert unknown.returncode == 2 and "'shapes'" in unknown.stderr and "Traceback" not in unknown.stderr
     assert not (tmp_path / "other").exists()
+
+
+def test_imbalanced_sizes_fall_geometrically_from_first_to_last():
+    assert class_sizes(1000, 4, 10) == [1000, 464, 215, 100]
+    assert class_sizes(7, 3, 1) == [7, 7, 7]
+
+
+def test_imbalanced_set_holds_the_first_images_of_the_balanced_one(tmp_path):
+    balanced = _files(Path(make_shapes(tmp_path / "b", **SMALL)["root"]))
+    summary = make_shapes(tmp_path / "i", imbalance=2, **SMALL)
+    assert summary["train_sizes"] == [4, 3, 2] and summary["val_sizes"] == [2, 1, 1]
+    assert summary["train"] == 9 and summary["val"] == 4
+    imbalanced = _files(tmp_path / "i")
+    assert len(imbalanced) == 13 and all(balanced[k] == v for k, v in imbalanced.items())
+    for split, sizes in (("train", summary["train_sizes"]), ("val", summary["val_sizes"])):
+        assert [len(list((tmp_path / "i" / split / name).iterdir())) for name in SHAPES[:3]] == sizes
+
+
+@pytest.mark.parametrize("imbalance, message", [
+    (0.5, "--imbalance must be a number >= 1"), (float("inf"), "--imbalance must be a number >= 1"),
+    (True, "--imbalance must be a number >= 1"), (5, "leaves the last class no val images")])
+def test_bad_imbalance(tmp_path, imbalance, message):
+    with pytest.raises(FinetuneError, match=message):
+        make_shapes(tmp_path / "out", imbalance=imbalance, **SMALL)
+    assert not (tmp_path / "out").exists()
+
+
+def test_make_dataset_cli_imbalanced(tmp_path):
+    from conftest import run_cli
+
+    made = run_cli("make-dataset", "shapes", str(tmp_path / "out"), "--classes", "3", "--train-per-class", "9",
+                   "--val-per-class", "9", "--image-size", "16", "--imbalance", "9")
+    assert made.returncode == 0, made.stderr
+    assert "Wrote 13 train and 13 val images of 3 classes (circle 9/9, square 3/3, triangle 1/1 train/val images)" \
+        in made.stdout
+
