@@ -6,19 +6,22 @@ import itertools
 import math
 import os
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, default_collate
-from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.config import Config, config_error
 from finetune.errors import FinetuneError
+from finetune.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (imported from here by export)
+from finetune.images import ImageCheck, ImagePipeline, check_image, describe_error, to_upright_rgb
 
 
 def train_folder(root: Path) -> Path:
@@ -43,10 +46,6 @@ def class_names_or_none(config: Config) -> Optional[list[str]]:
     return class_names(config) if config.data.root else None
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation torchvision's ResNet-18 weights were trained with
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 @dataclass
 class Datasets:
     train: Dataset
@@ -57,18 +56,15 @@ class Datasets:
     bad_images: list[str] = field(default_factory=list)
 
 
-def eval_transform(image_size: int):
-    return transforms.Compose([
-        transforms.Resize(image_size), transforms.CenterCrop(image_size),
-        transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def eval_transform(image_size: int, fast_decode: bool = True) -> ImagePipeline:
+    """Resize + centre crop to ``image_size``, then normalise. Called on a PIL image it acts as a torchvision
+    transform; :func:`load_image` and :class:`ImageFiles` also decode JPEGs at reduced scale (``fast_decode``)."""
+    return ImagePipeline(image_size, augment=False, fast_decode=fast_decode)
 
 
-def train_transform(image_size: int, augment: bool):
-    if not augment:
-        return eval_transform(image_size)
-    return transforms.Compose([
-        transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def train_transform(image_size: int, augment: bool, fast_decode: bool = True) -> ImagePipeline:
+    """:func:`eval_transform`, or with ``augment`` a random resized crop and horizontal flip."""
+    return ImagePipeline(image_size, augment=augment, fast_decode=fast_decode)
 
 
 def ensure_demo_data(config: Config) -> Optional[dict]:
@@ -84,8 +80,8 @@ def load_datasets(config: Config) -> Datasets:
     """The train and val sets of ``data.root``, with their transforms; class names from the folders."""
     classes = class_names(config)
     root = Path(config.data.root)
-    train_tf = train_transform(config.data.image_size, config.data.augment)
-    val_tf = eval_transform(config.data.image_size)
+    train_tf = train_transform(config.data.image_size, config.data.augment, config.data.fast_decode)
+    val_tf = eval_transform(config.data.image_size, config.data.fast_decode)
     if (root / "train").is_dir():
         train = image_folder(config, root / "train", classes, train_tf)
         val_root = root / "val"
@@ -134,54 +130,117 @@ def stratified_split(targets: list[int], val_fraction: float, seed: int) -> tupl
     return sorted(train), sorted(val)
 
 
-def image_folder(config: Config, folder: Path, classes: list[str], transform, allow_empty: bool = False):
-    class _Folder(ImageFolder):
-        def find_classes(self, directory):  # the train classes, so val labels mean the same thing
-            return classes, {name: i for i, name in enumerate(classes)}
-
+def image_folder(config: Config, folder: Path, classes: list[str], transform: ImagePipeline,
+                 allow_empty: bool = False) -> "ImageFiles":
+    """The images of ``folder``/<class>/*, labelled by their index in ``classes``, read through ``transform``."""
     try:
-        return _Folder(str(folder), transform=transform, loader=read_image, allow_empty=allow_empty)
+        return ImageFiles(folder, classes, transform, allow_empty=allow_empty,
+                          skip_bad=config.data.skip_bad_images)
     except FileNotFoundError as exc:
         raise config_error(config, [("data.root", f"{exc}; every class folder under {folder} needs at least "
                                      f"one image ({', '.join(IMG_EXTENSIONS)})")]) from None
 
 
 SKIP_HINT = "set data.skip_bad_images: true to train without unreadable images"
+Decoded = Union[np.ndarray, str]  # a decoded image, or why the file cannot be read
+
+
+class ImageFiles(ImageFolder):
+    """An ImageFolder read through an :class:`ImagePipeline`: an item is decoded (a JPEG at reduced scale), kept
+    in the image cache when one is attached (``imagecache``), then finished into the model's input.
+
+    Decoding may happen ahead, in the decode threads of :func:`make_loader`. A file that passed the quick check
+    (:func:`drop_bad_images`) but fails to decode is an error naming it, or with ``data.skip_bad_images`` an item
+    of None, which the collate leaves out of its batch: the same in every epoch and in a resumed run.
+    """
+
+    def __init__(self, folder: Path, classes: list[str], pipeline: ImagePipeline, *, allow_empty: bool = False,
+                 skip_bad: bool = False):
+        self._class_list = classes
+        super().__init__(str(folder), transform=pipeline, loader=read_image, allow_empty=allow_empty)
+        self.pipeline, self.skip_bad = pipeline, skip_bad
+        self.unreadable: list[str] = []  # paths skipped as unreadable: the list in Datasets.bad_images
+        self.upright_sizes: dict[str, tuple[int, int]] = {}  # (width, height) by path, from the quick check
+        self.cache = None  # an imagecache.ImageCache, attached by imagecache.plan_image_caches
+        self.prefetch: Optional[_Prefetch] = None  # set while a loader's decode threads work ahead
+        self._skipped: set[int] = set()
+
+    def find_classes(self, directory):  # the train classes, so val labels mean the same thing
+        return self._class_list, {name: i for i, name in enumerate(self._class_list)}
+
+    def __getitem__(self, index: int):
+        image = self.load(index)
+        return None if image is None else (self.pipeline.finish(image), self.samples[index][1])
+
+    def load(self, index: int) -> Optional[np.ndarray]:
+        """Item ``index`` decoded: from the cache, from a decode thread, or decoded now; None when skipped."""
+        if index in self._skipped:
+            return None
+        if self.cache is not None and (image := self.cache.get(index)) is not None:
+            return image
+        future = self.prefetch.take(index) if self.prefetch is not None else None
+        decoded = future.result() if future is not None else self.decode(index)
+        return self._unreadable(index, decoded) if isinstance(decoded, str) else decoded
+
+    def decode(self, index: int) -> Decoded:
+        """Decode item ``index`` and keep it in the cache, if any; runs in decode threads."""
+        try:
+            image = self.pipeline.decode(self.samples[index][0])
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
+            return describe_error(exc)
+        if self.cache is not None:
+            self.cache.put(index, image)
+        return image
+
+    def _unreadable(self, index: int, why: str) -> None:
+        path = self.samples[index][0]
+        if not self.skip_bad:
+            raise FinetuneError(f"Cannot read image {path}: {why}.\nReplace or delete it, or {SKIP_HINT}.")
+        self._skipped.add(index)
+        if path not in self.unreadable:
+            self.unreadable.append(path)
+
+
+def image_files(dataset: Dataset) -> Optional[tuple[ImageFiles, list[int]]]:
+    """The :class:`ImageFiles` under ``dataset`` (through Subset and wrappers with ``.dataset``) and, for each
+    item of ``dataset``, its index there; None when there is none."""
+    if isinstance(dataset, ImageFiles):
+        return dataset, list(range(len(dataset)))
+    inner = getattr(dataset, "dataset", None)
+    found = image_files(inner) if isinstance(inner, Dataset) else None
+    if found is not None and isinstance(dataset, Subset):
+        return found[0], [found[1][i] for i in dataset.indices]
+    return found
 
 
 def read_image(path: str, hint: str = SKIP_HINT) -> Image.Image:
-    """ImageFolder's loader (an RGB PIL image), with an error naming the file when it cannot be read."""
+    """The image file at ``path`` as an RGB PIL image, upright as its EXIF orientation says, with an error naming
+    the file when it cannot be read."""
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            return to_upright_rgb(Image.open(f))
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
-        fix = f"Replace or delete it, or {hint}." if hint else "Replace or delete it."
-        raise FinetuneError(f"Cannot read image {path}: {_reason(exc)}.\n{fix}") from None
+        raise _read_error(path, describe_error(exc), hint) from None
+
+
+def load_image(path: str, transform: ImagePipeline, hint: str = SKIP_HINT) -> torch.Tensor:
+    """The model's input for the image file at ``path``: :func:`read_image` then ``transform``, but a JPEG is
+    decoded at the reduced scale the transform allows (``predict``)."""
+    try:
+        image = transform.decode(path)
+    except Exception as exc:
+        raise _read_error(path, describe_error(exc), hint) from None
+    return transform.finish(image)
+
+
+def _read_error(path: str, why: str, hint: str) -> FinetuneError:
+    fix = f"Replace or delete it, or {hint}." if hint else "Replace or delete it."
+    return FinetuneError(f"Cannot read image {path}: {why}.\n{fix}")
 
 
 def unreadable(path: str) -> Optional[str]:
-    """Why the image file at ``path`` cannot be read, or None when it can.
-
-    A PNG is checked with ``verify()``: every chunk's checksum, to the end of the file, without decoding the
-    pixels. Other formats are decoded; a JPEG at reduced scale (``draft``), which still reads all its data.
-    """
-    try:
-        with Image.open(path) as image:
-            if image.format == "PNG":
-                image.verify()
-            else:
-                image.draft("RGB", (64, 64))
-                image.load()
-    except Exception as exc:
-        return _reason(exc)
-    return None
-
-
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, UnidentifiedImageError):
-        return "not an image file PIL can read"
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    """Why the image file at ``path`` cannot be read, or None when it can (:func:`images.check_image`)."""
+    return check_image(path).problem
 
 
 def drop_bad_images(config: Config, folders: list, train=None) -> list[str]:
@@ -191,14 +250,18 @@ def drop_bad_images(config: Config, folders: list, train=None) -> list[str]:
     folder and returned (sorted paths) so that they can be reported. A class of ``train`` left without images
     is an error either way.
     """
-    checked: dict[str, Optional[str]] = {}
+    checked: dict[str, ImageCheck] = {}
     for folder in folders:
         for path, _ in folder.samples:
             if path not in checked:
-                checked[path] = unreadable(path)
-    bad = {path: why for path, why in sorted(checked.items()) if why}
+                checked[path] = check_image(path)
+    bad = {path: check.problem for path, check in sorted(checked.items()) if check.problem}
+    skipped = list(bad)  # one list, shared: files found unreadable later, when decoded, join it
+    sizes = {path: check.size for path, check in checked.items() if check.size}
+    for folder in folders:
+        folder.unreadable, folder.upright_sizes = skipped, sizes
     if not bad:
-        return []
+        return skipped
     if not config.data.skip_bad_images:
         shown = "".join(f"\n    {path}: {why}" for path, why in list(bad.items())[:5])
         more = f"\n    ... and {len(bad) - 5} more" if len(bad) > 5 else ""
@@ -215,13 +278,16 @@ def drop_bad_images(config: Config, folders: list, train=None) -> list[str]:
             raise config_error(config, [("data.root", f"no readable image left in class folder(s) "
                                          f"{', '.join(empty)} of {train.root} after skipping {len(bad)} unreadable "
                                          "image(s); add readable images to them")])
-    return list(bad)
+    return skipped
 
 
 def default_workers() -> int:
-    # On a small machine the compute threads need every core: load in the main process.
-    cores = os.cpu_count() or 1
-    return 0 if cores <= 2 else min(4, cores // 2)
+    """Decode threads for ``data.workers: null``: one per core, at most 8.
+
+    A decode thread runs only while the prefetch window has room, that is while decoding lags behind training;
+    then the compute threads are waiting for the batch, and every core should be decoding.
+    """
+    return min(8, os.cpu_count() or 1)
 
 
 class _SkipSampler(Sampler):
@@ -263,8 +329,8 @@ class Indexed(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        image, target = self.dataset[index]
-        return image, target, index
+        item = self.dataset[index]
+        return None if item is None else (*item, index)
 
 
 class _WeightedSampler(Sampler):
@@ -306,7 +372,13 @@ def drops_last(size: int, batch_size: int, shuffle: bool, world: int = 1) -> boo
 
 
 def collate_channels_last(batch):
-    """The default collate, with image batches in channels-last memory format (what the fast path runs in)."""
+    """The default collate, with image batches in channels-last memory format (what the fast path runs in).
+
+    Items of None (unreadable images skipped by ``data.skip_bad_images``) are left out of the batch.
+    """
+    batch = [item for item in batch if item is not None]
+    if not batch:
+        raise skipped_batch_error()
     collated = default_collate(batch)
     images = collated[0]
     if isinstance(images, torch.Tensor) and images.dim() == 4:
@@ -314,19 +386,84 @@ def collate_channels_last(batch):
     return collated
 
 
+def skipped_batch_error() -> FinetuneError:
+    return FinetuneError("Every image of a batch was unreadable and skipped (data.skip_bad_images: true), so "
+                         "there is nothing to train on in that step. Replace or delete the unreadable files (see "
+                         "the warnings, or skipped_images in summary.json) and start the run again.")
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
                 skip_batches: int = 0, workers: int = 0, rank: int = 0, world: int = 1,
-                weights: Optional[torch.Tensor] = None) -> DataLoader:
+                weights: Optional[torch.Tensor] = None):
     """A loader whose order is a function of (seed, epoch) only, so runs and resumes repeat exactly.
 
+    ``workers``: over image files (:class:`ImageFiles`, also under a Subset or wrapper) that many decode threads
+    work ahead of the main thread, which finishes each item (the seeded random transforms) and collates, so the
+    batches are the same for any count; over other datasets, DataLoader worker processes.
     ``weights``: weighted sampling with replacement (see :func:`epoch_sampler`)."""
     inner = dataset.dataset if isinstance(dataset, Indexed) else dataset
     if isinstance(inner, SeededSamples):
         inner.epoch = epoch
     sampler = epoch_sampler(len(dataset), shuffle=shuffle, seed=seed, epoch=epoch, skip=skip_batches * batch_size,
                             rank=rank, world=world, weights=weights)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      drop_last=drops_last(len(dataset), batch_size, shuffle, world), collate_fn=collate_channels_last)
+    files = image_files(dataset) if workers else None
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0 if files else workers,
+                        drop_last=drops_last(len(dataset), batch_size, shuffle, world),
+                        collate_fn=collate_channels_last)
+    if files is None:
+        return loader
+    base, index = files
+    return _PrefetchingLoader(loader, base, [index[i] for i in sampler], workers, ahead=PREFETCH_BATCHES * batch_size)
+
+
+PREFETCH_BATCHES = 2  # how far decode threads work ahead of training
+
+
+class _Prefetch:
+    """Decode threads working through ``order`` (indices of ``files``) ahead of the main thread, at most ``ahead``
+    images at a time; images the cache already holds are left to the main thread."""
+
+    def __init__(self, files: ImageFiles, order: list[int], threads: int, ahead: int):
+        self.files, self.order, self.ahead = files, iter(order), ahead
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="finetune-decode")
+        self.pending: dict[int, Future] = {}
+        self._top_up()
+
+    def take(self, index: int) -> Optional[Future]:
+        future = self.pending.pop(index, None)
+        self._top_up()
+        return future
+
+    def _top_up(self) -> None:
+        cache = self.files.cache
+        while len(self.pending) < self.ahead:
+            index = next(self.order, None)
+            if index is None:
+                return
+            if index not in self.pending and not (cache is not None and cache.holds(index)):
+                self.pending[index] = self.pool.submit(self.files.decode, index)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _PrefetchingLoader:
+    """``loader`` (run in the main thread) with decode threads working ahead of it."""
+
+    def __init__(self, loader: DataLoader, files: ImageFiles, order: list[int], threads: int, ahead: int):
+        self.loader, self.files, self.order, self.threads, self.ahead = loader, files, order, threads, ahead
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        prefetch = _Prefetch(self.files, self.order, self.threads, self.ahead)
+        self.files.prefetch = prefetch
+        try:
+            yield from self.loader
+        finally:
+            self.files.prefetch = None
+            prefetch.close()
 
 
 def steps_per_epoch(dataset: Dataset, batch_size: int, world: int = 1) -> int:
