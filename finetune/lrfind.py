@@ -37,6 +37,7 @@ from finetune.distributed import select_device
 from finetune.errors import FinetuneError
 from finetune.fastpath import FastModel, FeatureSource, cache_decision
 from finetune.freeze import set_train_mode
+from finetune.hardware import precision_for_config
 from finetune.imbalance import class_weights, sampling_weights
 from finetune.optim import build_optimizer
 
@@ -232,7 +233,8 @@ def lr_find(config: Config, start: float = 1e-6, end: float = 1.0, steps: int = 
     out = plot_path(output)
     targets = [target for _, target in image_samples(data.train)]
     device = torch.device(select_device(config.train.device, torch.cuda.is_available()))
-    fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, config.train.precision, device)
+    precision = precision_for_config(config).precision  # train.precision: auto resolves as in training
+    fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, precision, device)
     set_train_mode(built.model, built.bn_modes)
     optimizer = build_optimizer(built.model, config.optim, built.arch)
     weights = class_weights(config.train.class_weights, targets, built.num_classes)
@@ -259,6 +261,7 @@ def lr_find(config: Config, start: float = 1e-6, end: float = 1.0, steps: int = 
     names = fast.prefix_names
     where = (f"the feature cache (the images pass once through the frozen prefix {names[0]} .. {names[-1]})"
              if use_cache else f"images through the whole model{' (frozen prefix without autograd)' if names else ''}")
+    where += f", precision {precision}"
     new = overrides(config, suggestion.lr) if suggestion.lr is not None else []
     return LRFind(curve, suggestion, start, end, steps, where,
                   [{"lr_ratio": group["initial_lr"] / config.optim.lr, "tensors": len(group["params"])}
