@@ -19,6 +19,7 @@ from finetune.arch import Arch, get_arch
 from finetune.config import Config, config_error
 from finetune.fastpath import cache_problems
 from finetune.freeze import Decision, apply_plan, batchnorm_modes, check_patterns, plan_freeze
+from finetune.imbalance import problems as imbalance_problems
 from finetune.model import WeightsInfo, build_model
 from finetune.optim import check_patterns as check_lr_patterns
 
@@ -61,7 +62,7 @@ def build(config: Config, class_names: Optional[list[str]] = None, progress: boo
     arch = get_arch(config.model.arch)
     with torch.device("meta"):  # the model's structure only: no memory, no initialisation
         skeleton = arch.build(num_classes)
-    problems = config_problems(config, arch, skeleton)
+    problems = config_problems(config, arch, skeleton, num_classes)
     if problems:
         raise config_error(config, problems)
     plan = plan_freeze([name for name, _ in skeleton.named_parameters()], config.freeze, epoch)
@@ -72,12 +73,13 @@ def build(config: Config, class_names: Optional[list[str]] = None, progress: boo
     return Built(model, arch, plan, batchnorm_modes(model, plan, config.freeze.batchnorm), weights, num_classes)
 
 
-def config_problems(config: Config, arch: Arch, skeleton: nn.Module) -> list[tuple[str, str]]:
+def config_problems(config: Config, arch: Arch, skeleton: nn.Module, num_classes: int) -> list[tuple[str, str]]:
     """Every ``(key, message)`` problem the schema cannot see: patterns that match no parameter, stages that never
-    start, a global batch that does not divide among the processes (WORLD_SIZE), and rules that depend on the
-    freeze plan. ``skeleton`` is the model on the meta device."""
+    start, a global batch that does not divide among the processes (WORLD_SIZE), class weights of the wrong
+    length, and rules that depend on the freeze plan. ``skeleton`` is the model on the meta device."""
     names = [name for name, _ in skeleton.named_parameters()]
     problems = check_patterns(names, config.freeze) + check_lr_patterns(names, config.optim)
+    problems += imbalance_problems(config, num_classes)
     problems += [(f"freeze.stages[{i}].epoch", f"is {stage.epoch} but train.epochs is {config.train.epochs}: "
                   "the stage would never start") for i, stage in enumerate(config.freeze.stages)
                  if stage.epoch > config.train.epochs]

@@ -25,11 +25,21 @@ from finetune import rundir
 from finetune.build import Built, build
 from finetune.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from finetune.config import Config
-from finetune.data import SeededSamples, default_workers, ensure_demo_data, load_datasets, steps_per_epoch
+from finetune.data import (
+    SeededSamples,
+    default_workers,
+    ensure_demo_data,
+    image_samples,
+    load_datasets,
+    steps_per_epoch,
+)
 from finetune.distributed import Dist, setup, teardown
 from finetune.errors import FinetuneError
 from finetune.fastpath import FastModel, FeatureSource, cache_decision
 from finetune.freeze import apply_plan, batchnorm_modes, frozen_tensors, plan_freeze, set_train_mode
+from finetune.hardware import precision_for_config
+from finetune.imbalance import class_weights, imbalance_warning, sampling_weights
+from finetune.metrics import balanced_accuracy, macro_f1
 from finetune.optim import Schedule, add_trainable, build_optimizer
 from finetune.reporting import Reporter
 
@@ -194,12 +204,16 @@ class Run:
         self.config, self.reporter, self.dist, self.run_dir, self.data, self.built = (
             config, reporter, dist, run_dir, data, built)
         self.started = time.perf_counter()
+        self.precision = precision_for_config(config)
         self.model = built.model
         self.optimizer = build_optimizer(self.model, config.optim, built.arch)
         self.steps = steps_per_epoch(data.train, config.train.batch_size // dist.world, dist.world)
         self.schedule = Schedule(self.optimizer, config.optim, config.train.epochs, self.steps)
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing)
-        self.val_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing)
+        self.targets = [target for _, target in image_samples(data.train)]
+        self.sampling_weights = sampling_weights(config.data.sampler, self.targets, built.num_classes)
+        weights = class_weights(config.train.class_weights, self.targets, built.num_classes)
+        self.loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.train.label_smoothing)
+        self.val_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing)  # unweighted: comparable
         # Tensors frozen for the whole run (after the last stage) must end bit-identical.
         final_plan = plan_freeze(built.plan, config.freeze, config.train.epochs)
         self.frozen = frozen_tensors(self.model, final_plan,
@@ -236,6 +250,9 @@ class Run:
             rundir.prepare_new(run_dir, overwrite)  # only now: bad data or weights leave nothing behind
         dist.barrier()
         run = cls(config, reporter, dist, run_dir, data, built)
+        for warning in (run.precision.warning, imbalance_warning(run.targets, data.classes)):
+            if warning:
+                reporter.warn(warning)
         torch.manual_seed(config.train.seed)
         random.seed(config.train.seed)
         if resume is not None:
@@ -346,6 +363,7 @@ class Run:
             "train_loss": loss_sum / max(seen, 1),
             "train_acc": correct / max(seen, 1),
             "val_loss": val["loss"], "val_acc": val["acc"], "val_top5": val["top5"],
+            "val_balanced_acc": balanced_accuracy(val["confusion"]), "val_macro_f1": macro_f1(val["confusion"]),
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": state.grad_norm_sum / max(state.step, 1),
             "seconds": round(state.seconds, 3),
@@ -397,7 +415,8 @@ class Run:
             "final_val_acc": state.history[-1]["val_acc"] if state.history else None,
             "train_seconds": round(state.total_seconds, 3),
             "total_seconds": round(time.perf_counter() - self.started, 3),
-            "arch": config.model.arch, "pretrained": self.built.weights.pretrained,
+            "arch": config.model.arch, "precision": self.precision.precision,
+            "precision_reason": self.precision.reason, "pretrained": self.built.weights.pretrained,
             "weights": self.built.weights.source, "weights_warning": self.built.weights.warning,
             "classes": self.data.classes, "train_images": len(self.data.train), "val_images": len(self.data.val),
             "skipped_images": self.data.bad_images, "processes": self.dist.world, "device": str(self.dist.device),
@@ -419,20 +438,22 @@ class Phase:
         config, dist = run.config, run.dist
         self.plan, self.epoch = plan, epoch
         self.bn_modes = batchnorm_modes(run.model, plan, config.freeze.batchnorm)
-        self.fast = FastModel(run.model, run.built.arch, plan, self.bn_modes, config.train.precision, dist.device)
+        self.fast = FastModel(run.model, run.built.arch, plan, self.bn_modes, run.precision.precision, dist.device)
         if dist.active:
             self.fast.distribute()
         use_cache, why = cache_decision(config.train.cache_features, self.fast, config.data.augment)
         names = self.fast.prefix_names
         prefix = f"{names[0]} .. {names[-1]} (no autograd)" if names else "none"
-        run.reporter.message(f"frozen prefix: {prefix}; precision {config.train.precision}; feature cache {why}")
+        run.reporter.message(f"frozen prefix: {prefix}; precision {run.precision.precision} "
+                             f"({run.precision.reason}); feature cache {why}")
         workers = config.data.workers if config.data.workers is not None else default_workers()
         cache_bytes = config.train.cache_max_gb * 2**30 if use_cache else None
         train_set = SeededSamples(run.data.train, config.train.seed) if config.data.augment else run.data.train
         common = dict(seed=config.train.seed, workers=workers, cache_bytes=cache_bytes, folder=run.run_dir, dist=dist)
         batch = config.train.batch_size // dist.world
         rank = f"-rank{dist.rank}" if dist.active else ""  # memory-mapped caches: one file per process
-        self.train_source = FeatureSource(self.fast, train_set, batch, shuffle=True, split=f"train{rank}", **common)
+        self.train_source = FeatureSource(self.fast, train_set, batch, shuffle=True, split=f"train{rank}",
+                                          weights=run.sampling_weights, **common)
         self.val_source = FeatureSource(self.fast, run.data.val, batch, shuffle=False, split=f"val{rank}", **common)
 
     def close(self) -> None:

@@ -102,7 +102,8 @@ def tiny_config(folder: Path, data_root: Path, **sections) -> Path:
         "data": {"root": str(data_root), "image_size": 32, "workers": 0},
         "freeze": {"trainable": ["fc"]},
         "optim": {"lr": 0.01},
-        "train": {"epochs": 2, "batch_size": 8, "seed": 0, "output_dir": str(folder / "run")},
+        # fp32: the same numbers on every CPU (precision auto would pick bf16 on some); auto has tests of its own
+        "train": {"epochs": 2, "batch_size": 8, "seed": 0, "output_dir": str(folder / "run"), "precision": "fp32"},
     }
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)

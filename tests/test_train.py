@@ -11,6 +11,7 @@ from conftest import SignalAtStep, assert_same_weights, run_cli, tiny_config, we
 from finetune.config import load_config
 from finetune.engine import train
 from finetune.errors import FinetuneError
+from finetune.reporting import Reporter
 
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "grad_norm", "seconds",
                "images_per_s"}
