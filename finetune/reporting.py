@@ -15,10 +15,16 @@ def _epoch_line(row: dict, epochs: int) -> str:
             f"{row['images_per_s']:.0f} img/s")
 
 
-def _summary_line(summary: dict) -> str:
-    return (f"done: best val_acc {summary['best_val_acc']:.2%} at epoch {summary['best_epoch']}, "
-            f"{summary['total_seconds']:.1f}s in all; {summary['frozen_tensors']} frozen tensors unchanged; "
-            f"run directory {summary['run_dir']}")
+STOPPED = {"early_stopping": "stopped early by train.early_stopping", "time_limit": "stopped by train.time_limit_min"}
+
+
+def summary_line(summary: dict) -> str:
+    best = (f"best val_acc {summary['best_val_acc']:.2%} at epoch {summary['best_epoch']}"
+            if summary["best_epoch"] else "no epoch finished")
+    stopped = (f"; {STOPPED[summary['stopped']]} after {summary['epochs_done']} of {summary['epochs']} epochs "
+               "(resume to go on)" if summary["stopped"] else "")
+    return (f"done: {best}, {summary['total_seconds']:.1f}s in all; {summary['frozen_tensors']} frozen tensors "
+            f"unchanged; run directory {summary['run_dir']}{stopped}")
 
 
 class Reporter:
@@ -78,7 +84,7 @@ class PlainReporter(Reporter):
         self._print(_epoch_line(row, self.epochs) + ("  *best*" if improved else ""))
 
     def finish(self, summary: dict, history: list[dict]) -> None:
-        self._print(_summary_line(summary))
+        self._print(summary_line(summary))
 
 
 class RichReporter(PlainReporter):
@@ -126,7 +132,7 @@ class RichReporter(PlainReporter):
                           f"{row['val_loss']:.4f}", f"{row['val_acc']:.2%}", f"{row['val_top5']:.2%}",
                           f"{row['lr']:.3g}", f"{row['grad_norm']:.3g}", f"{row['seconds']:.1f}s", style=style)
         self.console.print(table)
-        self.console.print(escape(_summary_line(summary)), highlight=False)
+        self.console.print(escape(summary_line(summary)), highlight=False)
 
     def close(self) -> None:
         if hasattr(self, "bars"):

@@ -13,7 +13,8 @@ from finetune.engine import train
 from finetune.errors import FinetuneError
 from finetune.reporting import Reporter
 
-METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "grad_norm", "seconds",
+METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "val_balanced_acc",
+               "val_macro_f1", "lr", "grad_norm", "seconds",
                "images_per_s"}
 
 
