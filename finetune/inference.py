@@ -24,8 +24,8 @@ from finetune.data import (
     image_folder,
     image_samples,
     load_datasets,
+    load_image,
     make_loader,
-    read_image,
 )
 from finetune.errors import FinetuneError
 from finetune.fastpath import FastModel
@@ -209,13 +209,13 @@ def predict(path: Path, inputs: list[Path], top_k: int = 3) -> list[dict]:
     ``path`` is a checkpoint or an exported .onnx / TorchScript file.
     """
     loaded = load_model(path)
-    transform = eval_transform(loaded.config.data.image_size)
+    transform = eval_transform(loaded.config.data.image_size, loaded.config.data.fast_decode)
     k = max(1, min(top_k, len(loaded.classes)))
     images = _images(inputs)
     results = []
     for start in range(0, len(images), PREDICT_BATCH):
         chunk = images[start:start + PREDICT_BATCH]
-        batch = torch.stack([transform(read_image(str(image_path), hint="")) for image_path in chunk])
+        batch = torch.stack([load_image(str(image_path), transform, hint="") for image_path in chunk])
         with torch.inference_mode():
             top = loaded.fast(batch).float().softmax(1).topk(k)
         for image_path, probs, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
