@@ -2,12 +2,17 @@
 
     .venv/bin/python scripts/bench.py            # about 4 minutes on 2 cores
     .venv/bin/python scripts/bench.py --rounds 1 --steps 2 --size 64   # a quick smoke run
+    .venv/bin/python scripts/bench.py --all-precisions   # bf16 cases even where bf16 is emulated (slow)
 
 Everything runs in this one process (peak memory: the median of three child processes each), 224x224, batch 32,
 ResNet-18 with a 10-class head, on synthetic batches so that image decoding is left out (each side
 gets its batch as its own DataLoader delivers it: finetune's collate makes it channels-last).
 The cases run interleaved, round after round, each after a warm-up step; the figures are
 medians of the per-step times over all rounds.
+
+The header names the CPU and the flags that decide its speed. The bf16 cases run only where
+``train.precision: auto`` would pick bf16 (native bf16: avx512_bf16 or amx_bf16); elsewhere
+bf16 is emulated, several times slower than fp32, and they are skipped with the reason.
 
 The plain loop: the model in train mode, every parameter handed to the optimizer,
 ``requires_grad=False`` on the frozen ones, fp32, the default memory format.
@@ -36,6 +41,7 @@ from finetune.build import build  # noqa: E402
 from finetune.config import load_config  # noqa: E402
 from finetune.fastpath import FastModel, FeatureSource  # noqa: E402
 from finetune.freeze import set_train_mode  # noqa: E402
+from finetune.hardware import precision_for, read_cpu  # noqa: E402
 from finetune.engine import TrainState, train_one_epoch  # noqa: E402
 from finetune.optim import Schedule, build_optimizer  # noqa: E402
 
@@ -103,12 +109,12 @@ def timed(step, x, y) -> float:
     return time.perf_counter() - start
 
 
-def throughput(rounds: int, steps: int, size: int, run_dir: Path) -> list[tuple]:
+def throughput(cases: list[tuple], rounds: int, steps: int, size: int, run_dir: Path) -> list[tuple]:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, 3, size, size, generator=generator)
     y = torch.randint(CLASSES, (BATCH,), generator=generator)
     runners = {f"plain {f}": plain_step_fn(f) for f in FREEZES}
-    runners |= {name: finetune_step_fn(freeze, precision, size, run_dir) for name, freeze, precision, _ in CASES}
+    runners |= {name: finetune_step_fn(freeze, precision, size, run_dir) for name, freeze, precision, _ in cases}
     times: dict[str, list[float]] = {name: [] for name in runners}
     x_channels_last = x.contiguous(memory_format=torch.channels_last)  # as finetune's loader delivers batches
     for r in range(rounds):
@@ -118,7 +124,7 @@ def throughput(rounds: int, steps: int, size: int, run_dir: Path) -> list[tuple]
             times[name] += [timed(step, batch, y) for _ in range(steps)]
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     speed = {name: BATCH / statistics.median(t) for name, t in times.items()}
-    return [(name, speed[f"plain {freeze}"], speed[name], target) for name, freeze, _, target in CASES]
+    return [(name, speed[f"plain {freeze}"], speed[name], target) for name, freeze, _, target in cases]
 
 
 def cached_epoch(size: int, images: int, run_dir: Path) -> tuple[float, float]:
@@ -188,12 +194,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case and round (default 3)")
     parser.add_argument("--size", type=int, default=224, help="image size (default 224)")
     parser.add_argument("--cache-images", type=int, default=320, help="images in the cached-epoch comparison")
+    parser.add_argument("--all-precisions", action="store_true",
+                        help="run the bf16 cases even where bf16 is not native (emulated: slow)")
     args = parser.parse_args()
 
     print(f"finetune benchmark: ResNet-18, {args.size}x{args.size}, batch {BATCH}, {CLASSES} classes, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"CPU: {read_cpu().describe()}; torch CPU kernels: {torch.backends.cpu.get_cpu_capability()}")
+    bf16 = precision_for("auto", "cpu")
+    cases = [case for case in CASES if case[2] != "bf16" or bf16.precision == "bf16" or args.all_precisions]
+    if bf16.precision == "bf16":
+        print(f"bf16 cases: run ({bf16.reason})")
+    elif args.all_precisions:
+        print(f"bf16 cases: run, as --all-precisions asks, although bf16 is emulated here ({bf16.reason})")
+    else:
+        print(f"bf16 cases: skipped ({bf16.reason}): bf16 is emulated here, several times slower than fp32; "
+              "--all-precisions runs them")
     with tempfile.TemporaryDirectory() as folder:
-        rows = throughput(args.rounds, args.steps, args.size, Path(folder))
+        rows = throughput(cases, args.rounds, args.steps, args.size, Path(folder))
         cached, plain_epoch = cached_epoch(args.size, args.cache_images, Path(folder))
     runs = [peak_rss(kind, args.size, 3) for _ in range(3) for kind in ("plain", "finetune")]  # interleaved
     memory = {kind: tuple(statistics.median(run[i] for run in runs[k::2]) for i in (0, 1))
