@@ -232,7 +232,7 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to show per image.")] = 3,
     json: JsonOption = False,
 ) -> None:
-    """Predict the classes of images with a trained checkpoint.
+    """Predict the classes of images with a trained checkpoint, or a model written by `finetune export`.
 
     Example:  finetune predict runs/quickstart/best.pt data/shapes/val/star --top-k 2
     """
