@@ -16,8 +16,9 @@ colour cast) into a temporary folder, then runs each case in a fresh process, bo
 
 Each case reports first-epoch and later-epoch training images/s (the plain loop times its epochs as finetune
 does, without validation), the whole run's wall time and its ratio (process start to exit, validation and
-start-up included), and the peak RSS of the process (ru_maxrss). Two smaller sections follow: decoding beside
-compute with threads or with processes, and finetune's first epoch for data.workers 0, 1 and 2.
+start-up included), and the peak RSS of the process (ru_maxrss). Smaller sections follow: the augmented case with
+an image cache that spills to disk, decoding beside compute with threads or with processes, and finetune's first
+epoch for data.workers 0, 1, 2 and null.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -140,17 +142,17 @@ def plain_loop(data: Path, freeze: str, augment: bool, epochs: int, image_size: 
     return speeds
 
 
-def finetune_config(folder: Path, data: Path, freeze: str, augment: bool, epochs: int, image_size: int,
-                    **data_keys) -> Path:
+def finetune_config(folder: Path, data: Path, freeze: str, augment: bool, epochs: int, image_size: int, *,
+                    data_keys: Optional[dict] = None, train_keys: Optional[dict] = None) -> Path:
     import yaml
 
     config = {
         "model": {"weights": "none"},
-        "data": {"root": str(data), "image_size": image_size, "augment": augment, **data_keys},
+        "data": {"root": str(data), "image_size": image_size, "augment": augment, **(data_keys or {})},
         "freeze": {"trainable": ["fc"] if freeze == "head-only" else ["*"]},
         "optim": {"lr": LR, "momentum": 0.9},
         "train": {"epochs": epochs, "batch_size": BATCH, "seed": 0, "precision": "fp32",
-                  "output_dir": str(folder / "run")},
+                  "output_dir": str(folder / "run"), **(train_keys or {})},
     }
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
@@ -190,6 +192,17 @@ def end_to_end(data: Path, work: Path, image_size: int) -> None:
         print(f"{'':<28} first epoch {fast_speeds[0] / plain_speeds[0]:.2f}x (target >={FIRST_EPOCH_TARGET:g}x)")
         for note in notes:
             print(f"{'':<28} | {note}")
+
+
+def spilled_cache(data: Path, work: Path, image_size: int) -> None:
+    """Head-only with augmentation again, with an image-cache budget far below the data set: it spills to disk."""
+    config = finetune_config(work / "spilled", data, "head-only", True, 3, image_size,
+                             train_keys={"cache_max_gb": 0.005})
+    seconds, rss, speeds, notes = run_finetune(config)
+    print(f"\nhead-only, augmentation, train.cache_max_gb 0.005 (the image cache spills to the run directory): "
+          f"epoch 1 {speeds[0]:.1f} img/s, later {later(speeds)} img/s, {seconds:.1f} s, peak RSS {rss:.0f} MiB")
+    for note in notes:
+        print(f"  | {note}")
 
 
 def threads_or_processes(data: Path, image_size: int, rounds: int = 2) -> None:
@@ -259,7 +272,7 @@ def workers_sweep(data: Path, work: Path, image_size: int) -> None:
     print("\nfinetune first epoch by data.workers (decode threads), head-only, no augmentation:")
     for workers in (0, 1, 2, None):
         config = finetune_config(work / f"workers-{workers}", data, "head-only", False, 1, image_size,
-                                 workers=workers)
+                                 data_keys={"workers": workers})
         seconds, _, speeds, _ = run_finetune(config)
         print(f"  data.workers {str(workers) if workers is not None else 'null':<5} {speeds[0]:6.1f} img/s  "
               f"(run {seconds:.1f} s)")
@@ -295,6 +308,7 @@ def main() -> None:
         work = Path(folder) / "runs"
         end_to_end(data, work, args.image_size)
         if not args.skip_extra:
+            spilled_cache(data, work, args.image_size)
             threads_or_processes(data, args.image_size)
             workers_sweep(data, work, args.image_size)
         shutil.rmtree(work, ignore_errors=True)
