@@ -195,7 +195,7 @@ class ImageFiles(ImageFolder):
     def _unreadable(self, index: int, why: str) -> None:
         path = self.samples[index][0]
         if not self.skip_bad:
-            raise FinetuneError(f"Cannot read image {path}: {why}.\nReplace or delete it, or {SKIP_HINT}.")
+            raise _read_error(path, why, SKIP_HINT)
         self._skipped.add(index)
         if path not in self.unreadable:
             self.unreadable.append(path)

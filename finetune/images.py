@@ -85,10 +85,6 @@ class ImagePipeline:
         """A decoded array -> the normalised float tensor (3, image_size, image_size) the model sees."""
         return _finishing(self.image_size, self.augment)(torch.from_numpy(image).permute(2, 0, 1))
 
-    def read(self, path: str) -> torch.Tensor:
-        """Both stages for one file (``predict``)."""
-        return self.finish(self.decode(path))
-
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
         return self.finish(self._resize(image, image.size))
