@@ -252,8 +252,9 @@ def threads_or_processes(data: Path, image_size: int, rounds: int = 2) -> None:
         for i in range(0, len(paths), BATCH):
             step(torch.stack([Photos()[j] for j in range(i, min(i + BATCH, len(paths)))]))
 
-    ways = {"serial (main thread)": serial, "1 decode thread": lambda: threads(1), "2 decode threads": lambda: threads(2),
-            "1 worker process": lambda: processes(1), "2 worker processes": lambda: processes(2)}
+    ways = {"serial (main thread)": serial, "1 decode thread": lambda: threads(1),
+            "2 decode threads": lambda: threads(2), "1 worker process": lambda: processes(1),
+            "2 worker processes": lambda: processes(2)}
     best = {name: 0.0 for name in ways}
     step(torch.stack([Photos()[0]]))  # warm-up
     for _ in range(rounds):  # interleaved rounds, best of each
