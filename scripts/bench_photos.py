@@ -1,6 +1,6 @@
 """Benchmark on camera photos: `finetune train` end to end against the plain loop of the PyTorch tutorial.
 
-    .venv/bin/python scripts/bench_photos.py              # 64 + 16 photos of 12 MP: about 10 minutes on 2 cores
+    .venv/bin/python scripts/bench_photos.py              # 64 + 16 photos of 12 MP: several minutes on 2 cores
     .venv/bin/python scripts/bench_photos.py --train 8 --val 4 --width 800 --height 600 --image-size 64
                                                            # a smoke run of every case, in about a minute
 
