@@ -406,14 +406,24 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
         inner.epoch = epoch
     sampler = epoch_sampler(len(dataset), shuffle=shuffle, seed=seed, epoch=epoch, skip=skip_batches * batch_size,
                             rank=rank, world=world, weights=weights)
+    return _loader(dataset, workers, list(sampler), PREFETCH_BATCHES * batch_size, batch_size=batch_size,
+                   sampler=sampler, drop_last=drops_last(len(dataset), batch_size, shuffle, world))
+
+
+def batch_loader(dataset: Dataset, batches: list[list[int]], workers: int = 0):
+    """A loader of exactly ``batches`` (lists of indices), in order, with :func:`make_loader`'s decode threads."""
+    order = list(itertools.chain.from_iterable(batches))
+    return _loader(dataset, workers, order, PREFETCH_BATCHES * max(map(len, batches), default=1),
+                   batch_sampler=batches)
+
+
+def _loader(dataset: Dataset, workers: int, order: list[int], ahead: int, **batching):
     files = image_files(dataset) if workers else None
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0 if files else workers,
-                        drop_last=drops_last(len(dataset), batch_size, shuffle, world),
-                        collate_fn=collate_channels_last)
+    loader = DataLoader(dataset, num_workers=0 if files else workers, collate_fn=collate_channels_last, **batching)
     if files is None:
         return loader
     base, index = files
-    return _PrefetchingLoader(loader, base, [index[i] for i in sampler], workers, ahead=PREFETCH_BATCHES * batch_size)
+    return _PrefetchingLoader(loader, base, [index[i] for i in order], workers, ahead)
 
 
 PREFETCH_BATCHES = 2  # how far decode threads work ahead of training

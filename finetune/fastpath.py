@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import BatchSampler
 
 from finetune.arch import Arch
-from finetune.data import Indexed, collate_channels_last, drops_last, epoch_sampler, make_loader, skipped_batch_error
+from finetune.data import Indexed, batch_loader, drops_last, epoch_sampler, make_loader, skipped_batch_error
 from finetune.distributed import Dist
 from finetune.freeze import Decision
 
@@ -273,12 +273,12 @@ class FeatureSource:
         """
         if self.cache_complete:
             return
-        for indices in BatchSampler(self._sampler(0, weighted=False), self.batch_size, drop_last=False):
-            if self.cache is not None and bool(self.cache.filled[indices].all()):
-                continue
-            images, targets, kept = collate_channels_last([Indexed(self.dataset)[i] for i in indices])
+        missing = [indices for indices in BatchSampler(self._sampler(0, weighted=False), self.batch_size, False)
+                   if self.cache is None or not bool(self.cache.filled[indices].all())]
+        for indices, (images, targets, kept) in zip(missing, batch_loader(Indexed(self.dataset), missing,
+                                                                          self.workers)):
             self._store(kept, self.fast.features(images), targets)
-            self.cache.skip(sorted(set(indices) - set(kept.tolist())))
+            self.cache.skip(sorted(set(indices) - set(kept.tolist())))  # unreadable images, skipped
         if self.dist.active:
             self.cache.merge(self.dist)
 
