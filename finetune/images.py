@@ -83,7 +83,9 @@ class ImagePipeline:
 
     def finish(self, image: np.ndarray) -> torch.Tensor:
         """A decoded array -> the normalised float tensor (3, image_size, image_size) the model sees."""
-        return _finishing(self.image_size, self.augment)(torch.from_numpy(image).permute(2, 0, 1))
+        if self.augment:  # on a PIL image, as torchvision's classic pipeline does: single-threaded C, no torch ops
+            image = np.array(_augmentation(self.image_size)(Image.fromarray(image)))
+        return _TO_MODEL(torch.from_numpy(image).permute(2, 0, 1))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
@@ -99,11 +101,13 @@ class ImagePipeline:
 
 
 @functools.lru_cache(maxsize=None)
-def _finishing(image_size: int, augment: bool) -> transforms.Compose:
-    # ConvertImageDtype divides by 255 as ToTensor does (v2's ToDtype multiplies by 1/255: not bit-identical).
-    steps = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()] if augment else []
-    return transforms.Compose(steps + [transforms.ConvertImageDtype(torch.float32),
-                                       transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def _augmentation(image_size: int) -> transforms.Compose:
+    return transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()])
+
+
+# ConvertImageDtype divides by 255 as ToTensor does (v2's ToDtype multiplies by 1/255: not bit-identical).
+_TO_MODEL = transforms.Compose([transforms.ConvertImageDtype(torch.float32),
+                                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def upright_size(image: Image.Image) -> tuple[int, int]:
