@@ -44,6 +44,8 @@ from finetune.optim import build_optimizer
 SMOOTHING = 0.98  # fastai's: the loss of one batch is noisy, the curve needs about 50 of them to settle
 DIVERGED = 4.0  # stop once the smoothed loss is this many times its minimum
 MIN_POINTS = 5  # fewer finite points than this tell nothing
+SKIP_START = 0.1  # share of the curve left out of the suggestion while the moving average settles (as fastai)
+MIN_DROP = 0.02  # a smoothed loss that never falls by this share has no descent to read
 MAX_LR = 10.0  # the largest optim.lr the config accepts
 
 
@@ -128,29 +130,40 @@ class Suggestion:
 def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> Suggestion:
     """The learning rate to train at: the steepest descent of the smoothed loss, checked against minimum/10.
 
-    The steepest descent (most negative slope against log lr, before the minimum) is used when it lies within
-    10x of minimum/10, i.e. between minimum/100 and the minimum; otherwise (a noisy dip near the start)
-    minimum/10 is used. Both are classic rules of thumb (fastai's "steep" and "minimum/10").
+    The first ``SKIP_START`` of the curve is left out, as fastai does: the moving average is still settling
+    there. The steepest descent (most negative slope against log lr, before the minimum) is used when it lies
+    within 10x of minimum/10, i.e. between minimum/100 and the minimum; otherwise (a noisy dip far below)
+    minimum/10 is used. Both are classic rules of thumb (fastai's "steep" and "minimum/10"). A curve whose
+    smoothed loss never falls by ``MIN_DROP`` has no descent to read, and gives no suggestion.
     """
-    if len(smoothed) < MIN_POINTS:
-        return Suggestion(None, f"only {len(smoothed)} finite loss value(s), fewer than {MIN_POINTS}: lower --start "
+    first = int(len(smoothed) * SKIP_START)
+    if len(smoothed) - first < MIN_POINTS:
+        return Suggestion(None, f"only {len(smoothed)} finite loss value(s), too few for a curve: lower --start "
                                 "or raise --steps")
-    low = min(range(len(smoothed)), key=smoothed.__getitem__)
-    if low == 0:
-        return Suggestion(None, f"the loss rose from the first step, at {lrs[0]:.2e}: the range starts too high; "
-                                "lower --start", minimum=lrs[0])
-    x = [math.log10(lr) for lr in lrs[:low + 1]]
-    y = list(smoothed[:low + 1])
-    slopes = [(y[min(i + 1, low)] - y[max(i - 1, 0)]) / (x[min(i + 1, low)] - x[max(i - 1, 0)])
-              for i in range(low + 1)]
-    steep = min(range(low + 1), key=slopes.__getitem__)
-    steepest, minimum = lrs[steep], lrs[low]
-    still_falling = "; the loss was still falling at the end of the range: raise --end" if low == len(lrs) - 1 else ""
+    low = min(range(first, len(smoothed)), key=smoothed.__getitem__)
+    drop = 1 - smoothed[low] / smoothed[first]
+    if low == first:
+        return Suggestion(None, f"the loss rose from the start, at {lrs[first]:.2e}: the range starts too high; "
+                                "lower --start", minimum=lrs[low])
+    if drop < MIN_DROP:
+        return Suggestion(None, f"the smoothed loss fell only {drop:.1%} before rising (from {lrs[first]:.2e} to its "
+                                f"minimum at {lrs[low]:.2e}): no descent to read a rate from. More steps average "
+                                "more images per rate (raise --steps); a model far from learning anything (random "
+                                "weights) may need a few epochs first", minimum=lrs[low])
+    x = [math.log10(lr) for lr in lrs[first:low + 1]]
+    y = list(smoothed[first:low + 1])
+    last = len(y) - 1
+    slopes = [(y[min(i + 1, last)] - y[max(i - 1, 0)]) / (x[min(i + 1, last)] - x[max(i - 1, 0)])
+              for i in range(last + 1)]
+    steepest, minimum = lrs[first + min(range(last + 1), key=slopes.__getitem__)], lrs[low]
+    notes = f"; the smoothed loss fell {drop:.1%} to its minimum"
+    if low == len(lrs) - 1:
+        notes += "; it was still falling at the end of the range: raise --end"
     if steepest >= minimum / 100:
         return Suggestion(steepest, f"steepest descent of the smoothed loss, at {steepest:.2e}; checked against "
-                                    f"minimum/10 = {minimum / 10:.2e}: within 10x{still_falling}", steepest, minimum)
+                                    f"minimum/10 = {minimum / 10:.2e}: within 10x{notes}", steepest, minimum)
     return Suggestion(minimum / 10, f"minimum of the smoothed loss / 10 = {minimum:.2e} / 10; the steepest descent, "
-                                    f"at {steepest:.2e}, is more than 10x below it{still_falling}", steepest, minimum)
+                                    f"at {steepest:.2e}, is more than 10x below it{notes}", steepest, minimum)
 
 
 def overrides(config: Config, lr: float) -> list[str]:

@@ -101,6 +101,10 @@ def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], s
         at = min(range(len(lrs)), key=lambda i: abs(math.log(lrs[i] / suggestion)))
         ax.axvline(suggestion, color="tab:red", linestyle="--", linewidth=1)
         ax.plot([suggestion], [smoothed[at]], "o", color="tab:red", label=f"suggestion {suggestion:g}")
+    if smoothed:  # the blow-up at the end would squash the part worth reading: clip it
+        low, high = min(losses + smoothed), min(max(losses + smoothed), 2.5 * min(smoothed))
+        if high > low:
+            ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (optim.lr)")
     ax.set_ylabel("training loss")

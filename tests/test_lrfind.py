@@ -39,16 +39,26 @@ def test_suggestion_is_the_steepest_descent_checked_against_minimum_over_ten():
 
 
 def test_suggestion_falls_back_to_minimum_over_ten_when_the_steepest_descent_is_far_below():
-    lrs = ramp(1e-6, 1.0, 13)
-    smoothed = [3.0, 1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.9, 2.0]  # a dip at the start
+    lrs = ramp(1e-6, 1.0, 25)
+    smoothed = [2.0] * 3 + [1.0] + [0.99 - 0.005 * i for i in range(20)] + [3.0]  # a noisy dip, then a slow fall
     s = suggest(lrs, smoothed)
-    assert s.lr == pytest.approx(lrs[11] / 10) and s.rule.startswith("minimum of the smoothed loss / 10")
+    assert s.minimum == pytest.approx(lrs[23]) and s.steepest < s.minimum / 100
+    assert s.lr == pytest.approx(lrs[23] / 10) and s.rule.startswith("minimum of the smoothed loss / 10")
 
 
-def test_no_suggestion_from_too_few_points_or_a_loss_that_only_rises():
+def test_the_first_tenth_of_the_curve_is_left_out():
+    lrs = ramp(1e-6, 1.0, 30)
+    smoothed = [9.0, 0.1, 0.1] + [2.0 - 0.05 * i for i in range(25)] + [5.0, 9.0]  # settling noise, then a valley
+    s = suggest(lrs, smoothed)
+    assert s.minimum == pytest.approx(lrs[27]) and s.lr is not None
+
+
+def test_no_suggestion_from_too_few_points_a_rising_or_a_flat_loss():
     assert suggest([1e-3, 1e-2], [1.0, 0.5]).lr is None
     rising = suggest(ramp(1e-2, 1, 6), [1, 2, 3, 4, 5, 6])
     assert rising.lr is None and "lower --start" in rising.rule
+    flat = suggest(ramp(1e-6, 1, 20), [1.0 - 0.001 * i for i in range(19)] + [4.0])
+    assert flat.lr is None and "fell only 1.6%" in flat.rule and "raise --steps" in flat.rule
     still_falling = suggest(ramp(1e-4, 1e-1, 6), [6, 5, 4, 3, 2, 1])
     assert still_falling.lr is not None and "raise --end" in still_falling.rule
 
