@@ -1,3 +1,3 @@
-"""finetune: fine-tune a pretrained torchvision ResNet-18 on your own images, on a CPU."""
+"""finetune: fine-tune a pretrained torchvision ResNet on your own images, on a CPU."""
 
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ import typer
 from finetune.errors import FinetuneError
 
 app = typer.Typer(
-    help="Fine-tune a pretrained torchvision ResNet-18 on your own images, on a CPU.",
+    help="Fine-tune a pretrained torchvision ResNet (ResNet-18 by default) on your own images, on a CPU.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -43,7 +43,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _app(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                help="Show the version and exit.")] = False) -> None:
-    """Fine-tune a pretrained torchvision ResNet-18 on your own images, on a CPU."""
+    """Fine-tune a pretrained torchvision ResNet (ResNet-18 by default) on your own images, on a CPU."""
 
 
 def _user_errors(command):
@@ -178,7 +178,7 @@ def train(
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Train in this many processes on this machine "
                                        "(launches torchrun; train.batch_size is the global batch).")] = 1,
 ) -> None:
-    """Fine-tune ResNet-18 on an ImageFolder tree and write a run directory.
+    """Fine-tune a ResNet (model.arch) on an ImageFolder tree and write a run directory.
 
     Example:  finetune train --config configs/quickstart.yaml --set train.epochs=3
     """
@@ -190,7 +190,7 @@ def train(
         config = resume / "config.yaml"
     cfg = _load(config, set_)
     from finetune.engine import train as run_training
-    from finetune.progress import make_reporter
+    from finetune.reporting import make_reporter
 
     reporter = make_reporter(quiet)
     try:
@@ -199,9 +199,9 @@ def train(
         reporter.close()
 
 
-@app.command()
+@app.command("evaluate")
 @_user_errors
-def evaluate(
+def evaluate_command(
     checkpoint: ModelArgument,
     data: Annotated[Optional[Path], typer.Option("--data", help="ImageFolder tree to evaluate on (its val/ if it "
                                                  "has one); default: the run's validation split.",
