@@ -130,3 +130,27 @@ def test_feature_source_serves_the_balanced_order_from_images_and_from_the_cache
         for (a, _), (b, _) in zip(got_plain, got_cached):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert cached.cache_complete
+
+
+@pytest.mark.parametrize("trainable", [["fc"], ["layer4", "fc"]], ids=["head-from-cache", "layer4-from-images"])
+def test_balanced_training_resumes_exactly(tmp_path, colour_data, trainable):
+    """data.sampler: balanced and train.class_weights: balanced keep the exact-resume guarantee."""
+    import json
+
+    from conftest import SignalAtStep, assert_same_weights, tiny_config, weights
+
+    from finetune.config import load_config
+    from finetune.engine import train
+    from finetune.errors import FinetuneError
+    from finetune.reporting import Reporter
+
+    overrides = dict(freeze={"trainable": trainable}, data={"sampler": "balanced"},
+                     train={"epochs": 3, "batch_size": 6, "class_weights": "balanced"})
+    train(load_config(tiny_config(tmp_path / "whole", colour_data, **overrides)), Reporter())
+    parted = load_config(tiny_config(tmp_path / "parted", colour_data, **overrides))
+    with pytest.raises(FinetuneError):
+        train(parted, SignalAtStep(epoch=1, step=2))
+    train(parted, Reporter(), resume=tmp_path / "parted" / "run")
+    assert_same_weights(weights(tmp_path / "parted" / "run"), weights(tmp_path / "whole" / "run"))
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"val_balanced_acc", "val_macro_f1"} <= row.keys() for row in rows)
