@@ -307,8 +307,8 @@ class SeededSamples(Dataset):
     """Random transforms seeded by (seed, epoch, index): the same sample gets the same augmentation
     whatever the worker count or where a resumed run starts."""
 
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+    def __init__(self, dataset: Dataset, seed: int, epoch: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
 
     def __len__(self):
         return len(self.dataset)
@@ -392,6 +392,15 @@ def skipped_batch_error() -> FinetuneError:
                          "the warnings, or skipped_images in summary.json) and start the run again.")
 
 
+def for_epoch(dataset: Dataset, epoch: int) -> Dataset:
+    """``dataset`` as it samples in ``epoch``: a new view with that epoch's seeds; ``dataset`` is left as it is."""
+    if isinstance(dataset, Indexed):
+        return Indexed(for_epoch(dataset.dataset, epoch))
+    if isinstance(dataset, SeededSamples):
+        return SeededSamples(dataset.dataset, dataset.seed, epoch)
+    return dataset
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
                 skip_batches: int = 0, workers: int = 0, rank: int = 0, world: int = 1,
                 weights: Optional[torch.Tensor] = None):
@@ -401,9 +410,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
     work ahead of the main thread, which finishes each item (the seeded random transforms) and collates, so the
     batches are the same for any count; over other datasets, DataLoader worker processes.
     ``weights``: weighted sampling with replacement (see :func:`epoch_sampler`)."""
-    inner = dataset.dataset if isinstance(dataset, Indexed) else dataset
-    if isinstance(inner, SeededSamples):
-        inner.epoch = epoch
+    dataset = for_epoch(dataset, epoch)
     sampler = epoch_sampler(len(dataset), shuffle=shuffle, seed=seed, epoch=epoch, skip=skip_batches * batch_size,
                             rank=rank, world=world, weights=weights)
     return _loader(dataset, workers, list(sampler), PREFETCH_BATCHES * batch_size, batch_size=batch_size,

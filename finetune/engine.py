@@ -38,6 +38,7 @@ from finetune.errors import FinetuneError
 from finetune.fastpath import FastModel, FeatureSource, cache_decision
 from finetune.freeze import apply_plan, batchnorm_modes, frozen_tensors, plan_freeze, set_train_mode
 from finetune.hardware import precision_for_config
+from finetune.imagecache import ImageCaches, plan_image_caches
 from finetune.imbalance import class_weights, imbalance_warning, sampling_weights
 from finetune.metrics import balanced_accuracy, macro_f1
 from finetune.optim import Schedule, add_trainable, build_optimizer
@@ -220,7 +221,9 @@ class Run:
                                      batchnorm_modes(self.model, final_plan, config.freeze.batchnorm))
         self.state = TrainState()
         self.phase = Phase(self, built.plan, epoch=1)
-        self.cache_reported = False
+        self.image_caches = ImageCaches("off")
+        self.caches_reported = False
+        self.bad_reported = len(data.bad_images)
 
     @classmethod
     def create(cls, config: Config, reporter: Reporter, dist: Dist, *, output_dir: Optional[Path] = None,
@@ -261,6 +264,10 @@ class Run:
             run.state.frozen_checksums = _checksums(run.frozen)
             if dist.is_main:
                 rundir.write_config(run_dir, config)
+        run.image_caches = plan_image_caches(config, data, feature_cache=run.phase.train_source.caching,
+                                             epochs_left=config.train.epochs - run.state.epoch, folder=run_dir,
+                                             suffix=f"-rank{dist.rank}" if dist.active else "")
+        reporter.message(f"image cache {run.image_caches.why}")
         reporter.start(run_dir=run_dir, config=config, weights=built.weights.source, layout=data.layout,
                        train_images=len(data.train), val_images=len(data.val), classes=data.classes,
                        steps_per_epoch=run.steps, resumed_at=run.state.epoch if resume else None)
@@ -350,10 +357,21 @@ class Run:
                 self.checkpoint("best.pt")
             rundir.plot_curves(self.run_dir, state.history)
         self.reporter.epoch_end(row, improved)
-        if self.phase.train_source.caching and not self.cache_reported:
-            self.cache_reported = True
-            self.reporter.message(f"feature cache: train {self.phase.train_source.describe()}, "
-                                  f"val {self.phase.val_source.describe()}")
+        self._report_after_epoch()
+
+    def _report_after_epoch(self) -> None:
+        bad = self.data.bad_images  # grows when an image that passed the start check fails to decode
+        if len(bad) > self.bad_reported:
+            self.reporter.warn(f"skipped {len(bad) - self.bad_reported} unreadable image(s) found while decoding "
+                               f"(data.skip_bad_images: true): {', '.join(bad[self.bad_reported:][:5])}")
+            self.bad_reported = len(bad)
+        if not self.caches_reported:
+            self.caches_reported = True
+            if self.phase.train_source.caching:
+                self.reporter.message(f"feature cache: train {self.phase.train_source.describe()}, "
+                                      f"val {self.phase.val_source.describe()}")
+            if self.image_caches.caches:
+                self.reporter.message(f"image cache: {self.image_caches.describe()}")
 
     def _epoch_row(self, val: dict) -> dict:
         state = self.state
@@ -402,6 +420,7 @@ class Run:
 
     def close(self) -> None:
         self.phase.close()
+        self.image_caches.close()
 
     def finish(self) -> dict:
         """Check the frozen tensors, write summary.json, report the end; returns the summary."""

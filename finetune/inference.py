@@ -19,6 +19,7 @@ from finetune.checkpoint import atomic_write_text, load_checkpoint
 from finetune.config import Config
 from finetune.data import (
     class_names,
+    default_workers,
     drop_bad_images,
     eval_transform,
     image_folder,
@@ -134,7 +135,8 @@ def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Opt
         config.data.root = str(data / "val" if (data / "val").is_dir() else data)
     dataset = _eval_set(config, trained.classes, whole=data is not None)
     n = len(trained.classes)
-    logits, targets = _logits(trained.fast, make_loader(dataset, config.train.batch_size, shuffle=False), n)
+    logits, targets = _logits(trained.fast, make_loader(dataset, config.train.batch_size, shuffle=False,
+                                                       workers=default_workers()), n)
     confusion = torch.bincount(targets * n + logits.argmax(1), minlength=n * n).reshape(n, n)
     losses = nn.functional.cross_entropy(logits, targets, reduction="none")
     top5 = (logits.topk(min(5, n), dim=1).indices == targets[:, None]).any(1)
@@ -197,8 +199,8 @@ def _eval_set(config: Config, classes: list[str], whole: bool):
     if unknown:
         raise FinetuneError(f"{config.data.root} has classes the checkpoint does not know: {', '.join(unknown)} "
                             f"(it knows {', '.join(classes)}).")
-    folder = image_folder(config, Path(config.data.root), classes, eval_transform(config.data.image_size),
-                          allow_empty=True)
+    transform = eval_transform(config.data.image_size, config.data.fast_decode)
+    folder = image_folder(config, Path(config.data.root), classes, transform, allow_empty=True)
     drop_bad_images(config, [folder])  # a clear error naming unreadable files, or skipped by data.skip_bad_images
     return folder
 

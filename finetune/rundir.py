@@ -16,7 +16,8 @@ from finetune.errors import FinetuneError
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "summary.json")
 # Keys a resumed run may change; anything else would make the result differ from an uninterrupted run.
-RESUMABLE_CHANGES = {"train.epochs", "train.output_dir", "data.workers", "train.time_limit_min",
+# The caches and decode threads change speed only: their batches are bit-identical.
+RESUMABLE_CHANGES = {"train.epochs", "train.output_dir", "data.workers", "data.cache_images", "train.time_limit_min",
                      "train.early_stopping.patience"}
 
 

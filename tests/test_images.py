@@ -309,27 +309,15 @@ def test_a_full_disk_is_a_clear_error_naming_the_file(tmp_path, monkeypatch, whe
     assert "data.cache_images=off" in message and "train.cache_max_gb" in message
 
 
-def attach_caches(monkeypatch, folder: Path):
-    """Load data as the engine does, with image caches attached."""
-    real = engine.load_datasets
-
-    def load(config):
-        data = real(config)
-        plan_image_caches(config, data, feature_cache=False, epochs_left=config.train.epochs, folder=folder)
-        return data
-
-    monkeypatch.setattr(engine, "load_datasets", load)
-
-
-def test_resumed_run_with_decode_threads_and_image_cache_equals_uninterrupted(tmp_path, jpegs, monkeypatch):
-    sections = dict(data={"augment": True}, train={"epochs": 2})  # augmentation: images are read every epoch
+def test_resumed_run_with_decode_threads_and_image_cache_equals_uninterrupted(tmp_path, jpegs):
+    sections = dict(data={"augment": True, "cache_images": "off"}, train={"epochs": 2})  # images read every epoch
     engine.train(load_config(tiny_config(tmp_path / "whole", jpegs, **sections)), Reporter())  # no threads, no cache
-    attach_caches(monkeypatch, tmp_path)
-    parted = load_config(tiny_config(tmp_path / "parted", jpegs, data={"augment": True, "workers": 2},
-                                     train={"epochs": 2}))
+    parted = load_config(tiny_config(tmp_path / "parted", jpegs, data={"augment": True, "workers": 2,
+                                                                       "cache_images": "on"}, train={"epochs": 2}))
     with pytest.raises(FinetuneError):
         engine.train(parted, SignalAtStep(epoch=1, step=1))  # in epoch 2: the filled cache is lost
     engine.train(parted, Reporter(), resume=tmp_path / "parted" / "run")  # fills a new cache
+    assert not list((tmp_path / "parted" / "run").glob("image-cache-*"))  # a spilled cache is deleted at the end
     assert_same_weights(weights(tmp_path / "parted" / "run"), weights(tmp_path / "whole" / "run"))
 
 
