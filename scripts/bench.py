@@ -5,7 +5,7 @@
     .venv/bin/python scripts/bench.py --all-precisions   # bf16 cases even where bf16 is emulated (slow)
 
 Everything runs in this one process (peak memory: the median of three child processes each), 224x224, batch 32,
-ResNet-18 with a 10-class head, on synthetic batches so that image decoding is left out (each side
+ResNet-18 (and ResNet-50 for two rows) with a 10-class head, on synthetic batches so that image decoding is left out (each side
 gets its batch as its own DataLoader delivers it: finetune's collate makes it channels-last).
 The cases run interleaved, round after round, each after a warm-up step; the figures are
 medians of the per-step times over all rounds.
@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+import torchvision.models
 from torch import nn
-from torchvision.models import resnet18
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -52,25 +52,27 @@ FREEZES = {
     "layer4+head": ["layer4", "fc"],
     "full": ["*"],
 }
-CASES = [  # (name, freeze, precision, target ratio)
-    ("head-only fp32", "head-only", "fp32", 1.7),
-    ("head-only bf16", "head-only", "bf16", 3.0),
-    ("layer4+head fp32", "layer4+head", "fp32", None),
-    ("full fp32", "full", "fp32", 1.25),
-    ("full bf16", "full", "bf16", 2.4),
+CASES = [  # (name, freeze, precision, target ratio, architecture)
+    ("head-only fp32", "head-only", "fp32", 1.7, "resnet18"),
+    ("head-only bf16", "head-only", "bf16", 3.0, "resnet18"),
+    ("layer4+head fp32", "layer4+head", "fp32", None, "resnet18"),
+    ("full fp32", "full", "fp32", 1.25, "resnet18"),
+    ("full bf16", "full", "bf16", 2.4, "resnet18"),
+    ("r50 head-only fp32", "head-only", "fp32", None, "resnet50"),
+    ("r50 full fp32", "full", "fp32", None, "resnet50"),
 ]
 
 
-def config_for(freeze: str, precision: str, size: int):
+def config_for(freeze: str, precision: str, size: int, arch: str = "resnet18"):
     return load_config(None, [
-        "model.weights=none", f"model.num_classes={CLASSES}", f"data.image_size={size}",
+        f"model.arch={arch}", "model.weights=none", f"model.num_classes={CLASSES}", f"data.image_size={size}",
         f"freeze.trainable={FREEZES[freeze]}", f"train.precision={precision}", f"train.batch_size={BATCH}",
         "freeze.batchnorm=eval", "optim.lr=0.001"])
 
 
-def plain_step_fn(freeze: str):
+def plain_step_fn(freeze: str, arch: str = "resnet18"):
     """The tutorial: requires_grad=False on frozen parameters, new fc, model.train(), SGD over all parameters."""
-    model = resnet18(weights=None)
+    model = getattr(torchvision.models, arch)(weights=None)
     if freeze != "full":
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("layer4") and freeze == "layer4+head"
@@ -87,9 +89,9 @@ def plain_step_fn(freeze: str):
     return step
 
 
-def finetune_step_fn(freeze: str, precision: str, size: int, run_dir: Path):
+def finetune_step_fn(freeze: str, precision: str, size: int, run_dir: Path, arch: str = "resnet18"):
     """One step of finetune's own epoch loop (engine.train_one_epoch) on the given batch."""
-    config = config_for(freeze, precision, size)
+    config = config_for(freeze, precision, size, arch)
     built = build(config, None)
     fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, precision)
     optimizer = build_optimizer(built.model, config.optim, built.arch)
@@ -113,8 +115,9 @@ def throughput(cases: list[tuple], rounds: int, steps: int, size: int, run_dir: 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, 3, size, size, generator=generator)
     y = torch.randint(CLASSES, (BATCH,), generator=generator)
-    runners = {f"plain {f}": plain_step_fn(f) for f in FREEZES}
-    runners |= {name: finetune_step_fn(freeze, precision, size, run_dir) for name, freeze, precision, _ in cases}
+    runners = {f"plain {arch} {freeze}": plain_step_fn(freeze, arch) for _, freeze, _, _, arch in cases}
+    runners |= {name: finetune_step_fn(freeze, precision, size, run_dir, arch)
+                for name, freeze, precision, _, arch in cases}
     times: dict[str, list[float]] = {name: [] for name in runners}
     x_channels_last = x.contiguous(memory_format=torch.channels_last)  # as finetune's loader delivers batches
     for r in range(rounds):
@@ -124,7 +127,7 @@ def throughput(cases: list[tuple], rounds: int, steps: int, size: int, run_dir: 
             times[name] += [timed(step, batch, y) for _ in range(steps)]
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     speed = {name: BATCH / statistics.median(t) for name, t in times.items()}
-    return [(name, speed[f"plain {freeze}"], speed[name], target) for name, freeze, _, target in cases]
+    return [(name, speed[f"plain {arch} {freeze}"], speed[name], target) for name, freeze, _, target, arch in cases]
 
 
 def cached_epoch(size: int, images: int, run_dir: Path) -> tuple[float, float]:
@@ -194,15 +197,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case and round (default 3)")
     parser.add_argument("--size", type=int, default=224, help="image size (default 224)")
     parser.add_argument("--cache-images", type=int, default=320, help="images in the cached-epoch comparison")
+    parser.add_argument("--no-resnet50", action="store_true", help="leave out the two ResNet-50 rows")
     parser.add_argument("--all-precisions", action="store_true",
                         help="run the bf16 cases even where bf16 is not native (emulated: slow)")
     args = parser.parse_args()
 
-    print(f"finetune benchmark: ResNet-18, {args.size}x{args.size}, batch {BATCH}, {CLASSES} classes, "
+    print(f"finetune benchmark: ResNet-18 and ResNet-50, {args.size}x{args.size}, batch {BATCH}, {CLASSES} classes, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"CPU: {read_cpu().describe()}; torch CPU kernels: {torch.backends.cpu.get_cpu_capability()}")
     bf16 = precision_for("auto", "cpu")
-    cases = [case for case in CASES if case[2] != "bf16" or bf16.precision == "bf16" or args.all_precisions]
+    cases = [case for case in CASES if (case[2] != "bf16" or bf16.precision == "bf16" or args.all_precisions)
+             and not (args.no_resnet50 and case[4] == "resnet50")]
     if bf16.precision == "bf16":
         print(f"bf16 cases: run ({bf16.reason})")
     elif args.all_precisions:
