@@ -49,11 +49,34 @@ def hub_cache(offline, resnet_state) -> Path:
     return target
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run the real ``finetune`` CLI in a subprocess (``python -m finetune``)."""
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd or REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+CLI_ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
+os.environ.update(CLI_ENV)  # before finetune.render makes its consoles: they read the width once
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240,
+            isolated: bool = False) -> subprocess.CompletedProcess:
+    """Run the real ``finetune`` CLI: its Typer app in this process, or ``python -m finetune`` when ``isolated``.
+
+    In this process saves the seconds a new one spends importing torch; what a test sees is the same:
+    the exit code, stdout, stderr, and a traceback in stderr when the command crashed. Launching torchrun
+    (``--nproc``), signals and import-time promises need ``isolated``.
+    """
+    if isolated:
+        return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd or REPO,
+                              env={**os.environ, **CLI_ENV}, capture_output=True, text=True, timeout=timeout)
+    import contextlib
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    with contextlib.chdir(cwd or REPO):
+        result = CliRunner(env=CLI_ENV).invoke(app, list(args), prog_name="finetune")
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["finetune", *args], result.exit_code, result.stdout, stderr)
 
 
 def write_config(path: Path, text: str) -> Path:

@@ -10,10 +10,8 @@ module-scoped fixture; the tests then check one result each.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -307,7 +305,7 @@ def snapshot(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory, colour_data, resnet_state):
-    """Set up every case in its own folder, then run all the commands side by side (the CPU count at a time)."""
+    """Set up every case in its own folder, then run all the commands (in this process: no torch import each)."""
     shared = Shared(colour_data, resnet_state)
     prepared = {}
     for name, setup in CASES.items():
@@ -318,9 +316,7 @@ def outcomes(tmp_path_factory, colour_data, resnet_state):
         env.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
         for key, value in OFFLINE_ENV.items():
             env.setenv(key, value)
-        env.setenv("OMP_NUM_THREADS", "1")  # one compute thread per command: they run side by side
-        with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
-            results = dict(zip(prepared, pool.map(lambda item: run_cli(*item[1].args), prepared.values())))
+        results = {name: run_cli(*case_.args) for name, (_, case_) in prepared.items()}
     return {name: (case_, before[name], snapshot(folder), results[name])
             for name, (folder, case_) in prepared.items()}
 

@@ -44,7 +44,7 @@ def test_cuda_without_a_gpu_is_a_clear_error():
 def two_process_run(tmp_path_factory, colour_data):
     folder = tmp_path_factory.mktemp("ddp")
     config = tiny_config(folder, colour_data, freeze=FREEZE, train={"epochs": 2, "batch_size": 8})
-    result = run_cli("train", "--config", str(config), "--nproc", "2")
+    result = run_cli("train", "--config", str(config), "--nproc", "2", isolated=True)
     assert result.returncode == 0, result.stdout + result.stderr
     return folder, config, result
 
@@ -76,7 +76,7 @@ def test_resume_needs_the_same_process_count(two_process_run):
 
 def test_global_batch_must_divide_among_processes(tmp_path, colour_data):
     config = tiny_config(tmp_path, colour_data, train={"batch_size": 7})
-    result = run_cli("train", "--config", str(config), "--nproc", "2")
+    result = run_cli("train", "--config", str(config), "--nproc", "2", isolated=True)
     assert result.returncode != 0  # torchrun reports the ranks' exit code 2 as a failure of its own
     assert "train.batch_size: 7 is the global batch and must divide evenly among 2 processes" in result.stderr
     assert "Traceback" not in result.stderr.split("train.batch_size")[0]
@@ -116,7 +116,7 @@ def test_a_failing_rank_ends_the_job_instead_of_hanging(tmp_path, colour_data):
 
 def test_sync_batchnorm_on_cpu_is_a_clear_error(tmp_path, colour_data):
     config = tiny_config(tmp_path, colour_data, train={"sync_batchnorm": True})
-    result = run_cli("train", "--config", str(config), "--nproc", "2")
+    result = run_cli("train", "--config", str(config), "--nproc", "2", isolated=True)
     assert result.returncode != 0  # torchrun reports the ranks' exit code 2 as a failure of its own
     assert "train.sync_batchnorm: needs CUDA" in result.stderr
     assert not (tmp_path / "run").exists()

@@ -70,7 +70,7 @@ def test_text_report_from_config_file_with_cached_weights(tmp_path, hub_cache):
 
 def test_explicit_bf16_where_it_is_not_native(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN's bf16 kernels off, as on an AVX2-only CPU
-    result = run_cli("freeze-report", *RANDOM_10, "--set", "train.precision=bf16")
+    result = run_cli("freeze-report", *RANDOM_10, "--set", "train.precision=bf16", isolated=True)  # read at start
     assert result.returncode == 0, result.stderr
     assert "precision: bf16 (train.precision: bf16, not native here: " in result.stdout
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_cli, tiny_config
 
 from finetune import hardware
 from finetune.hardware import CpuInfo, precision_for, read_cpu, resolve_precision
@@ -121,7 +122,7 @@ def test_this_cpu_decision_matches_its_flags():
 
 def test_onednn_capped_to_avx2_resolves_fp32_on_any_cpu():
     code = "from finetune.hardware import precision_for; print(precision_for('auto', 'cpu').precision)"
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}  # a new process: oneDNN reads the cap once, on first use
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.stdout.strip() == "fp32", result.stderr
@@ -152,3 +153,26 @@ def test_auto_precision_trains_on_this_cpu():
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert losses[-1] < losses[0], (precision, losses)
+
+
+def test_training_says_which_precision_ran_and_why(tmp_path, colour_data):
+    """A real short run on whatever CPU runs the tests, at the precision auto picks here."""
+    choice = precision_for("auto", "cpu")
+    config = tiny_config(tmp_path, colour_data, freeze={"trainable": ["layer4", "fc"]},
+                         train={"epochs": 1, "precision": "auto"})
+    result = run_cli("train", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert f"precision {choice.precision} ({choice.reason})" in result.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["precision"], summary["precision_reason"]) == choice[:2]
+
+
+def test_explicit_bf16_where_it_is_not_native_warns_up_front_and_trains(tmp_path, colour_data, monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN's bf16 kernels off, as on an AVX2-only CPU
+    config = tiny_config(tmp_path, colour_data, train={"epochs": 1, "precision": "bf16"})
+    result = run_cli("train", "--config", str(config), isolated=True)  # oneDNN reads the cap when it starts
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "WARNING: train.precision is bf16, but bf16 is not native here" in out
+    assert out.index("WARNING: train.precision") < out.index("epoch 1/1")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["precision"] == "bf16"
