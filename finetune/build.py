@@ -17,6 +17,7 @@ from torch import nn
 
 from finetune.arch import Arch, get_arch
 from finetune.config import Config, config_error
+from finetune.distributed import select_device
 from finetune.fastpath import cache_problems
 from finetune.freeze import Decision, apply_plan, batchnorm_modes, check_patterns, plan_freeze
 from finetune.imbalance import problems as imbalance_problems
@@ -87,6 +88,10 @@ def config_problems(config: Config, arch: Arch, skeleton: nn.Module, num_classes
     if config.train.batch_size % world:
         problems.append(("train.batch_size", f"{config.train.batch_size} is the global batch and must divide "
                          f"evenly among {world} processes"))
+    if world > 1 and config.train.sync_batchnorm and select_device(config.train.device,
+                                                                    torch.cuda.is_available()) != "cuda":
+        problems.append(("train.sync_batchnorm", "needs CUDA (torch's SyncBatchNorm has no CPU implementation); "
+                         "keep BatchNorm layers frozen in eval mode instead"))
     plan = plan_freeze(names, config.freeze, epoch=1)  # patterns that match nothing simply decide nothing here
     problems += cache_problems(config, arch, skeleton, plan, batchnorm_modes(skeleton, plan, config.freeze.batchnorm))
     return problems

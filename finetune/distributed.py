@@ -80,9 +80,6 @@ def setup(config: Config) -> Dist:
     if world == 1:
         return Dist(device=torch.device(device_type))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if config.train.sync_batchnorm and device_type != "cuda":
-        raise config_error(config, [("train.sync_batchnorm", "needs CUDA (torch's SyncBatchNorm has no CPU "
-                                     "implementation); keep BatchNorm layers frozen in eval mode instead")])
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

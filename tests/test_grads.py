@@ -70,7 +70,7 @@ def test_nan_weights_in_a_trainable_layer_fail_checks_2_and_4(tmp_path, colour_d
     state["layer4.1.conv2.weight"][0, 0, 0, 0] = float("nan")
     torch.save(state, tmp_path / "nan.pth")
     config = tiny_config(tmp_path, colour_data, model={"weights": str(tmp_path / "nan.pth")},
-                         freeze={"trainable": ["layer4", "fc"]})
+                         freeze={"trainable": ["layer4.1", "fc"]})  # the block holding the NaN, and the head
     result = run_cli("inspect-grads", "--config", str(config), "--json")
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)
