@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
-from finetune.config import Config, config_error
+from finetune.config import Config
 from finetune.errors import FinetuneError
 
 

@@ -25,17 +25,10 @@ from finetune import rundir
 from finetune.build import Built, build
 from finetune.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from finetune.config import Config
-from finetune.data import (
-    SeededSamples,
-    default_workers,
-    ensure_demo_data,
-    image_samples,
-    load_datasets,
-    steps_per_epoch,
-)
+from finetune.data import ensure_demo_data, image_samples, load_datasets, steps_per_epoch
 from finetune.distributed import Dist, setup, teardown
 from finetune.errors import FinetuneError
-from finetune.fastpath import FastModel, FeatureSource, cache_decision
+from finetune.fastpath import FastModel, feature_sources
 from finetune.freeze import apply_plan, batchnorm_modes, frozen_tensors, plan_freeze, set_train_mode
 from finetune.hardware import precision_for_config
 from finetune.imagecache import ImageCaches, plan_image_caches
@@ -253,7 +246,8 @@ class Run:
             rundir.prepare_new(run_dir, overwrite)  # only now: bad data or weights leave nothing behind
         dist.barrier()
         run = cls(config, reporter, dist, run_dir, data, built)
-        for warning in (run.precision.warning, imbalance_warning(run.targets, data.classes)):
+        remedied = config.train.class_weights != "none" or config.data.sampler != "shuffle"
+        for warning in (run.precision.warning, None if remedied else imbalance_warning(run.targets, data.classes)):
             if warning:
                 reporter.warn(warning)
         torch.manual_seed(config.train.seed)
@@ -392,9 +386,10 @@ class Run:
         rule, state = self.config.train.early_stopping, self.state
         if rule is None:
             return
-        value = row[rule.monitor]
+        value = row[rule.monitor]  # None or NaN when undefined (e.g. an empty val split): no improvement
         sign = -1 if rule.monitor == "val_loss" else 1  # loss improves downwards
-        if state.monitor_best is None or sign * (value - state.monitor_best) > rule.min_delta:
+        defined = value is not None and not math.isnan(value)
+        if defined and (state.monitor_best is None or sign * (value - state.monitor_best) > rule.min_delta):
             state.monitor_best, state.epochs_without_improvement = value, 0
         else:
             state.epochs_without_improvement += 1
@@ -460,20 +455,12 @@ class Phase:
         self.fast = FastModel(run.model, run.built.arch, plan, self.bn_modes, run.precision.precision, dist.device)
         if dist.active:
             self.fast.distribute()
-        use_cache, why = cache_decision(config.train.cache_features, self.fast, config.data.augment)
+        self.train_source, self.val_source, why = feature_sources(config, self.fast, run.data, run.run_dir,
+                                                                  weights=run.sampling_weights, dist=dist)
         names = self.fast.prefix_names
         prefix = f"{names[0]} .. {names[-1]} (no autograd)" if names else "none"
         run.reporter.message(f"frozen prefix: {prefix}; precision {run.precision.precision} "
                              f"({run.precision.reason}); feature cache {why}")
-        workers = config.data.workers if config.data.workers is not None else default_workers()
-        cache_bytes = config.train.cache_max_gb * 2**30 if use_cache else None
-        train_set = SeededSamples(run.data.train, config.train.seed) if config.data.augment else run.data.train
-        common = dict(seed=config.train.seed, workers=workers, cache_bytes=cache_bytes, folder=run.run_dir, dist=dist)
-        batch = config.train.batch_size // dist.world
-        rank = f"-rank{dist.rank}" if dist.active else ""  # memory-mapped caches: one file per process
-        self.train_source = FeatureSource(self.fast, train_set, batch, shuffle=True, split=f"train{rank}",
-                                          weights=run.sampling_weights, **common)
-        self.val_source = FeatureSource(self.fast, run.data.val, batch, shuffle=False, split=f"val{rank}", **common)
 
     def close(self) -> None:
         self.train_source.close()

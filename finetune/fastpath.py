@@ -28,7 +28,16 @@ from torch import nn
 from torch.utils.data import BatchSampler
 
 from finetune.arch import Arch
-from finetune.data import Indexed, batch_loader, drops_last, epoch_sampler, make_loader, skipped_batch_error
+from finetune.data import (
+    Indexed,
+    SeededSamples,
+    batch_loader,
+    default_workers,
+    drops_last,
+    epoch_sampler,
+    make_loader,
+    skipped_batch_error,
+)
 from finetune.distributed import Dist
 from finetune.freeze import Decision
 
@@ -297,3 +306,18 @@ class FeatureSource:
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()
+
+
+def feature_sources(config, fast: FastModel, data, folder: Path, *, weights: Optional[torch.Tensor] = None,
+                    dist: Dist = Dist()) -> tuple[FeatureSource, FeatureSource, str]:
+    """The train and val sources training reads, with the feature cache when ``train.cache_features`` allows it
+    (a spilled cache goes to ``folder``), and why the cache is on or off. ``weights``: the train sampling weights."""
+    use_cache, why = cache_decision(config.train.cache_features, fast, config.data.augment)
+    common = dict(seed=config.train.seed, dist=dist, folder=folder,
+                  workers=config.data.workers if config.data.workers is not None else default_workers(),
+                  cache_bytes=config.train.cache_max_gb * 2**30 if use_cache else None)
+    batch = config.train.batch_size // dist.world
+    rank = f"-rank{dist.rank}" if dist.active else ""  # spilled caches: one file per process
+    train_set = SeededSamples(data.train, config.train.seed) if config.data.augment else data.train
+    return (FeatureSource(fast, train_set, batch, shuffle=True, split=f"train{rank}", weights=weights, **common),
+            FeatureSource(fast, data.val, batch, shuffle=False, split=f"val{rank}", **common), why)

@@ -32,10 +32,10 @@ from torch import nn
 
 from finetune.build import build
 from finetune.config import Config, config_error
-from finetune.data import SeededSamples, default_workers, ensure_demo_data, image_samples, load_datasets
+from finetune.data import ensure_demo_data, image_samples, load_datasets
 from finetune.distributed import select_device
 from finetune.errors import FinetuneError
-from finetune.fastpath import FastModel, FeatureSource, cache_decision
+from finetune.fastpath import FastModel, feature_sources
 from finetune.freeze import set_train_mode
 from finetune.hardware import precision_for_config
 from finetune.imbalance import class_weights, sampling_weights
@@ -253,19 +253,17 @@ def lr_find(config: Config, start: float = 1e-6, end: float = 1.0, steps: int = 
     weights = class_weights(config.train.class_weights, targets, built.num_classes)
     criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
                                     label_smoothing=config.train.label_smoothing)
-    use_cache, _ = cache_decision(config.train.cache_features, fast, config.data.augment)
-    train_set = SeededSamples(data.train, config.train.seed) if config.data.augment else data.train
     with tempfile.TemporaryDirectory(prefix="finetune-lr-find-") as spill:
-        source = FeatureSource(fast, train_set, config.train.batch_size, shuffle=True, seed=config.train.seed,
-                               workers=config.data.workers if config.data.workers is not None else default_workers(),
-                               cache_bytes=config.train.cache_max_gb * 2**30 if use_cache else None,
-                               folder=Path(spill), weights=sampling_weights(config.data.sampler, targets,
-                                                                            built.num_classes))
+        source, val_source, _ = feature_sources(config, fast, data, Path(spill),
+                                                weights=sampling_weights(config.data.sampler, targets,
+                                                                         built.num_classes))
+        use_cache = source.caching
         try:
             curve = range_test(fast, optimizer, itertools.chain.from_iterable(map(source.epoch, itertools.count())),
                                criterion, ramp(start, end, steps), config.optim.lr, config.optim.grad_clip)
         finally:
             source.close()
+            val_source.close()
     suggestion = suggest(curve.lrs, curve.smoothed)
     if suggestion.lr is not None:
         suggestion.lr = float(f"{suggestion.lr:.2g}")  # a rate people can type; the curve is not that precise
