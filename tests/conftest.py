@@ -171,6 +171,20 @@ class SignalAtStep(Reporter):
             os.kill(os.getpid(), self.signum)
 
 
+class Messages(Reporter):
+    """A silent reporter that keeps what it was told (warnings marked as such)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def message(self, text):
+        self.lines.append(text)
+
+    def warn(self, text):
+        self.lines.append("WARNING: " + text)
+
+
 class CodeRunningPayload:
     """Unpickling this creates ``marker`` (builtins.open in write mode): proof that code from a file ran."""
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import SignalAtStep, assert_same_weights, tiny_config
+from conftest import Messages, SignalAtStep, assert_same_weights, tiny_config
 
 from finetune import engine
 from finetune.build import build
@@ -103,15 +103,6 @@ def run(tmp_path, colour_data, name, reporter=None, **sections):
     state = torch.load(run_dir / "last.pt", weights_only=True)["model"]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return state, rows, run_dir
-
-
-class Messages(Reporter):
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def message(self, text):
-        self.lines.append(text)
 
 
 def assert_close_to_scale(a: torch.Tensor, b: torch.Tensor, name: str) -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import SignalAtStep, assert_same_weights, run_cli, tiny_config, weights
+from conftest import Messages, SignalAtStep, assert_same_weights, run_cli, tiny_config, weights
 
 from finetune.config import load_config
 from finetune.engine import train
@@ -15,20 +15,6 @@ from finetune.reporting import summary_line
 
 # A learning rate this small leaves val_acc where it is: no epoch improves on the first.
 STALLED = dict(optim={"lr": 1e-9}, train={"epochs": 6, "early_stopping": {"monitor": "val_acc", "patience": 2}})
-
-
-class Messages(Reporter):
-    """A silent reporter that keeps what it was told."""
-
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def message(self, text):
-        self.lines.append(text)
-
-    def warn(self, text):
-        self.lines.append("WARNING: " + text)
 
 
 def test_early_stopping_ends_the_run_and_resume_says_it_is_finished(tmp_path, colour_data):
