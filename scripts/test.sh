@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the whole test suite, creating .venv/ first if it is missing. Extra arguments go to pytest.
-# The tests run in one process per core (pytest-xdist), each with one compute thread (tests/conftest.py).
+# The tests run in one process per core (pytest-xdist).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -18,14 +18,6 @@ OFFLINE_ENV = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.
                "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": ""}
 
 
-def pytest_configure(config):
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # one process per core: one compute thread each, no oversubscription
-        os.environ["OMP_NUM_THREADS"] = "1"  # for the commands the tests start, too
-        import torch
-
-        torch.set_num_threads(1)
-
-
 @pytest.fixture(autouse=True)
 def offline(tmp_path_factory, monkeypatch):
     """Every test gets an empty TORCH_HOME and no network."""
