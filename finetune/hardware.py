@@ -22,8 +22,9 @@ from typing import NamedTuple, Optional
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # What decides the speed of oneDNN's convolutions: shown in benchmark headers and logs.
 SHOWN_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-# Measured on a 2-core AVX2-only Zen 3, torch 2.14.1 (scripts/bench.py, 224 px): bf16 against fp32.
-EMULATED_SLOWDOWN = "measured on an AVX2-only CPU: about 8x for head-only training, 12x for a full fine-tune"
+# scripts/bench.py at 224 px, torch 2.14.1, bf16 against fp32: on a 2-core AVX2-only Zen 3 (issue #12) 7.9x head-only
+# and 12.2x full; on an AVX-512 EPYC with the kernels capped to AVX2, 4.6x and 11.7x.
+EMULATED_SLOWDOWN = "measured with AVX2 kernels: 5-8x for head-only training, 12x for a full fine-tune"
 
 
 @dataclass(frozen=True)
