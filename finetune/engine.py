@@ -23,7 +23,7 @@ from torch import nn
 
 from finetune import rundir
 from finetune.build import Built, build
-from finetune.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from finetune.checkpoint import atomic_copy, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from finetune.config import Config
 from finetune.data import ensure_demo_data, image_samples, load_datasets, steps_per_epoch
 from finetune.distributed import Dist, setup, teardown
@@ -36,6 +36,10 @@ from finetune.imbalance import class_weights, imbalance_warning, sampling_weight
 from finetune.metrics import balanced_accuracy, macro_f1
 from finetune.optim import Schedule, add_trainable, build_optimizer
 from finetune.reporting import Reporter
+
+# curves.png is redrawn after an epoch only when this long has passed since the last drawing (a drawing costs
+# about 0.3 s), and always when the run ends, however it ends.
+CURVES_EVERY_S = 30.0
 
 
 @dataclass
@@ -216,6 +220,7 @@ class Run:
         self.phase = Phase(self, built.plan, epoch=1)
         self.image_caches = ImageCaches("off")
         self.caches_reported = False
+        self.curves_drawn_at, self.curves_drawn_epochs = self.started, 0
         self.bad_reported = len(data.bad_images)
 
     @classmethod
@@ -348,8 +353,9 @@ class Run:
             rundir.write_metrics(self.run_dir, state.history)
             self.checkpoint("last.pt")
             if improved:
-                self.checkpoint("best.pt")
-            rundir.plot_curves(self.run_dir, state.history)
+                atomic_copy(self.run_dir / "last.pt", self.run_dir / "best.pt")  # the same file: no second save
+            if time.perf_counter() - self.curves_drawn_at >= CURVES_EVERY_S:
+                self.draw_curves()
         self.reporter.epoch_end(row, improved)
         self._report_after_epoch()
 
@@ -413,9 +419,18 @@ class Run:
         return (f"Nothing was saved from it; the last good checkpoint {self.run_dir / 'last.pt'} "
                 f"(end of epoch {self.state.epoch}) is kept.")
 
+    def draw_curves(self) -> None:
+        """curves.png of the epochs so far (only where it lacks some)."""
+        history = self.state.history
+        if self.dist.is_main and history and self.curves_drawn_epochs != len(history):
+            rundir.plot_curves(self.run_dir, history)
+            self.curves_drawn_at, self.curves_drawn_epochs = time.perf_counter(), len(history)
+
     def close(self) -> None:
+        """Release the caches and draw the last epochs' curves; runs however the run ends."""
         self.phase.close()
         self.image_caches.close()
+        self.draw_curves()
 
     def finish(self) -> dict:
         """Check the frozen tensors, write summary.json, report the end; returns the summary."""

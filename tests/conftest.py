@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from finetune.reporting import Reporter  # rich only: no torch at collection
+# The suite runs a process per core (pytest-xdist), each with torch's default thread per core: more compute threads
+# than cores. libgomp's threads spin between parallel regions, and spinning threads of one process take the cores
+# the other needs: the suite ran 3x slower. Passive threads sleep instead. Same threads, same numbers; set before
+# any test imports torch, and inherited by the CLI subprocesses.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from finetune.reporting import Reporter  # noqa: E402  # rich only: no torch at collection
 
 REPO = Path(__file__).resolve().parents[1]
 # An unreachable proxy: anything that tries to download fails at once instead of reaching the network.
