@@ -176,3 +176,14 @@ def test_explicit_bf16_where_it_is_not_native_warns_up_front_and_trains(tmp_path
     assert "WARNING: train.precision is bf16, but bf16 is not native here" in out
     assert out.index("WARNING: train.precision") < out.index("epoch 1/1")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("user_value, expected", [(None, "10000"), ("300000", "300000")], ids=["default", "user's"])
+def test_the_cli_shortens_openmp_spinning_unless_the_user_chose(user_value, expected):
+    """Decode threads need the cores that torch's idle OpenMP threads would spin on; set before torch loads."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if user_value:
+        env["GOMP_SPINCOUNT"] = user_value
+    code = "import os, sys, finetune.cli; print(os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.stdout.split() == [expected, "False"], result.stderr

@@ -105,17 +105,28 @@ def no_traceback(result: subprocess.CompletedProcess) -> bool:
     return "Traceback" not in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
-def test_signal_saves_then_resume_equals_an_uninterrupted_run(tmp_path, long_data, reference, signum, code):
-    run_dir = tmp_path / "run"
-    run = Training("train", "--config", str(signal_config(tmp_path, long_data)))
-    run.wait_for("epoch 1/")  # one epoch done: the signal lands in the middle of the run
+def interrupt(run_dir: Path, args: tuple[str, ...], after: str, signum: int, code: int) -> dict:
+    """Start ``finetune ARGS``, send ``signum`` once a line starts with ``after``; check how it stopped and return
+    the progress its last.pt saved."""
+    run = Training(*args)
+    run.wait_for(after)
     run.proc.send_signal(signum)
     stopped = run.finish()
     assert stopped.returncode == code, stopped.stdout + stopped.stderr
     assert f"finetune train --resume {run_dir}" in stopped.stderr and no_traceback(stopped)
-    progress = torch.load(run_dir / "last.pt", weights_only=True)["progress"]
-    assert 1 <= progress["epoch"] < EPOCHS and f"epoch {EPOCHS}/" not in stopped.stdout
+    assert f"epoch {EPOCHS}/" not in stopped.stdout
+    return torch.load(run_dir / "last.pt", weights_only=True)["progress"]
+
+
+def test_signals_save_then_resume_equals_an_uninterrupted_run(tmp_path, long_data, reference):
+    """SIGTERM in epoch 2, resume, Ctrl-C (SIGINT) in epoch 3 of the resumed run, resume again: the weights of
+    the uninterrupted run, bit for bit."""
+    run_dir = tmp_path / "run"
+    first = interrupt(run_dir, ("train", "--config", str(signal_config(tmp_path, long_data))), "epoch 1/",
+                      signal.SIGTERM, 143)
+    assert first["epoch"] == 1  # stopped inside epoch 2 (after the step under way)
+    second = interrupt(run_dir, ("train", "--resume", str(run_dir)), "epoch 2/", signal.SIGINT, 130)
+    assert second["epoch"] == 2
 
     resumed = Training("train", "--resume", str(run_dir)).finish()
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

@@ -92,6 +92,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, colour_data, au
     assert "--resume" in str(stopped.value)
     partial = torch.load(tmp_path / "parted" / "run" / "last.pt", weights_only=True)["progress"]
     assert (partial["epoch"], partial["step"]) == (1, 2)
+    assert (tmp_path / "parted" / "run" / "curves.png").is_file()  # drawn however a run ends: epoch 1's curves
     train(parted, Reporter(), resume=tmp_path / "parted" / "run")
 
     assert_same_weights(weights(tmp_path / "parted" / "run"), weights(tmp_path / "whole" / "run"))
@@ -161,3 +162,22 @@ def test_predict_unreadable_image_is_a_clear_error(cli_run, tmp_path):
     result = run_cli("predict", str(cli_run[0] / "best.pt"), str(tmp_path / "broken.png"))
     assert result.returncode == 2
     assert "broken.png" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "copy"])
+def test_atomic_copy_stays_independent_of_a_replaced_source(tmp_path, monkeypatch, links):
+    """best.pt is made from last.pt by a hard link (or a copy where the file system has none): replacing last.pt
+    afterwards, as every checkpoint does, leaves best.pt as it was."""
+    import os
+
+    from finetune.checkpoint import atomic_copy, atomic_write_text
+
+    if not links:
+        monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError("no hard links here")))
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    atomic_write_text(last, "epoch 1")
+    atomic_copy(last, best)
+    assert (best.stat().st_ino == last.stat().st_ino) is links
+    atomic_write_text(last, "epoch 2")
+    assert best.read_text() == "epoch 1" and last.read_text() == "epoch 2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temporary files left
