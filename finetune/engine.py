@@ -263,7 +263,7 @@ class Run:
             run.state.frozen_checksums = _checksums(run.frozen)
             if dist.is_main:
                 rundir.write_config(run_dir, config)
-        run.image_caches = plan_image_caches(config, data, feature_cache=run.phase.train_source.caching,
+        run.image_caches = plan_image_caches(config, data, feature_cached=run.phase.cached_splits(),
                                              epochs_left=config.train.epochs - run.state.epoch, folder=run_dir,
                                              suffix=f"-rank{dist.rank}" if dist.active else "")
         reporter.message(f"image cache {run.image_caches.why}")
@@ -367,9 +367,10 @@ class Run:
             self.bad_reported = len(bad)
         if not self.caches_reported:
             self.caches_reported = True
-            if self.phase.train_source.caching:
-                self.reporter.message(f"feature cache: train {self.phase.train_source.describe()}, "
-                                      f"val {self.phase.val_source.describe()}")
+            sources = (("train", self.phase.train_source), ("val", self.phase.val_source))
+            held = [f"{split} {source.describe()}" for split, source in sources if source.caching]
+            if held:
+                self.reporter.message(f"feature cache: {', '.join(held)}")
             if self.image_caches.caches:
                 self.reporter.message(f"image cache: {self.image_caches.describe()}")
 
@@ -476,6 +477,10 @@ class Phase:
         prefix = f"{names[0]} .. {names[-1]} (no autograd)" if names else "none"
         run.reporter.message(f"frozen prefix: {prefix}; precision {run.precision.precision} "
                              f"({run.precision.reason}); feature cache {why}")
+
+    def cached_splits(self) -> list[str]:
+        """The splits ("train", "val") whose prefix features the feature cache holds."""
+        return [split for split, source in (("train", self.train_source), ("val", self.val_source)) if source.caching]
 
     def close(self) -> None:
         self.train_source.close()

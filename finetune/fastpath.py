@@ -312,12 +312,17 @@ def feature_sources(config, fast: FastModel, data, folder: Path, *, weights: Opt
                     dist: Dist = Dist()) -> tuple[FeatureSource, FeatureSource, str]:
     """The train and val sources training reads, with the feature cache when ``train.cache_features`` allows it
     (a spilled cache goes to ``folder``), and why the cache is on or off. ``weights``: the train sampling weights."""
-    use_cache, why = cache_decision(config.train.cache_features, fast, config.data.augment)
+    setting, budget = config.train.cache_features, config.train.cache_max_gb * 2**30
+    use_cache, why = cache_decision(setting, fast, config.data.augment)
+    val_cache = use_cache or cache_decision(setting, fast, augment=False)[0]  # validation is never augmented
+    if val_cache and not use_cache:
+        why += "; on for validation (its images are not augmented)"
     common = dict(seed=config.train.seed, dist=dist, folder=folder,
-                  workers=config.data.workers if config.data.workers is not None else default_workers(),
-                  cache_bytes=config.train.cache_max_gb * 2**30 if use_cache else None)
+                  workers=config.data.workers if config.data.workers is not None else default_workers())
     batch = config.train.batch_size // dist.world
     rank = f"-rank{dist.rank}" if dist.active else ""  # spilled caches: one file per process
     train_set = SeededSamples(data.train, config.train.seed) if config.data.augment else data.train
-    return (FeatureSource(fast, train_set, batch, shuffle=True, split=f"train{rank}", weights=weights, **common),
-            FeatureSource(fast, data.val, batch, shuffle=False, split=f"val{rank}", **common), why)
+    return (FeatureSource(fast, train_set, batch, shuffle=True, split=f"train{rank}", weights=weights,
+                          cache_bytes=budget if use_cache else None, **common),
+            FeatureSource(fast, data.val, batch, shuffle=False, split=f"val{rank}",
+                          cache_bytes=budget if val_cache else None, **common), why)

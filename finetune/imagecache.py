@@ -19,7 +19,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Collection, Optional
 
 import numpy as np
 
@@ -146,13 +146,13 @@ class ImageCaches:
         self.caches.clear()
 
 
-def plan_image_caches(config: Config, data: Datasets, *, feature_cache: bool, epochs_left: int, folder: Path,
-                      suffix: str = "") -> ImageCaches:
+def plan_image_caches(config: Config, data: Datasets, *, feature_cached: Collection[str], epochs_left: int,
+                      folder: Path, suffix: str = "") -> ImageCaches:
     """Attach image caches to ``data``'s train and val images as ``data.cache_images`` says.
 
-    ``auto`` caches when images are read in more than one of the ``epochs_left`` (the feature cache, when
-    ``feature_cache`` is on and no freeze stage replaces it, serves later epochs instead) and the images fit
-    in ``train.cache_max_gb`` or, beyond it, on the run directory's disk (``folder``; files named with
+    ``auto`` caches when images are read in more than one of the ``epochs_left`` (the feature cache, for the
+    splits in ``feature_cached`` when no freeze stage replaces it, serves later epochs instead) and the images
+    fit in ``train.cache_max_gb`` or, beyond it, on the run directory's disk (``folder``; files named with
     ``suffix``, e.g. one per process). Raises FinetuneError when the disk cannot hold the file.
     """
     setting = config.data.cache_images
@@ -160,10 +160,11 @@ def plan_image_caches(config: Config, data: Datasets, *, feature_cache: bool, ep
         return ImageCaches("off (data.cache_images: off)")
     if setting == "auto" and epochs_left <= 1:
         return ImageCaches("off (each image is read once: one epoch to go)")
-    if setting == "auto" and feature_cache and not config.freeze.stages:
+    served = set(feature_cached) if setting == "auto" and not config.freeze.stages else set()
+    if {"train", "val"} <= served:
         return ImageCaches("off (not needed: the feature cache serves every later epoch)")
     parts = [(split, *found) for split, dataset in (("train", data.train), ("val", data.val))
-             if (found := image_files(dataset)) is not None]
+             if split not in served and (found := image_files(dataset)) is not None]
     shapes = {split: _stored_shapes(files, indices) for split, files, indices in parts}
     total = sum(math.prod(shape) for per_split in shapes.values() for shape in per_split.values())
     budget = int(config.train.cache_max_gb * 2**30)
@@ -188,7 +189,8 @@ def plan_image_caches(config: Config, data: Datasets, *, feature_cache: bool, ep
     where = f"{_mib(memory)} in memory (train.cache_max_gb {config.train.cache_max_gb:g})" + "".join(
         f", {_mib(cache.disk_bytes)} in {cache.path}" for cache in on_disk)
     images = sum(len(cache.shapes) for _, cache in caches.caches)
-    caches.why = f"on ({why}; {images} images: {where})"
+    served_by_features = "".join(f"; {split} from the feature cache" for split in ("train", "val") if split in served)
+    caches.why = f"on ({why}; {images} images: {where}{served_by_features})"
     return caches
 
 

@@ -112,19 +112,31 @@ def assert_close_to_scale(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
     assert (a - b).abs().max() <= 1e-3 * b.abs().max() + 1e-6, name
 
 
-@pytest.mark.parametrize("freeze", [{"trainable": ["fc"]}, {"trainable": ["layer4", "fc"]}])
-def test_cached_run_equals_uncached_run(tmp_path, colour_data, freeze):
+@pytest.mark.parametrize("freeze, augment", [({"trainable": ["fc"]}, False), ({"trainable": ["layer4", "fc"]}, False),
+                                             ({"trainable": ["fc"]}, True)],
+                         ids=["head-only", "layer4+fc", "head-only-augmented"])
+def test_cached_run_equals_uncached_run(tmp_path, colour_data, freeze, augment):
+    """With augmentation only the validation features can be cached (auto does so); training reads the images."""
     train = {"epochs": 3, "batch_size": 5}  # 36 images: a lone last sample the training batches drop
     messages = Messages()
     cached, cached_rows, cached_dir = run(tmp_path, colour_data, "cached", messages, freeze=freeze,
-                                          train={**train, "cache_features": "on"})
-    plain, plain_rows, _ = run(tmp_path, colour_data, "plain", freeze=freeze, train={**train, "cache_features": "off"})
+                                          data={"augment": augment},
+                                          train={**train, "cache_features": "auto" if augment else "on"})
+    plain, plain_rows, _ = run(tmp_path, colour_data, "plain", freeze=freeze, data={"augment": augment},
+                               train={**train, "cache_features": "off"})
     for name in plain:
         assert_close_to_scale(cached[name], plain[name], name)
     for a, b in zip(cached_rows, plain_rows):
         assert a["val_acc"] == b["val_acc"]
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-    assert any("feature cache on" in line for line in messages.lines)
+    if augment:
+        assert any("feature cache off (data.augment is on" in line and "on for validation" in line
+                   for line in messages.lines)
+        assert any(line.startswith("feature cache: val ") for line in messages.lines)
+    else:
+        assert any("feature cache on" in line for line in messages.lines)
+        assert any(line.startswith("feature cache: train ") for line in messages.lines)
     assert any("MiB in memory" in line for line in messages.lines)
     assert not list(cached_dir.glob("feature-cache-*"))
 

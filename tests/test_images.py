@@ -214,7 +214,7 @@ def test_with_skip_bad_images_a_late_unreadable_image_is_left_out_of_its_batch(t
     config = load_config(tiny_config(tmp_path / "cfg", root, data={"skip_bad_images": True, "cache_images": "on"}))
     data = load_datasets(config)
     assert data.bad_images == [] and len(data.train) == 25
-    caches = plan_image_caches(config, data, feature_cache=False, epochs_left=2, folder=tmp_path) if cached else None
+    caches = plan_image_caches(config, data, feature_cached=(), epochs_left=2, folder=tmp_path) if cached else None
     for epoch in (0, 1):
         batches = epoch_batches(data.train, workers=2, epoch=epoch)
         assert sum(len(targets) for _, targets in batches) == 24
@@ -261,7 +261,7 @@ def test_the_image_cache_serves_later_epochs_without_decoding_bit_for_bit(tmp_pa
     files.pipeline = Counting(**vars(files.pipeline))
     per_image = 48 * 64 * 3  # 160x120 stored with a shorter side of 1.5 x 32
     config.train.cache_max_gb = budget_images * per_image / 2**30
-    caches = plan_image_caches(config, data, feature_cache=False, epochs_left=2, folder=tmp_path)
+    caches = plan_image_caches(config, data, feature_cached=(), epochs_left=2, folder=tmp_path)
     assert "on (later epochs read the images again; 33 images" in caches.why
     assert ("image-cache-train.bin" in caches.why) == (budget_images < 24)
     Counting.decoded.clear()
@@ -276,9 +276,13 @@ def test_the_image_cache_serves_later_epochs_without_decoding_bit_for_bit(tmp_pa
 def test_auto_caches_only_what_is_read_again_and_fits(tmp_path, jpegs, monkeypatch):
     config = load_config(tiny_config(tmp_path, jpegs))
     data = load_datasets(config)
-    plan = lambda **kw: plan_image_caches(config, data, folder=tmp_path, **{"feature_cache": False,
+    plan = lambda **kw: plan_image_caches(config, data, folder=tmp_path, **{"feature_cached": (),
                                                                              "epochs_left": 3, **kw})
-    assert plan(feature_cache=True).why == "off (not needed: the feature cache serves every later epoch)"
+    assert plan(feature_cached=("train", "val")).why == "off (not needed: the feature cache serves every later epoch)"
+    train_only = plan(feature_cached=("val",))  # augmented training images, validation features cached
+    assert train_only.why.endswith("; val from the feature cache)") and "24 images" in train_only.why
+    assert image_files(data.train)[0].cache is not None and image_files(data.val)[0].cache is None
+    train_only.close()
     assert plan(epochs_left=1).why.startswith("off (each image is read once")
     on = plan()
     assert on.why.startswith("on (later epochs read the images again; 33 images: 0.1 MiB in memory")
@@ -290,7 +294,7 @@ def test_auto_caches_only_what_is_read_again_and_fits(tmp_path, jpegs, monkeypat
     off = plan()
     assert off.why.startswith("off (0.1 MiB of decoded images: 0.1 MiB more than train.cache_max_gb (0)")
     config.data.cache_images = "on"
-    forced = plan(feature_cache=True, epochs_left=1)
+    forced = plan(feature_cached=("train", "val"), epochs_left=1)
     assert forced.why.startswith("on (data.cache_images: on")
     forced.close()
 
