@@ -198,11 +198,12 @@ class Run:
     :meth:`end_epoch` records an epoch, :meth:`checkpoint` saves it and :meth:`finish` summarises it.
     """
 
-    def __init__(self, config: Config, reporter: Reporter, dist: Dist, run_dir: Path, data, built: Built):
+    def __init__(self, config: Config, reporter: Reporter, dist: Dist, run_dir: Path, data, built: Built,
+                 resumed_precision: Optional[str] = None):
         self.config, self.reporter, self.dist, self.run_dir, self.data, self.built = (
             config, reporter, dist, run_dir, data, built)
         self.started = time.perf_counter()
-        self.precision = precision_for_config(config)
+        self.precision = precision_for_config(config, resumed_precision)
         self.model = built.model
         self.optimizer = build_optimizer(self.model, config.optim, built.arch)
         self.steps = steps_per_epoch(data.train, config.train.batch_size // dist.world, dist.world)
@@ -250,15 +251,16 @@ class Run:
         if resume is None and dist.is_main:
             rundir.prepare_new(run_dir, overwrite)  # only now: bad data or weights leave nothing behind
         dist.barrier()
-        run = cls(config, reporter, dist, run_dir, data, built)
+        saved = load_checkpoint(run_dir / "last.pt") if resume is not None else None
+        run = cls(config, reporter, dist, run_dir, data, built, resumed_precision=saved and saved.get("precision"))
         remedied = config.train.class_weights != "none" or config.data.sampler != "shuffle"
         for warning in (run.precision.warning, None if remedied else imbalance_warning(run.targets, data.classes)):
             if warning:
                 reporter.warn(warning)
         torch.manual_seed(config.train.seed)
         random.seed(config.train.seed)
-        if resume is not None:
-            run.restore()
+        if saved is not None:
+            run.restore(saved)
         else:
             run.state.frozen_checksums = _checksums(run.frozen)
             if dist.is_main:
@@ -272,10 +274,10 @@ class Run:
                        steps_per_epoch=run.steps, resumed_at=run.state.epoch if resume else None)
         return run
 
-    def restore(self) -> None:
-        """Continue from ``last.pt``: the stages started by then, weights, optimizer, schedule, RNG, state."""
+    def restore(self, saved: dict) -> None:
+        """Continue from ``saved`` (the run's ``last.pt``): the stages started by then, weights, optimizer,
+        schedule, RNG, state."""
         path = self.run_dir / "last.pt"
-        saved = load_checkpoint(path)
         if saved.get("world", 1) != self.dist.world:
             raise FinetuneError(f"{path} was written by a run of {saved.get('world', 1)} process(es); resume it "
                                 f"with the same number (now {self.dist.world}).")
@@ -411,6 +413,7 @@ class Run:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(), "progress": asdict(self.state), "rng": rng_states(),
             "classes": self.data.classes, "world": self.dist.world, "config": self.config.model_dump(mode="json"),
+            "precision": self.precision.precision,
             "weights": self.built.weights.source, "pretrained": self.built.weights.pretrained})
 
     def kept(self) -> str:

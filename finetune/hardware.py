@@ -119,10 +119,26 @@ def _onednn_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def precision_for_config(config) -> PrecisionChoice:
-    """``precision_for`` on the device ``train.device`` selects (raises FinetuneError for cuda without a GPU)."""
+def precision_for_config(config, resumed: Optional[str] = None) -> PrecisionChoice:
+    """``precision_for`` on the device ``train.device`` selects (raises FinetuneError for cuda without a GPU).
+
+    ``resumed``: the precision a run being resumed trained in. ``auto`` keeps it, so the resumed run computes as
+    the interrupted one did even on a CPU where auto picks otherwise (with the warning when bf16 is slow here).
+    """
     import torch
 
     from finetune.distributed import select_device
 
-    return precision_for(config.train.precision, select_device(config.train.device, torch.cuda.is_available()))
+    device = select_device(config.train.device, torch.cuda.is_available())
+    choice = precision_for(config.train.precision, device)
+    if config.train.precision != "auto" or resumed in (None, choice.precision):
+        return choice
+    why = choice.reason.removeprefix("auto: ")
+    warning = None
+    if precision_for(resumed, device).warning:
+        warning = (f"The run being resumed trained in {resumed} (train.precision: auto chose it where it started) "
+                   f"and goes on in {resumed} so that it continues exactly, but {resumed} is not native here: {why}. "
+                   f"It is emulated and expected to be several times slower than fp32 ({EMULATED_SLOWDOWN}). For "
+                   "fp32 speed on this machine, start a new run.")
+    return PrecisionChoice(resumed, f"auto, kept from the run being resumed; here auto alone would pick "
+                                    f"{choice.precision} ({why})", warning)

@@ -202,7 +202,8 @@ def main() -> None:
                         help="run the bf16 cases even where bf16 is not native (emulated: slow)")
     args = parser.parse_args()
 
-    print(f"finetune benchmark: ResNet-18 and ResNet-50, {args.size}x{args.size}, batch {BATCH}, {CLASSES} classes, "
+    models = "ResNet-18" if args.no_resnet50 else "ResNet-18 and ResNet-50"
+    print(f"finetune benchmark: {models}, {args.size}x{args.size}, batch {BATCH}, {CLASSES} classes, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"CPU: {read_cpu().describe()}; torch CPU kernels: {torch.backends.cpu.get_cpu_capability()}")
     bf16 = precision_for("auto", "cpu")

@@ -20,7 +20,6 @@ the median over all rounds. Decoding and resizing images are left out: they are 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -34,26 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune.data import load_datasets  # noqa: E402
 from finetune.export import export_checkpoint  # noqa: E402
+from finetune.hardware import read_cpu  # noqa: E402
 from finetune.inference import load_model  # noqa: E402
 
 BATCH = 32
 SIDES = {"checkpoint (eager PyTorch)": None, "ONNX Runtime": "onnx", "TorchScript": "torchscript"}
-
-
-def cpu_header() -> str:
-    """The CPU model name and the vector extensions that decide which kernels run."""
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown CPU":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    marks = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in ("avx2", "avx512f", "avx512_bf16"))
-    return f"CPU: {model}; {marks}; {os.cpu_count()} cores"
 
 
 def make_run(folder: Path, size: int, arch: str) -> Path:
@@ -122,7 +106,7 @@ def main() -> None:
         print(f"finetune predict benchmark: {config.model.arch}, {config.data.image_size}x{config.data.image_size}, "
               f"{len(models['ONNX Runtime'].classes)} classes, torch {torch.__version__} "
               f"({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}")
-        print(cpu_header())
+        print(f"CPU: {read_cpu().describe()}; torch CPU kernels: {torch.backends.cpu.get_cpu_capability()}")
         for fmt, result in exported.items():
             print(f"{fmt} export verified on {result['verified_on']}: max |logit difference| "
                   f"{result['max_abs_diff']:.2g}")

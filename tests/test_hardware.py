@@ -187,3 +187,32 @@ def test_the_cli_shortens_openmp_spinning_unless_the_user_chose(user_value, expe
     code = "import os, sys, finetune.cli; print(os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.stdout.split() == [expected, "False"], result.stderr
+
+
+def test_a_resumed_auto_run_keeps_the_precision_it_started_in(tmp_path, colour_data, monkeypatch):
+    """Started where auto picks bf16, resumed on an AVX2-only CPU: still bf16 (the same numbers as an
+    uninterrupted run would compute), said on the start line, with the slow-bf16 warning."""
+    import torch
+    from conftest import Messages, SignalAtStep
+
+    from finetune.config import load_config
+    from finetune.engine import train
+    from finetune.errors import FinetuneError
+    from finetune.reporting import Reporter
+
+    config = load_config(tiny_config(tmp_path, colour_data, train={"epochs": 2, "precision": "auto"}))
+    monkeypatch.setattr(hardware, "_onednn_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "read_cpu", lambda: CpuInfo("AMD EPYC 9B14", AVX512_BF16, 2))
+    with pytest.raises(FinetuneError):
+        train(config, SignalAtStep(epoch=1, step=1))
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["precision"] == "bf16"
+
+    monkeypatch.setattr(hardware, "read_cpu", lambda: CpuInfo("AMD EPYC 7B13", AVX2_ONLY, 2))
+    assert precision_for("auto", "cpu").precision == "fp32"
+    messages = Messages()
+    summary = train(config, messages, resume=tmp_path / "run")
+    assert summary["precision"] == "bf16"
+    assert summary["precision_reason"].startswith("auto, kept from the run being resumed; here auto alone would "
+                                                  "pick fp32 (CPU lacks avx512_bf16")
+    assert any(line.startswith("WARNING: The run being resumed trained in bf16") and "CPU lacks avx512_bf16" in line
+               and "start a new run" in line for line in messages.lines)
