@@ -9,7 +9,8 @@ from pathlib import Path
 from finetune.checkpoint import atomic_write
 
 
-def _pyplot():
+def load_pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,12 +22,12 @@ def _pyplot():
 def _save(fig, path: Path) -> None:
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     fig.clf()
-    _pyplot().close(fig)
+    load_pyplot().close(fig)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
     """Loss and accuracy per epoch, train vs val."""
-    plt = _pyplot()
+    plt = load_pyplot()
     epochs = [row["epoch"] for row in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy")):
@@ -44,7 +45,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
 def plot_confusion(confusion, classes: list[str], path: Path) -> None:
     """Two labelled confusion matrices side by side (rows true classes, columns predictions): the counts, and the
     counts normalised per true class (each row sums to 1: the diagonal is each class's recall)."""
-    plt = _pyplot()
+    plt = load_pyplot()
     n = len(classes)
     size = max(4.0, 0.6 * n + 2)
     fig, (count_ax, share_ax) = plt.subplots(1, 2, figsize=(2 * size, size))
@@ -76,7 +77,7 @@ def plot_top_losses(rows: list[dict], path: Path) -> None:
     titled with its true class, the predicted class and that prediction's probability, and its loss."""
     from PIL import Image
 
-    plt = _pyplot()
+    plt = load_pyplot()
     columns = max(1, math.ceil(math.sqrt(len(rows))))
     lines = max(1, math.ceil(len(rows) / columns))
     fig, axes = plt.subplots(lines, columns, figsize=(2.6 * columns, 3.2 * lines), squeeze=False, layout="constrained")
@@ -93,7 +94,7 @@ def plot_top_losses(rows: list[dict], path: Path) -> None:
 
 def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], suggestion, path: Path) -> None:
     """Loss against learning rate on a log scale: each step faintly, the smoothed curve, the suggestion marked."""
-    plt = _pyplot()
+    plt = load_pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(lrs, losses, color="tab:blue", alpha=0.3, label="loss per step")
     ax.plot(lrs, smoothed, color="tab:blue", label="smoothed")
