@@ -269,8 +269,6 @@ class Run:
                                              epochs_left=config.train.epochs - run.state.epoch, folder=run_dir,
                                              suffix=f"-rank{dist.rank}" if dist.active else "")
         reporter.message(f"image cache {run.image_caches.why}")
-        if dist.is_main:
-            rundir.load_plotting_in_background()  # for curves.png
         reporter.start(run_dir=run_dir, config=config, weights=built.weights.source, layout=data.layout,
                        train_images=len(data.train), val_images=len(data.val), classes=data.classes,
                        steps_per_epoch=run.steps, resumed_at=run.state.epoch if resume else None)

@@ -98,12 +98,3 @@ def plot_curves(run_dir: Path, history: list[dict]) -> None:
 
     plot_curves(history, run_dir / "curves.png")
 
-
-def load_plotting_in_background() -> None:
-    """Import matplotlib in a thread while training runs (about 0.4 s), so that drawing the curves when the run
-    ends does not wait for it. Python's import lock makes a drawing that comes first simply wait for it."""
-    import threading
-
-    from finetune.plots import load_pyplot
-
-    threading.Thread(target=load_pyplot, name="finetune-import-matplotlib", daemon=True).start()
