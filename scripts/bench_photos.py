@@ -49,23 +49,6 @@ CASES = [  # (name, freeze, augment, epochs, target ratio of the whole run)
 FIRST_EPOCH_TARGET = 2.5
 
 
-def cpu_header() -> str:
-    """The CPU model (lscpu 'Model name') and the flags that decide convolution speed."""
-    model, flags = "unknown CPU", set()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Model name":
-                model = value.strip()
-            elif key.strip() == "Flags":
-                flags = set(value.split())
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    shown = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}"
-                      for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
-    return f"{model}, {os.cpu_count()} cores; {shown}"
-
-
 def make_photos(root: Path, train: int, val: int, size: tuple[int, int]) -> None:
     """Camera-like JPEGs: a smooth random field with the class's colour cast, discs, sensor-like noise."""
     from PIL import Image, ImageChops, ImageDraw
@@ -297,7 +280,10 @@ def main() -> None:
 
     import torch
 
-    print(f"finetune photo benchmark: {cpu_header()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    from finetune.hardware import read_cpu
+
+    print(f"finetune photo benchmark: {read_cpu().describe()}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, CPU kernels {torch.backends.cpu.get_cpu_capability()}")
     with tempfile.TemporaryDirectory() as folder:
         data = args.data or Path(folder) / "photos"
         if not (data / "train").is_dir():

@@ -323,6 +323,10 @@ def test_resumed_run_with_decode_threads_and_image_cache_equals_uninterrupted(tm
     engine.train(parted, Reporter(), resume=tmp_path / "parted" / "run")  # fills a new cache
     assert not list((tmp_path / "parted" / "run").glob("image-cache-*"))  # a spilled cache is deleted at the end
     assert_same_weights(weights(tmp_path / "parted" / "run"), weights(tmp_path / "whole" / "run"))
+    # validation ran from the feature cache (head-only, eval-mode BatchNorm), refilled after the resume: the same
+    untimed = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_s")}
+                           for line in (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert untimed("parted") == untimed("whole")
 
 
 def test_collate_leaves_out_skipped_items_and_refuses_an_empty_batch():
