@@ -181,3 +181,22 @@ def test_atomic_copy_stays_independent_of_a_replaced_source(tmp_path, monkeypatc
     atomic_write_text(last, "epoch 2")
     assert best.read_text() == "epoch 1" and last.read_text() == "epoch 2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temporary files left
+
+
+@pytest.mark.parametrize("every, drawn_during_the_run", [(0.0, True), (30.0, False)], ids=["due", "not-due"])
+def test_curves_are_redrawn_during_a_run_only_when_due(tmp_path, colour_data, monkeypatch, every,
+                                                         drawn_during_the_run):
+    """After an epoch curves.png is drawn only when engine.CURVES_EVERY_S have passed (a tiny epoch takes far
+    less than 30 s), and always when the run ends."""
+    from finetune import engine
+
+    monkeypatch.setattr(engine, "CURVES_EVERY_S", every)
+    seen = {}
+
+    class WatchCurves(Reporter):
+        def epoch_start(self, epoch, run):
+            seen[epoch] = (run.run_dir / "curves.png").exists()
+
+    train(load_config(tiny_config(tmp_path, colour_data)), WatchCurves())
+    assert seen == {1: False, 2: drawn_during_the_run}
+    assert (tmp_path / "run" / "curves.png").is_file()
