@@ -57,11 +57,15 @@ class ResNet:
         model.fc = nn.Linear(model.fc.in_features, num_classes)
         return model
 
-    def parameter_names(self, num_classes: int) -> list[str]:
+    def skeleton(self, num_classes: int) -> "nn.Module":
+        """The model's structure on the meta device: names and shapes only, no memory, no initialisation."""
         import torch
 
-        with torch.device("meta"):  # names only: no memory, no initialisation
-            return [name for name, _ in self.build(num_classes).named_parameters()]
+        with torch.device("meta"):
+            return self.build(num_classes)
+
+    def parameter_names(self, num_classes: int) -> list[str]:
+        return [name for name, _ in self.skeleton(num_classes).named_parameters()]
 
     def weights_enum(self):
         import torchvision.models

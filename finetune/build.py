@@ -61,8 +61,7 @@ def build(config: Config, class_names: Optional[list[str]] = None, progress: boo
     """
     num_classes = resolve_num_classes(config, class_names)
     arch = get_arch(config.model.arch)
-    with torch.device("meta"):  # the model's structure only: no memory, no initialisation
-        skeleton = arch.build(num_classes)
+    skeleton = arch.skeleton(num_classes)
     problems = config_problems(config, arch, skeleton, num_classes)
     if problems:
         raise config_error(config, problems)

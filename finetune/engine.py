@@ -28,7 +28,7 @@ from finetune.config import Config
 from finetune.data import ensure_demo_data, image_samples, load_datasets, steps_per_epoch
 from finetune.distributed import Dist, setup, teardown
 from finetune.errors import FinetuneError
-from finetune.fastpath import FastModel, feature_sources
+from finetune.fastpath import FastModel, FeatureSource, feature_sources
 from finetune.freeze import apply_plan, batchnorm_modes, frozen_tensors, plan_freeze, set_train_mode
 from finetune.hardware import precision_for_config
 from finetune.imagecache import ImageCaches, plan_image_caches
@@ -369,8 +369,7 @@ class Run:
             self.bad_reported = len(bad)
         if not self.caches_reported:
             self.caches_reported = True
-            sources = (("train", self.phase.train_source), ("val", self.phase.val_source))
-            held = [f"{split} {source.describe()}" for split, source in sources if source.caching]
+            held = [f"{split} {source.describe()}" for split, source in self.phase.sources() if source.caching]
             if held:
                 self.reporter.message(f"feature cache: {', '.join(held)}")
             if self.image_caches.caches:
@@ -481,9 +480,12 @@ class Phase:
         run.reporter.message(f"frozen prefix: {prefix}; precision {run.precision.precision} "
                              f"({run.precision.reason}); feature cache {why}")
 
+    def sources(self) -> list[tuple[str, FeatureSource]]:
+        return [("train", self.train_source), ("val", self.val_source)]
+
     def cached_splits(self) -> list[str]:
         """The splits ("train", "val") whose prefix features the feature cache holds."""
-        return [split for split, source in (("train", self.train_source), ("val", self.val_source)) if source.caching]
+        return [split for split, source in self.sources() if source.caching]
 
     def close(self) -> None:
         self.train_source.close()

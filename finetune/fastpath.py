@@ -128,9 +128,10 @@ def cache_problems(config, arch: Arch, model: nn.Module, plan: dict[str, Decisio
     """``train.cache_features: on`` where the cache cannot be used (``model`` may be on the meta device)."""
     if config.train.cache_features != "on":
         return []
-    chain = [name for name, _ in arch.stages(model)]
-    split = frozen_prefix_length(arch.stages(model), plan)
-    usable, why = _cache_decision("on", split, prefix_is_deterministic(chain[:split], bn_modes), config.data.augment)
+    chain = arch.stages(model)
+    split = frozen_prefix_length(chain, plan)
+    prefix = [name for name, _ in chain[:split]]
+    usable, why = _cache_decision("on", split, prefix_is_deterministic(prefix, bn_modes), config.data.augment)
     return [] if usable else [("train.cache_features", f"is 'on' but the cache cannot be used: "
                                                        f"{why.removeprefix('off (').rstrip(')')}; use auto or off")]
 
@@ -314,7 +315,7 @@ def feature_sources(config, fast: FastModel, data, folder: Path, *, weights: Opt
     (a spilled cache goes to ``folder``), and why the cache is on or off. ``weights``: the train sampling weights."""
     setting, budget = config.train.cache_features, config.train.cache_max_gb * 2**30
     use_cache, why = cache_decision(setting, fast, config.data.augment)
-    val_cache = use_cache or cache_decision(setting, fast, augment=False)[0]  # validation is never augmented
+    val_cache, _ = cache_decision(setting, fast, augment=False)  # validation is never augmented
     if val_cache and not use_cache:
         why += "; on for validation (its images are not augmented)"
     common = dict(seed=config.train.seed, dist=dist, folder=folder,
