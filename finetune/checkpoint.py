@@ -51,20 +51,19 @@ def atomic_write(path: Path, write) -> None:
 
 def atomic_copy(source: Path, path: Path) -> None:
     """Make ``path`` a copy of ``source``, atomically: a hard link where the file system has them (no bytes
-    written; ``source`` is only ever replaced, never changed in place, so the two stay independent), else a copy."""
+    written; ``source`` is only ever replaced, never changed in place, so the two stay independent), else an
+    :func:`atomic_write` of its bytes."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.unlink(tmp)
     try:
-        os.unlink(tmp)
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
+        os.link(source, tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except OSError:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        with open(source, "rb") as f:
+            atomic_write(path, lambda out: shutil.copyfileobj(f, out))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

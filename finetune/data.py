@@ -238,11 +238,6 @@ def _read_error(path: str, why: str, hint: str) -> FinetuneError:
     return FinetuneError(f"Cannot read image {path}: {why}.\n{fix}")
 
 
-def unreadable(path: str) -> Optional[str]:
-    """Why the image file at ``path`` cannot be read, or None when it can (:func:`images.check_image`)."""
-    return check_image(path).problem
-
-
 def drop_bad_images(config: Config, folders: list, train=None) -> list[str]:
     """Check that every image file of the ImageFolder ``folders`` can be read, each file once.
 

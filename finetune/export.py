@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from finetune import __version__
+from finetune.arch import get_arch
 from finetune.checkpoint import atomic_write
 from finetune.data import IMAGENET_MEAN, IMAGENET_STD, load_datasets
 from finetune.errors import FinetuneError
@@ -267,9 +268,7 @@ def _verify(trained: Trained, fmt: str, data: bytes, batch: torch.Tensor) -> flo
 
 
 def _fresh_torchvision(trained: Trained, data: bytes) -> nn.Module:
-    import torchvision.models
-
-    model = getattr(torchvision.models, trained.config.model.arch)(weights=None, num_classes=len(trained.classes))
+    model = get_arch(trained.config.model.arch).build(len(trained.classes))
     try:
         model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
     except Exception as exc:
@@ -307,7 +306,6 @@ def load_onnx(source: Source) -> tuple[OnnxModel, dict]:
         raise FinetuneError(f"{_name(source)} is an ONNX model but not one exported by finetune (it lacks the "
                             "metadata that names its classes and preprocessing); export one with "
                             "`finetune export CHECKPOINT`.")
-    meta = {}
     try:
         meta = {key: value if key in _TEXT_KEYS else json.loads(value) for key, value in props.items()}
     except json.JSONDecodeError as exc:

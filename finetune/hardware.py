@@ -135,7 +135,7 @@ def precision_for_config(config, resumed: Optional[str] = None) -> PrecisionChoi
         return choice
     why = choice.reason.removeprefix("auto: ")
     warning = None
-    if precision_for(resumed, device).warning:
+    if resumed == "bf16":  # auto picked fp32 here, so bf16 is not fast here
         warning = (f"The run being resumed trained in {resumed} (train.precision: auto chose it where it started) "
                    f"and goes on in {resumed} so that it continues exactly, but {resumed} is not native here: {why}. "
                    f"It is emulated and expected to be several times slower than fp32 ({EMULATED_SLOWDOWN}). For "
