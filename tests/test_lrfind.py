@@ -117,7 +117,7 @@ def test_sweep_scales_every_group_and_restores_model_and_optimizer():
 def test_sweep_stops_when_the_loss_diverges_or_turns_nan():
     model, optimizer, fast, batches = _linear_sweep()
     curve = range_test(fast, optimizer, batches, nn.CrossEntropyLoss(), ramp(1e-3, 1e4, 30), base_lr=0.1)
-    assert len(curve.lrs) < 30 and ("exceeded 4x its minimum" in curve.stopped or "turned" in curve.stopped)
+    assert len(curve.lrs) < 30 and "the smoothed loss exceeded 4x its minimum" in curve.stopped  # before any NaN
     calls = iter(range(100))
     nan_at_5 = lambda logits, targets: (nn.functional.cross_entropy(logits, targets)
                                         * (math.nan if next(calls) == 5 else 1.0))
@@ -165,9 +165,9 @@ def test_cli_table_output(tmp_path, colour_data):
     config = tiny_config(tmp_path, colour_data, freeze={"trainable": ["layer4", "fc"]}, optim={"layer_lr_decay": 0.5})
     result = run_cli("lr-find", "--config", str(config), "--steps", "12", "--start", "1e-4", "--output",
                      str(tmp_path / "pictures"))
-    assert result.returncode in (0, 1), result.stderr
+    assert result.returncode == 0, result.stderr  # seeded fp32 sweep: it finds a descent to suggest from
     assert "param groups scale together" in result.stdout and "0.5x" in result.stdout
-    assert "suggestion: optim.lr = " in result.stdout or "no suggestion:" in result.stdout
+    assert "suggestion: optim.lr = " in result.stdout
     assert (tmp_path / "pictures" / "lr_find.png").is_file()
 
 
