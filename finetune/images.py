@@ -156,11 +156,11 @@ def check_image(path: str) -> ImageCheck:
     decode is caught when it is read (``data.ImageFiles``).
     """
     try:
-        with Image.open(path) as image:
+        with open(path, "rb") as f, Image.open(f) as image:  # the file is opened once
             size = upright_size(image)
             if isinstance(image, JpegImageFile):
-                with open(path, "rb") as f:
-                    problem = jpeg_problem(f.read())
+                f.seek(0)
+                problem = jpeg_problem(f.read())
                 return ImageCheck(problem, None if problem else size)
             if image.format == "PNG":
                 image.verify()
