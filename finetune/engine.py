@@ -33,7 +33,7 @@ from finetune.freeze import apply_plan, batchnorm_modes, frozen_tensors, plan_fr
 from finetune.hardware import precision_for_config
 from finetune.imagecache import ImageCaches, plan_image_caches
 from finetune.imbalance import class_weights, imbalance_warning, sampling_weights
-from finetune.metrics import balanced_accuracy, macro_f1
+from finetune.metrics import balanced_accuracy, confusion_matrix, macro_f1, top_k_hits
 from finetune.optim import Schedule, add_trainable, build_optimizer
 from finetune.reporting import Reporter
 
@@ -175,13 +175,11 @@ def evaluate(fast: FastModel, batches, loss_fn, num_classes: int, dist: Dist = D
     fast.model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, top5, seen = 0.0, 0, 0
-    k = min(5, num_classes)
     for features, targets in batches:
         logits = fast.head(features).cpu()
         loss_sum += loss_fn(logits, targets).item() * len(targets)
-        top5 += (logits.topk(k, dim=1).indices == targets[:, None]).any(1).sum().item()
-        confusion += torch.bincount(targets * num_classes + logits.argmax(1),
-                                    minlength=num_classes ** 2).reshape(num_classes, num_classes)
+        top5 += top_k_hits(logits, targets).sum().item()
+        confusion += confusion_matrix(targets, logits.argmax(1), num_classes)
         seen += len(targets)
     loss_sum, top5, seen = dist.sum([loss_sum, top5, seen])
     confusion = dist.sum_tensor(confusion)

@@ -64,19 +64,17 @@ def load_trained(path: Path) -> Trained:
 class Loaded:
     """A model ready to classify: a checkpoint, or an ONNX or TorchScript file of `finetune export`.
 
-    ``fast(batch)`` gives the logits of a batch normalised as ``data.eval_transform`` makes it;
-    ``engine.evaluate`` calls its ``head`` the same way.
+    ``fast(batch)`` (and ``fast.head(batch)``) gives the logits of a batch normalised as ``data.eval_transform``
+    makes it.
     """
 
-    path: Path
-    kind: str  # "checkpoint", "onnx" or "torchscript"
     classes: list[str]
     config: Config  # the run's config: an export carries it in its metadata
     fast: Any  # a FastModel, or an _Exported
 
 
 class _Exported:
-    """An exported model as engine.evaluate and predict call a model: normalised batches in, logits out."""
+    """An exported model as evaluate and predict call a model: normalised batches in, logits out."""
 
     def __init__(self, model: nn.Module):
         self.model = model  # takes RGB in [0, 1] and normalises it itself
@@ -109,10 +107,10 @@ def load_model(path: Path) -> Loaded:
         except Exception as exc:
             raise FinetuneError(f"{path} has finetune metadata this version cannot use "
                                 f"({type(exc).__name__}); export it again with this finetune.") from None
-        return Loaded(path, kind, classes, config, _Exported(model))
+        return Loaded(classes, config, _Exported(model))
     trained = load_trained(path)
     fast = FastModel.whole(trained.model, get_arch(trained.config.model.arch))
-    return Loaded(path, "checkpoint", trained.classes, trained.config, fast)
+    return Loaded(trained.classes, trained.config, fast)
 
 
 def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Optional[Path] = None,
@@ -137,15 +135,16 @@ def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Opt
     n = len(trained.classes)
     logits, targets = _logits(trained.fast, make_loader(dataset, config.train.batch_size, shuffle=False,
                                                        workers=default_workers()), n)
-    confusion = torch.bincount(targets * n + logits.argmax(1), minlength=n * n).reshape(n, n)
+    predicted = logits.argmax(1)
+    confusion = metrics.confusion_matrix(targets, predicted, n)
     losses = nn.functional.cross_entropy(logits, targets, reduction="none")
-    top5 = (logits.topk(min(5, n), dim=1).indices == targets[:, None]).any(1)
+    top5 = metrics.top_k_hits(logits, targets)
     scores = metrics.summary(confusion)
     out = Path(output_dir) if output_dir else Path(path).parent
     out.mkdir(parents=True, exist_ok=True)
     plot_confusion(confusion, trained.classes, out / "confusion.png")
     result = {"checkpoint": str(path), "data": config.data.root, "images": len(targets), "loss": _mean(losses),
-              "top1": _mean(logits.argmax(1) == targets), "top5": _mean(top5),
+              "top1": _mean(predicted == targets), "top5": _mean(top5),
               "balanced_accuracy": scores["balanced_accuracy"], "macro_f1": scores["macro_f1"],
               "per_class": [{"class": name, **row} for name, row in zip(trained.classes, scores["per_class"])],
               "confusion": confusion.tolist(), "classes": trained.classes, "confusion_png": str(out / "confusion.png")}

@@ -23,6 +23,16 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 
+def confusion_matrix(targets, predictions, num_classes: int):
+    """The (num_classes, num_classes) count matrix of two label tensors: rows true classes, columns predictions."""
+    return (targets * num_classes + predictions).bincount(minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def top_k_hits(logits, targets, k: int = 5):
+    """Per sample, whether its true class is among the top ``k`` (at most the class count) logits."""
+    return (logits.topk(min(k, logits.shape[1]), dim=1).indices == targets[:, None]).any(1)
+
+
 def _rows(confusion) -> list[list[int]]:
     """A square matrix of ints from a list of lists or anything with ``tolist()`` (a tensor, an array)."""
     rows = confusion.tolist() if hasattr(confusion, "tolist") else [list(row) for row in confusion]
