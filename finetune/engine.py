@@ -32,7 +32,7 @@ from finetune.fastpath import FastModel, FeatureSource, feature_sources
 from finetune.freeze import apply_plan, batchnorm_modes, frozen_tensors, plan_freeze, set_train_mode
 from finetune.hardware import precision_for_config
 from finetune.imagecache import ImageCaches, plan_image_caches
-from finetune.imbalance import class_weights, imbalance_warning, sampling_weights
+from finetune.imbalance import imbalance_warning, sampling_weights, training_loss
 from finetune.metrics import balanced_accuracy, confusion_matrix, macro_f1, top_k_hits
 from finetune.optim import Schedule, add_trainable, build_optimizer
 from finetune.reporting import Reporter
@@ -208,8 +208,7 @@ class Run:
         self.schedule = Schedule(self.optimizer, config.optim, config.train.epochs, self.steps)
         self.targets = [target for _, target in image_samples(data.train)]
         self.sampling_weights = sampling_weights(config.data.sampler, self.targets, built.num_classes)
-        weights = class_weights(config.train.class_weights, self.targets, built.num_classes)
-        self.loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.train.label_smoothing)
+        self.loss_fn = training_loss(config, self.targets, built.num_classes, dist.device)
         self.val_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing)  # unweighted: comparable
         # Tensors frozen for the whole run (after the last stage) must end bit-identical.
         final_plan = plan_freeze(built.plan, config.freeze, config.train.epochs)

@@ -36,6 +36,14 @@ def class_weights(setting, targets: Sequence[int], num_classes: int) -> Optional
     return torch.tensor([float(w) for w in setting], dtype=torch.float32)
 
 
+def training_loss(config, targets: Sequence[int], num_classes: int, device="cpu") -> torch.nn.CrossEntropyLoss:
+    """The loss training computes: cross-entropy with ``train.class_weights`` (on ``device``, beside the logits) and
+    ``train.label_smoothing``. ``lr-find`` sweeps the same loss."""
+    weights = class_weights(config.train.class_weights, targets, num_classes)
+    return torch.nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
+                                     label_smoothing=config.train.label_smoothing)
+
+
 def sampling_weights(setting: str, targets: Sequence[int], num_classes: int) -> Optional[torch.Tensor]:
     """Per-image sampling weights for ``data.sampler``: None for ``shuffle`` (every image once per epoch);
     for ``balanced`` 1 / (images of its class), so that every class is drawn equally often."""

@@ -38,7 +38,7 @@ from finetune.errors import FinetuneError
 from finetune.fastpath import FastModel, feature_sources
 from finetune.freeze import set_train_mode
 from finetune.hardware import precision_for_config
-from finetune.imbalance import class_weights, sampling_weights
+from finetune.imbalance import sampling_weights, training_loss
 from finetune.optim import build_optimizer
 
 SMOOTHING = 0.98  # fastai's: the loss of one batch is noisy, the curve needs about 50 of them to settle
@@ -250,9 +250,7 @@ def lr_find(config: Config, start: float = 1e-6, end: float = 1.0, steps: int = 
     fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, precision, device)
     set_train_mode(built.model, built.bn_modes)
     optimizer = build_optimizer(built.model, config.optim, built.arch)
-    weights = class_weights(config.train.class_weights, targets, built.num_classes)
-    criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
-                                    label_smoothing=config.train.label_smoothing)
+    criterion = training_loss(config, targets, built.num_classes, device)
     with tempfile.TemporaryDirectory(prefix="finetune-lr-find-") as spill:
         source, val_source, _ = feature_sources(config, fast, data, Path(spill),
                                                 weights=sampling_weights(config.data.sampler, targets,
