@@ -36,24 +36,28 @@ class EpochRecorder(Reporter):
                           "layer4_bn_training": model.layer4[0].bn1.training, "prefix": fast.prefix_names[-1]})
 
 
-def test_a_stage_unfreezes_exactly_at_its_epoch(tmp_path, colour_data):
-    config = load_config(tiny_config(tmp_path, colour_data, **STAGED))
+@pytest.fixture(scope="module")
+def staged_run(tmp_path_factory, colour_data):
+    """One uninterrupted run of STAGED: its config, what each epoch ran with, and its run directory."""
+    folder = tmp_path_factory.mktemp("staged")
+    config = load_config(tiny_config(folder, colour_data, **STAGED))
     recorder = EpochRecorder()
     engine.train(config, recorder)
-    epochs_seen = recorder.seen
+    return config, recorder.seen, folder / "run"
+
+
+def test_a_stage_unfreezes_exactly_at_its_epoch(staged_run):
+    _, epochs_seen, run_dir = staged_run
     assert [e["layer4_trains"] for e in epochs_seen] == [False, True, True]
     assert [e["layer4_bn_training"] for e in epochs_seen] == [False, True, True]  # BatchNorm follows the freeze
     assert [e["groups"] for e in epochs_seen] == [1, 2, 2]  # a new param group when layer4 joins
     assert [e["prefix"] for e in epochs_seen] == ["flatten", "layer3.1", "layer3.1"]  # the fast path follows too
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["optimizer"]
+    state = torch.load(run_dir / "last.pt", weights_only=True)["optimizer"]
     assert [g["names"][0] for g in state["param_groups"]] == ["fc.weight", "layer4.0.conv1.weight"]
 
 
-def test_group_learning_rates_follow_decay_and_schedule(tmp_path, colour_data):
-    config = load_config(tiny_config(tmp_path, colour_data, **STAGED))
-    recorder = EpochRecorder()
-    engine.train(config, recorder)
-    epochs_seen = recorder.seen
+def test_group_learning_rates_follow_decay_and_schedule(staged_run):
+    config, epochs_seen, _ = staged_run
     steps = 6  # 36 images, batch 6
     for seen in epochs_seen:  # the rate at the first step of each epoch
         factor = lr_factor((seen["epoch"] - 1) * steps, steps, 3, config.optim)
@@ -73,14 +77,12 @@ def test_schedule_scales_groups_added_later():
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.05, 0.02])
 
 
-def test_resume_in_a_later_stage_equals_uninterrupted(tmp_path, colour_data):
-
-    engine.train(load_config(tiny_config(tmp_path / "whole", colour_data, **STAGED)), Reporter())
+def test_resume_in_a_later_stage_equals_uninterrupted(tmp_path, colour_data, staged_run):
     parted = load_config(tiny_config(tmp_path / "parted", colour_data, **STAGED))
     with pytest.raises(FinetuneError):
         engine.train(parted, SignalAtStep(epoch=2, step=2))  # inside epoch 3, after the stage started
     engine.train(parted, Reporter(), resume=tmp_path / "parted" / "run")
-    assert_same_weights(weights(tmp_path / "parted" / "run"), weights(tmp_path / "whole" / "run"))
+    assert_same_weights(weights(tmp_path / "parted" / "run"), weights(staged_run[2]))
 
 
 def test_no_decay_for_batchnorm_and_biases(tmp_path, colour_data):
