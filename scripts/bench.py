@@ -89,7 +89,7 @@ def plain_step_fn(freeze: str, arch: str = "resnet18"):
     return step
 
 
-def finetune_step_fn(freeze: str, precision: str, size: int, run_dir: Path, arch: str = "resnet18"):
+def finetune_step_fn(freeze: str, precision: str, size: int, arch: str = "resnet18"):
     """One step of finetune's own epoch loop (engine.train_one_epoch) on the given batch."""
     config = config_for(freeze, precision, size, arch)
     built = build(config, None)
@@ -111,12 +111,13 @@ def timed(step, x, y) -> float:
     return time.perf_counter() - start
 
 
-def throughput(cases: list[tuple], rounds: int, steps: int, size: int, run_dir: Path) -> list[tuple]:
+def throughput(cases: list[tuple], rounds: int, steps: int, size: int) -> list[tuple]:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, 3, size, size, generator=generator)
     y = torch.randint(CLASSES, (BATCH,), generator=generator)
-    runners = {f"plain {arch} {freeze}": plain_step_fn(freeze, arch) for _, freeze, _, _, arch in cases}
-    runners |= {name: finetune_step_fn(freeze, precision, size, run_dir, arch)
+    runners = {f"plain {arch} {freeze}": plain_step_fn(freeze, arch) for arch, freeze in
+               dict.fromkeys((arch, freeze) for _, freeze, _, _, arch in cases)}  # one plain model per (arch, freeze)
+    runners |= {name: finetune_step_fn(freeze, precision, size, arch)
                 for name, freeze, precision, _, arch in cases}
     times: dict[str, list[float]] = {name: [] for name in runners}
     x_channels_last = x.contiguous(memory_format=torch.channels_last)  # as finetune's loader delivers batches
@@ -169,15 +170,13 @@ def _peak_rss_child(kind: str, size: int, steps: int, queue) -> None:
         x = torch.randn(BATCH, size, size, 3).permute(0, 3, 1, 2)
     else:
         x = torch.randn(BATCH, 3, size, size)
-    with tempfile.TemporaryDirectory() as folder:
-        step = plain_step_fn("head-only") if kind == "plain" else finetune_step_fn("head-only", "fp32", size,
-                                                                                 Path(folder))
-        before = _status_mib("VmRSS")
-        # VmHWM, not ru_maxrss (Linux carries that over from the parent); "5" resets it to the current RSS.
-        Path("/proc/self/clear_refs").write_text("5")
-        for _ in range(steps):
-            step(x, y)
-        queue.put((_status_mib("VmHWM"), _status_mib("VmHWM") - before))
+    step = plain_step_fn("head-only") if kind == "plain" else finetune_step_fn("head-only", "fp32", size)
+    before = _status_mib("VmRSS")
+    # VmHWM, not ru_maxrss (Linux carries that over from the parent); "5" resets it to the current RSS.
+    Path("/proc/self/clear_refs").write_text("5")
+    for _ in range(steps):
+        step(x, y)
+    queue.put((_status_mib("VmHWM"), _status_mib("VmHWM") - before))
 
 
 def peak_rss(kind: str, size: int, steps: int) -> tuple[float, float]:
@@ -217,7 +216,7 @@ def main() -> None:
         print(f"bf16 cases: skipped ({bf16.reason}): bf16 is emulated here, several times slower than fp32; "
               "--all-precisions runs them")
     with tempfile.TemporaryDirectory() as folder:
-        rows = throughput(cases, args.rounds, args.steps, args.size, Path(folder))
+        rows = throughput(cases, args.rounds, args.steps, args.size)
         cached, plain_epoch = cached_epoch(args.size, args.cache_images, Path(folder))
     runs = [peak_rss(kind, args.size, 3) for _ in range(3) for kind in ("plain", "finetune")]  # interleaved
     memory = {kind: tuple(statistics.median(run[i] for run in runs[k::2]) for i in (0, 1))

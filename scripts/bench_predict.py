@@ -56,10 +56,10 @@ def make_run(folder: Path, size: int, arch: str) -> Path:
     return run / "best.pt"
 
 
-def images_of(checkpoint: Path) -> torch.Tensor:
-    """The run's validation images, as predict feeds them (``data.eval_transform``), repeated up to BATCH."""
-    loaded = load_model(checkpoint)
-    val = load_datasets(loaded.config).val
+def images_of(config) -> torch.Tensor:
+    """The run's validation images (``config``: the run's), as predict feeds them (``data.eval_transform``),
+    repeated up to BATCH."""
+    val = load_datasets(config).val
     picked = [val[i % len(val)][0] for i in range(BATCH)]
     return torch.stack(picked)
 
@@ -100,7 +100,7 @@ def main() -> None:
                     for fmt, suffix in (("onnx", ".onnx"), ("torchscript", ".torchscript.pt"))}
         models = {name: load_model(Path(exported[fmt]["path"]) if fmt else checkpoint) for name, fmt in SIDES.items()}
         config = models["checkpoint (eager PyTorch)"].config
-        images = images_of(checkpoint)
+        images = images_of(config)
         import onnxruntime
 
         print(f"finetune predict benchmark: {config.model.arch}, {config.data.image_size}x{config.data.image_size}, "
