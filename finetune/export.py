@@ -29,7 +29,7 @@ from finetune import __version__
 from finetune.arch import get_arch
 from finetune.checkpoint import atomic_write
 from finetune.data import IMAGENET_MEAN, IMAGENET_STD, load_datasets
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, describe
 from finetune.inference import Trained, load_trained
 
 # Format -> the suffix of its default output, which goes beside the checkpoint (best.pt -> best.onnx).
@@ -51,16 +51,22 @@ class Preprocessed(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        mean, std = _normalisation()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model((images - self.mean) / self.std)
 
 
+def _normalisation() -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as (1, 3, 1, 1) tensors, to broadcast over a batch."""
+    return torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
 def to_pixels(batch: torch.Tensor) -> torch.Tensor:
     """Undo ``data.eval_transform``'s normalisation: what an exported model takes, RGB in [0, 1]."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = _normalisation()
     return (batch * std + mean).contiguous()
 
 
@@ -233,7 +239,7 @@ def verification_batch(trained: Trained) -> tuple[torch.Tensor, str]:
 
 def _random_batch(size: int) -> torch.Tensor:
     pixels = torch.rand(VERIFY_IMAGES, 3, size, size, generator=torch.Generator().manual_seed(0))
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = _normalisation()
     return (pixels - mean) / std
 
 
@@ -252,7 +258,7 @@ def _verify(trained: Trained, fmt: str, data: bytes, batch: torch.Tensor) -> flo
             inputs = to_pixels(batch)
         got = torch.cat([runner(inputs[:1]), runner(inputs[1:])] if len(inputs) > 1 else [runner(inputs)])
     except Exception as exc:
-        problem = str(exc) if isinstance(exc, FinetuneError) else _first_line(exc)
+        problem = str(exc) if isinstance(exc, FinetuneError) else describe(exc)
         raise FinetuneError(f"Verification failed: {what} does not load back and run: {problem}\n"
                             "Nothing was written.", exit_code=1) from None
     expected = trained.model.eval()(batch)
@@ -298,7 +304,7 @@ def load_onnx(source: Source) -> tuple[OnnxModel, dict]:
         session = onnxruntime.InferenceSession(source if isinstance(source, bytes) else str(source), options,
                                                providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise FinetuneError(f"onnxruntime cannot load {_name(source)}: {_first_line(exc)}\nIt is corrupt or not an "
+        raise FinetuneError(f"onnxruntime cannot load {_name(source)}: {describe(exc)}\nIt is corrupt or not an "
                             "ONNX file; export one with `finetune export CHECKPOINT`.") from None
     props = session.get_modelmeta().custom_metadata_map
     names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
@@ -330,7 +336,7 @@ def load_torchscript(source: Source) -> tuple[nn.Module, dict]:
                                     map_location="cpu", _extra_files=extra)
         meta = json.loads(extra[METADATA_FILE])
     except Exception as exc:
-        raise FinetuneError(f"torch.jit.load cannot load {_name(source)}: {_first_line(exc)}\nIt is corrupt or not a "
+        raise FinetuneError(f"torch.jit.load cannot load {_name(source)}: {describe(exc)}\nIt is corrupt or not a "
                             "TorchScript export of finetune; export one with `finetune export CHECKPOINT "
                             "--format torchscript`.") from None
     return module.eval(), _checked(meta, source)
@@ -355,8 +361,3 @@ def _quiet_jit():
 def _name(source: Source) -> str:
     return "the exported bytes" if isinstance(source, bytes) else str(source)
 
-
-def _first_line(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    text = text if len(text) <= 300 else text[:297] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -28,7 +28,7 @@ from finetune.data import (
     load_image,
     make_loader,
 )
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, describe
 from finetune.fastpath import FastModel
 
 PREDICT_BATCH = 32
@@ -52,10 +52,7 @@ def load_trained(path: Path) -> Trained:
         model = get_arch(config.model.arch).build(len(classes))
         model.load_state_dict(checkpoint["model"])
     except Exception as exc:  # a damaged or foreign file that merely looks like a checkpoint
-        problem = " ".join(str(exc).split())
-        problem = problem if len(problem) <= 300 else problem[:297] + "..."
-        raise FinetuneError(f"{path} is not a usable finetune checkpoint: {type(exc).__name__}"
-                            f"{': ' + problem if problem else ''}\n"
+        raise FinetuneError(f"{path} is not a usable finetune checkpoint: {describe(exc)}\n"
                             "Give last.pt or best.pt from a run directory of `finetune train`.") from None
     return Trained(model.eval(), classes, config, Path(path), dict(checkpoint.get("progress") or {}))
 
