@@ -118,12 +118,13 @@ def safe_load(path: Path, what: str) -> Any:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a finetune checkpoint (``last.pt``/``best.pt``) safely."""
     checkpoint = safe_load(path, "checkpoint")
-    written = checkpoint.get("format") if isinstance(checkpoint, dict) else None
-    if isinstance(written, int) and written > FORMAT and "model" in checkpoint:
-        from finetune import __version__
+    if isinstance(checkpoint, dict) and "model" in checkpoint:
+        written = checkpoint.get("format")
+        if written == FORMAT:
+            return checkpoint
+        if isinstance(written, int) and written > FORMAT:
+            from finetune import __version__
 
-        raise FinetuneError(f"{path} was written by a newer finetune (checkpoint format {written}); finetune "
-                            f"{__version__} reads format {FORMAT}. Upgrade finetune to use it.")
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT or "model" not in checkpoint:
-        raise FinetuneError(f"{path} is not a finetune checkpoint (last.pt or best.pt from a run directory).")
-    return checkpoint
+            raise FinetuneError(f"{path} was written by a newer finetune (checkpoint format {written}); finetune "
+                                f"{__version__} reads format {FORMAT}. Upgrade finetune to use it.")
+    raise FinetuneError(f"{path} is not a finetune checkpoint (last.pt or best.pt from a run directory).")

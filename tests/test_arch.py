@@ -87,7 +87,7 @@ def test_weights_from_the_cache_of_another_arch(offline):
     assert torch.equal(built.model.layer4[2].conv2.weight, state["layer4.2.conv2.weight"])
 
 
-def test_a_weights_name_the_arch_lacks_names_the_key(tmp_path):
+def test_a_weights_name_the_arch_lacks_names_the_key():
     with pytest.raises(FinetuneError) as info:
         load_config(None, ["model.arch=resnet18", "model.weights=IMAGENET1K_V2"])
     assert "model.weights" in str(info.value) and "IMAGENET1K_V1" in str(info.value)
@@ -103,7 +103,7 @@ def test_weights_of_another_arch_are_a_clear_error(tmp_path):
     assert "do not fit ResNet-50 (model.arch = resnet50)" in str(info.value)
 
 
-def test_freeze_report_of_resnet50(tmp_path):
+def test_freeze_report_of_resnet50():
     result = run_cli("freeze-report", "--set", "model.arch=resnet50", "--set", "model.weights=none",
                      "--set", "model.num_classes=10", "--set", 'freeze.trainable=["layer4","fc"]',
                      "--set", "optim.layer_lr_decay=0.5", "--json")

@@ -160,7 +160,6 @@ def test_cache_on_with_augmentation_is_a_config_error(tmp_path, colour_data):
 
 
 def test_resumed_cached_run_equals_uninterrupted(tmp_path, colour_data):
-
     sections = dict(freeze={"trainable": ["layer4", "fc"]}, train={"epochs": 3, "batch_size": 5})
     whole, _, _ = run(tmp_path, colour_data, "whole", **sections)
     config = load_config(tiny_config(tmp_path / "parted", colour_data, **sections))

@@ -55,8 +55,8 @@ def test_time_limit_stops_after_a_step_with_exit_0_and_resumes_exactly(tmp_path,
     sections = dict(data={"sampler": "balanced"}, train={"epochs": 2, "class_weights": "balanced"})
     train(load_config(tiny_config(tmp_path / "whole", colour_data, **sections)), Reporter())
 
-    config = tiny_config(tmp_path / "parted", colour_data, data={"sampler": "balanced"},
-                         train={"epochs": 2, "class_weights": "balanced", "time_limit_min": 1e-6})
+    config = tiny_config(tmp_path / "parted", colour_data, data=sections["data"],
+                         train={**sections["train"], "time_limit_min": 1e-6})
     result = run_cli("train", "--config", str(config))
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "parted" / "run"
