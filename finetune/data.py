@@ -157,7 +157,7 @@ class ImageFiles(ImageFolder):
     def __init__(self, folder: Path, classes: list[str], pipeline: ImagePipeline, *, allow_empty: bool = False,
                  skip_bad: bool = False):
         self._class_list = classes
-        super().__init__(str(folder), transform=pipeline, loader=read_image, allow_empty=allow_empty)
+        super().__init__(str(folder), allow_empty=allow_empty)  # items come from __getitem__ below, not its loader
         self.pipeline, self.skip_bad = pipeline, skip_bad
         self.unreadable: list[str] = []  # paths skipped as unreadable: the list in Datasets.bad_images
         self.upright_sizes: dict[str, tuple[int, int]] = {}  # (width, height) by path, from the quick check
