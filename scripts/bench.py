@@ -37,13 +37,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.build import build  # noqa: E402
-from finetune.config import load_config  # noqa: E402
-from finetune.fastpath import FastModel, FeatureSource  # noqa: E402
-from finetune.freeze import set_train_mode  # noqa: E402
-from finetune.hardware import precision_for, read_cpu  # noqa: E402
-from finetune.engine import TrainState, train_one_epoch  # noqa: E402
-from finetune.optim import Schedule, build_optimizer  # noqa: E402
+from finetune.config.loading import load_config  # noqa: E402
+from finetune.models.build import build  # noqa: E402
+from finetune.models.fastpath import FastModel, FeatureSource  # noqa: E402
+from finetune.models.freeze import set_train_mode  # noqa: E402
+from finetune.training.optim import Schedule, build_optimizer  # noqa: E402
+from finetune.training.run import TrainState, train_one_epoch  # noqa: E402
+from finetune.utils.hardware import precision_for, read_cpu  # noqa: E402
 
 CLASSES = 10
 BATCH = 32

@@ -194,7 +194,7 @@ def threads_or_processes(data: Path, image_size: int, rounds: int = 2) -> None:
     from torch import nn
     from torchvision.models import resnet18
 
-    from finetune.data import eval_transform
+    from finetune.data.folders import eval_transform
 
     pipeline = eval_transform(image_size)
     paths = sorted(str(p) for p in (data / "train").rglob("*.jpg"))
@@ -280,7 +280,7 @@ def main() -> None:
 
     import torch
 
-    from finetune.hardware import read_cpu
+    from finetune.utils.hardware import read_cpu
 
     print(f"finetune photo benchmark: {read_cpu().describe()}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU kernels {torch.backends.cpu.get_cpu_capability()}")

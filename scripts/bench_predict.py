@@ -31,10 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.data import load_datasets  # noqa: E402
-from finetune.export import export_checkpoint  # noqa: E402
-from finetune.hardware import read_cpu  # noqa: E402
-from finetune.inference import load_model  # noqa: E402
+from finetune.data.folders import load_datasets  # noqa: E402
+from finetune.deploy.export import export_checkpoint  # noqa: E402
+from finetune.deploy.inference import load_model  # noqa: E402
+from finetune.utils.hardware import read_cpu  # noqa: E402
 
 BATCH = 32
 SIDES = {"checkpoint (eager PyTorch)": None, "ONNX Runtime": "onnx", "TorchScript": "torchscript"}

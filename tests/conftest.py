@@ -16,7 +16,7 @@ import pytest
 # any test imports torch, and inherited by the CLI subprocesses.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from finetune.reporting import Reporter  # noqa: E402  # rich only: no torch at collection
+from finetune.training.reporter import Reporter  # noqa: E402  # rich only: no torch at collection
 
 REPO = Path(__file__).resolve().parents[1]
 # An unreachable proxy: anything that tries to download fails at once instead of reaching the network.
@@ -56,7 +56,7 @@ def hub_cache(offline, resnet_state) -> Path:
 
 
 CLI_ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
-os.environ.update(CLI_ENV)  # before finetune.render makes its consoles: they read the width once
+os.environ.update(CLI_ENV)  # before finetune.cli.render makes its consoles: they read the width once
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240,
@@ -75,7 +75,7 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240,
 
     from typer.testing import CliRunner
 
-    from finetune.cli import app
+    from finetune.cli.app import app
 
     with contextlib.chdir(cwd or REPO):
         result = CliRunner(env=CLI_ENV).invoke(app, list(args), prog_name="finetune")

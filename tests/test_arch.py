@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import run_cli, tiny_config
 
-from finetune.arch import ARCHS, get_arch
-from finetune.build import build
-from finetune.config import load_config
-from finetune.engine import train
+from finetune.config.loading import load_config
 from finetune.errors import FinetuneError
-from finetune.freeze import plan_freeze
-from finetune.reporting import Reporter
+from finetune.models.arch import ARCHS, get_arch
+from finetune.models.build import build
+from finetune.models.freeze import plan_freeze
+from finetune.training.reporter import Reporter
+from finetune.training.run import train
 
 
 def counts(arch: str, trainable: list[str]) -> tuple[int, int]:

@@ -19,12 +19,18 @@ from typing import Callable
 import pytest
 import torch
 import yaml
-from conftest import OFFLINE_ENV, CodeRunningPayload, make_colour_folder, run_cli, tiny_config
+from conftest import (
+    OFFLINE_ENV,
+    CodeRunningPayload,
+    make_colour_folder,
+    run_cli,
+    tiny_config,
+)
 
-from finetune.config import load_config
-from finetune.data import load_datasets
+from finetune.config.loading import load_config
+from finetune.data.folders import load_datasets
+from finetune.deploy.artifacts import load_trained
 from finetune.errors import FinetuneError
-from finetune.inference import load_trained
 
 
 @dataclass

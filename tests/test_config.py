@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import write_config
 
-from finetune.config import Config, load_config
+from finetune.config.loading import load_config
+from finetune.config.schema import Config
 from finetune.errors import FinetuneError
 
 

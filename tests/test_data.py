@@ -7,10 +7,11 @@ import torch
 from conftest import make_colour_folder, run_cli, tiny_config
 from PIL import Image
 
-from finetune.build import resolve_num_classes
-from finetune.config import load_config
-from finetune.data import load_datasets, make_loader, steps_per_epoch, stratified_split
+from finetune.config.loading import load_config
+from finetune.data.folders import load_datasets, stratified_split
+from finetune.data.loaders import make_loader, steps_per_epoch
 from finetune.errors import FinetuneError
+from finetune.models.build import resolve_num_classes
 
 
 def config_for(tmp_path, root, **data):
@@ -98,7 +99,7 @@ def test_train_cli_reports_a_data_error_without_traceback(tmp_path):
 
 def test_demo_data_is_generated_on_first_use(tmp_path):
     config = load_config(tiny_config(tmp_path, tmp_path / "shapes", data={"demo": "shapes"}))
-    from finetune.data import ensure_demo_data
+    from finetune.data.folders import ensure_demo_data
 
     info = ensure_demo_data(config)
     assert info["classes"] == ["circle", "square", "triangle", "cross"]

@@ -1,11 +1,11 @@
-"""Tests for the procedurally drawn demo data set (finetune.demo)."""
+"""Tests for the procedurally drawn demo data set (finetune.data.demo)."""
 
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from finetune.demo import SHAPES, class_sizes, make_shapes
+from finetune.data.demo import SHAPES, class_sizes, make_shapes
 from finetune.errors import FinetuneError
 
 SMALL = dict(classes=3, train_per_class=4, val_per_class=2, image_size=24)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import REPO, run_cli, tiny_config
 
-from finetune.distributed import select_device
 from finetune.errors import FinetuneError
+from finetune.utils.hardware import select_device
 
 # Trainable convolutions of layer4 and the head, every BatchNorm frozen in eval mode.
 FREEZE = {"trainable": ["layer4.*.conv*", "fc"]}

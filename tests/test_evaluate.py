@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import make_colour_folder, run_cli, tiny_config
 
-from finetune import metrics
-from finetune.config import load_config
-from finetune.data import image_samples, load_datasets
+from finetune.config.loading import load_config
+from finetune.data.folders import image_samples, load_datasets
+from finetune.training import metrics
 
 
 @pytest.fixture(scope="module")

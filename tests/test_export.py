@@ -13,10 +13,11 @@ import pytest
 import torch
 from conftest import REPO, run_cli, tiny_config
 
-from finetune import export
-from finetune.checkpoint import FORMAT
-from finetune.data import IMAGENET_MEAN, IMAGENET_STD
-from finetune.inference import evaluate_checkpoint, load_trained, predict
+from finetune.data.images import IMAGENET_MEAN, IMAGENET_STD
+from finetune.deploy import export
+from finetune.deploy.artifacts import load_trained
+from finetune.deploy.inference import evaluate_checkpoint, predict
+from finetune.training.checkpoint import FORMAT
 
 CLASSES = ["blue", "green", "red"]
 

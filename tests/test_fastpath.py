@@ -9,15 +9,15 @@ import pytest
 import torch
 from conftest import Messages, SignalAtStep, assert_same_weights, tiny_config
 
-from finetune import engine
-from finetune.build import build
-from finetune.config import load_config
+from finetune.config.loading import load_config
 from finetune.errors import FinetuneError
-from finetune.arch import get_arch
-from finetune.fastpath import FastModel, cache_decision, frozen_prefix_length
-from finetune.freeze import set_train_mode
-from finetune.optim import build_optimizer
-from finetune.reporting import Reporter
+from finetune.models.arch import get_arch
+from finetune.models.build import build
+from finetune.models.fastpath import FastModel, cache_decision, frozen_prefix_length
+from finetune.models.freeze import set_train_mode
+from finetune.training import run as engine
+from finetune.training.optim import build_optimizer
+from finetune.training.reporter import Reporter
 
 CLASSES = ["blue", "green", "red"]
 

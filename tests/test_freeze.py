@@ -1,4 +1,4 @@
-"""Tests for finetune.freeze: pattern precedence, pattern errors, BatchNorm modes and what training leaves untouched."""
+"""Tests for finetune.models.freeze: pattern precedence, pattern errors, BatchNorm modes, what training leaves alone."""
 
 from __future__ import annotations
 
@@ -6,16 +6,22 @@ import pytest
 import torch
 from conftest import write_config
 
-from finetune.build import build
-from finetune.config import FreezeConfig, load_config
+from finetune.config.loading import load_config
+from finetune.config.schema import FreezeConfig
 from finetune.errors import FinetuneError
-from finetune.freeze import batchnorm_modes, check_patterns, plan_freeze, set_train_mode
-from finetune.optim import build_optimizer
+from finetune.models.build import build
+from finetune.models.freeze import (
+    batchnorm_modes,
+    check_patterns,
+    plan_freeze,
+    set_train_mode,
+)
+from finetune.training.optim import build_optimizer
 
 
 @pytest.fixture(scope="module")
 def names() -> list[str]:
-    from finetune.arch import get_arch
+    from finetune.models.arch import get_arch
 
     return get_arch("resnet18").parameter_names(10)
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import REPO, run_cli, write_config
 
-from finetune.hardware import precision_for
+from finetune.utils.hardware import precision_for
 
 RANDOM_10 = ("--set", "model.weights=none", "--set", "model.num_classes=10")
 TOTAL = 11_181_642

@@ -9,13 +9,14 @@ import torch
 from conftest import run_cli, tiny_config
 from torchvision.models import resnet18
 
-from finetune import engine
-from finetune.build import build
-from finetune.config import load_config
-from finetune.data import load_datasets, make_loader
+from finetune.analysis.gradcheck import check_gradients, inspect_grads
+from finetune.config.loading import load_config
+from finetune.data.folders import load_datasets
+from finetune.data.loaders import make_loader
 from finetune.errors import FinetuneError
-from finetune.grads import check_gradients, inspect_grads
-from finetune.reporting import Reporter
+from finetune.models.build import build
+from finetune.training import run as engine
+from finetune.training.reporter import Reporter
 
 CHECKS = ["frozen parameters have no gradient", "trainable gradients are finite and non-zero",
           "head gradient equals the softmax cross-entropy closed form",

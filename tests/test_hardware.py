@@ -10,8 +10,8 @@ import sys
 import pytest
 from conftest import REPO, run_cli, tiny_config
 
-from finetune import hardware
-from finetune.hardware import CpuInfo, precision_for, read_cpu, resolve_precision
+from finetune.utils import hardware
+from finetune.utils.hardware import CpuInfo, precision_for, read_cpu, resolve_precision
 
 # The first processor of /proc/cpuinfo, trimmed, on the two CPUs issue #12 is about.
 ZEN3 = """processor\t: 0
@@ -121,7 +121,7 @@ def test_this_cpu_decision_matches_its_flags():
 
 
 def test_onednn_capped_to_avx2_resolves_fp32_on_any_cpu():
-    code = "from finetune.hardware import precision_for; print(precision_for('auto', 'cpu').precision)"
+    code = "from finetune.utils.hardware import precision_for; print(precision_for('auto', 'cpu').precision)"
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}  # a new process: oneDNN reads the cap once, on first use
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120)
@@ -195,9 +195,9 @@ def test_a_resumed_auto_run_keeps_the_precision_it_started_in(tmp_path, colour_d
     import torch
     from conftest import Messages, SignalAtStep
 
-    from finetune.config import load_config
-    from finetune.engine import train
+    from finetune.config.loading import load_config
     from finetune.errors import FinetuneError
+    from finetune.training.run import train
 
     config = load_config(tiny_config(tmp_path, colour_data, train={"epochs": 2, "precision": "auto"}))
     monkeypatch.setattr(hardware, "_onednn_bf16", lambda: True)

@@ -17,24 +17,28 @@ from conftest import SignalAtStep, assert_same_weights, tiny_config, weights
 from PIL import Image, ImageDraw
 from torchvision import transforms
 
-from finetune import engine, imagecache
-from finetune.config import load_config
-from finetune.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    SeededSamples,
-    collate_channels_last,
+from finetune.config.loading import load_config
+from finetune.data import imagecache
+from finetune.data.folders import (
     eval_transform,
     image_files,
     load_datasets,
     load_image,
-    make_loader,
     read_image,
 )
+from finetune.data.imagecache import ImageCache, plan_image_caches
+from finetune.data.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImagePipeline,
+    augment_side,
+    check_image,
+    jpeg_problem,
+)
+from finetune.data.loaders import SeededSamples, collate_channels_last, make_loader
 from finetune.errors import FinetuneError
-from finetune.images import ImagePipeline, augment_side, check_image, jpeg_problem
-from finetune.imagecache import ImageCache, plan_image_caches
-from finetune.reporting import Reporter
+from finetune.training import run as engine
+from finetune.training.reporter import Reporter
 
 COLOURS = {"blue": (40, 70, 190), "green": (50, 160, 70), "red": (200, 50, 40)}
 

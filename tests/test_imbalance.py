@@ -8,8 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from finetune.data import drops_last, epoch_sampler, make_loader
-from finetune.imbalance import class_counts, class_weights, imbalance_warning, problems, sampling_weights
+from finetune.data.loaders import drops_last, epoch_sampler, make_loader
+from finetune.training.losses import (
+    class_counts,
+    class_weights,
+    imbalance_warning,
+    problems,
+    sampling_weights,
+)
 
 TARGETS = [0] * 60 + [1] * 30 + [2] * 10  # 6:3:1
 
@@ -83,7 +89,7 @@ def test_problems_need_one_weight_per_class():
 
 
 def test_config_keys_and_their_errors():
-    from finetune.config import load_config
+    from finetune.config.loading import load_config
     from finetune.errors import FinetuneError
 
     config = load_config(None, [])
@@ -104,10 +110,10 @@ def test_feature_source_serves_the_balanced_order_from_images_and_from_the_cache
     """The cached path (filled first, in the plain order) gives the very batches the image path gives."""
     from conftest import tiny_config
 
-    from finetune.build import build
-    from finetune.config import load_config
-    from finetune.data import image_samples, load_datasets
-    from finetune.fastpath import FastModel, FeatureSource
+    from finetune.config.loading import load_config
+    from finetune.data.folders import image_samples, load_datasets
+    from finetune.models.build import build
+    from finetune.models.fastpath import FastModel, FeatureSource
 
     config = load_config(tiny_config(tmp_path, colour_data, data={"sampler": "balanced"}))
     data = load_datasets(config)
@@ -139,10 +145,10 @@ def test_balanced_training_resumes_exactly(tmp_path, colour_data, trainable):
 
     from conftest import SignalAtStep, assert_same_weights, tiny_config, weights
 
-    from finetune.config import load_config
-    from finetune.engine import train
+    from finetune.config.loading import load_config
     from finetune.errors import FinetuneError
-    from finetune.reporting import Reporter
+    from finetune.training.reporter import Reporter
+    from finetune.training.run import train
 
     overrides = dict(freeze={"trainable": trainable}, data={"sampler": "balanced"},
                      train={"epochs": 3, "batch_size": 6, "class_weights": "balanced"})

@@ -13,9 +13,18 @@ import torch
 from conftest import run_cli, tiny_config
 from torch import nn
 
-from finetune.config import load_config
+from finetune.analysis.lr_find import (
+    Smoother,
+    check_range,
+    lr_find,
+    overrides,
+    ramp,
+    range_test,
+    suggest,
+    train_command,
+)
+from finetune.config.loading import load_config
 from finetune.errors import FinetuneError
-from finetune.lrfind import Smoother, check_range, lr_find, overrides, ramp, range_test, suggest, train_command
 
 
 def test_ramp_is_exponential_from_start_to_end():

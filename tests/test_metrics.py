@@ -7,7 +7,13 @@ import random
 import pytest
 import torch
 
-from finetune.metrics import accuracy, balanced_accuracy, macro_f1, per_class, summary
+from finetune.training.metrics import (
+    accuracy,
+    balanced_accuracy,
+    macro_f1,
+    per_class,
+    summary,
+)
 
 
 def test_values_of_a_small_matrix():

@@ -1,4 +1,4 @@
-"""Tests for finetune.model and finetune.build: weights sources, the head, unsafe files, and num_classes."""
+"""Tests for finetune.models.weights and .build: weights sources, the head, unsafe files, and num_classes."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from conftest import CodeRunningPayload, write_config
 from torch import nn
 
-from finetune.build import resolve_num_classes
-from finetune.config import load_config
+from finetune.config.loading import load_config
 from finetune.errors import FinetuneError
-from finetune.model import build_model
+from finetune.models.build import resolve_num_classes
+from finetune.models.weights import build_model
 
 BACKBONE_KEYS = 120  # resnet18 state-dict entries without fc.weight / fc.bias
 

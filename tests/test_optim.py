@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from finetune.config import OptimConfig
-from finetune.arch import get_arch
-from finetune.optim import build_optimizer, build_scheduler, lr_factor
+from finetune.config.schema import OptimConfig
+from finetune.models.arch import get_arch
+from finetune.training.optim import build_optimizer, build_scheduler, lr_factor
 
 RESNET = get_arch("resnet18")
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import OFFLINE_ENV, REPO, make_colour_split, tiny_config
 
-from finetune.rundir import RUN_FILES
+from finetune.training.rundir import RUN_FILES
 
 EPOCHS = 3
 # What atomic_write leaves behind when killed before its os.replace: `.last.pt.<random>.tmp`.

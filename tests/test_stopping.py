@@ -6,12 +6,20 @@ import json
 
 import pytest
 import torch
-from conftest import Messages, SignalAtStep, assert_same_weights, run_cli, tiny_config, weights
+from conftest import (
+    Messages,
+    SignalAtStep,
+    assert_same_weights,
+    run_cli,
+    tiny_config,
+    weights,
+)
 
-from finetune.config import load_config
-from finetune.engine import train
+from finetune.cli.live import summary_line
+from finetune.config.loading import load_config
 from finetune.errors import FinetuneError
-from finetune.reporting import Reporter, summary_line
+from finetune.training.reporter import Reporter
+from finetune.training.run import train
 
 # A learning rate this small leaves val_acc where it is: no epoch improves on the first.
 STALLED = dict(optim={"lr": 1e-9}, train={"epochs": 6, "early_stopping": {"monitor": "val_acc", "patience": 2}})

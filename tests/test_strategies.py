@@ -8,13 +8,14 @@ import pytest
 import torch
 from conftest import SignalAtStep, assert_same_weights, run_cli, tiny_config, weights
 
-from finetune import engine
-from finetune.arch import get_arch
-from finetune.build import build
-from finetune.config import OptimConfig, load_config
+from finetune.config.loading import load_config
+from finetune.config.schema import OptimConfig
 from finetune.errors import FinetuneError
-from finetune.optim import Schedule, build_optimizer, lr_factor
-from finetune.reporting import Reporter
+from finetune.models.arch import get_arch
+from finetune.models.build import build
+from finetune.training import run as engine
+from finetune.training.optim import Schedule, build_optimizer, lr_factor
+from finetune.training.reporter import Reporter
 
 STAGED = dict(freeze={"trainable": ["fc"], "stages": [{"epoch": 2, "trainable": ["layer4"]}]},
               optim={"lr": 0.02, "schedule": "cosine", "layer_lr_decay": 0.5},

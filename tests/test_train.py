@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import SignalAtStep, assert_same_weights, run_cli, tiny_config, weights
 
-from finetune.config import load_config
-from finetune.engine import train
+from finetune.config.loading import load_config
 from finetune.errors import FinetuneError
-from finetune.reporting import Reporter
+from finetune.training.reporter import Reporter
+from finetune.training.run import train
 
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "val_balanced_acc",
                "val_macro_f1", "lr", "grad_norm", "seconds",
@@ -61,7 +61,7 @@ def test_plain_log_when_not_a_terminal(cli_run):
 
 def test_frozen_backbone_and_batchnorm_statistics_unchanged(cli_run):
     run_dir, _ = cli_run
-    from finetune.build import build
+    from finetune.models.build import build
 
     config = load_config(run_dir / "config.yaml")
     initial = build(config, ["blue", "green", "red"]).model.state_dict()
@@ -170,7 +170,7 @@ def test_atomic_copy_stays_independent_of_a_replaced_source(tmp_path, monkeypatc
     afterwards, as every checkpoint does, leaves best.pt as it was."""
     import os
 
-    from finetune.checkpoint import atomic_copy, atomic_write_text
+    from finetune.utils.files import atomic_copy, atomic_write_text
 
     if not links:
         monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError("no hard links here")))
@@ -188,7 +188,7 @@ def test_curves_are_redrawn_during_a_run_only_when_due(tmp_path, colour_data, mo
                                                          drawn_during_the_run):
     """After an epoch curves.png is drawn only when engine.CURVES_EVERY_S have passed (a tiny epoch takes far
     less than 30 s), and always when the run ends."""
-    from finetune import engine
+    from finetune.training import run as engine
 
     monkeypatch.setattr(engine, "CURVES_EVERY_S", every)
     seen = {}

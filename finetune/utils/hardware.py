@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+from finetune.errors import FinetuneError
+
 # x86 instructions that compute in bf16 natively (dot products), not just convert to and from it.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # What decides the speed of oneDNN's convolutions: shown in benchmark headers and logs.
@@ -127,8 +129,6 @@ def precision_for_config(config, resumed: Optional[str] = None) -> PrecisionChoi
     """
     import torch
 
-    from finetune.distributed import select_device
-
     device = select_device(config.train.device, torch.cuda.is_available())
     choice = precision_for(config.train.precision, device)
     if config.train.precision != "auto" or resumed in (None, choice.precision):
@@ -142,3 +142,12 @@ def precision_for_config(config, resumed: Optional[str] = None) -> PrecisionChoi
                    "fp32 speed on this machine, start a new run.")
     return PrecisionChoice(resumed, f"auto, kept from the run being resumed; here auto alone would pick "
                                     f"{choice.precision} ({why})", warning)
+
+
+def select_device(setting: str, cuda_available: bool) -> str:
+    """``train.device``: auto means cuda when a GPU is there, else cpu; cuda without one is an error."""
+    if setting == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if setting == "cuda" and not cuda_available:
+        raise FinetuneError("train.device is 'cuda' but no CUDA GPU is available; use train.device: auto or cpu.")
+    return setting

@@ -27,8 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler
 
-from finetune.arch import Arch
-from finetune.data import (
+from finetune.data.loaders import (
     Indexed,
     SeededSamples,
     batch_loader,
@@ -38,8 +37,9 @@ from finetune.data import (
     make_loader,
     skipped_batch_error,
 )
-from finetune.distributed import Dist
-from finetune.freeze import Decision
+from finetune.models.arch import Arch
+from finetune.models.freeze import Decision
+from finetune.training.distributed import Dist
 
 ON_DISK_NAME = "feature-cache-{split}.bin"
 
@@ -215,7 +215,6 @@ class FeatureCache:
             del self.features
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)
-
 
 
 class FeatureSource:

@@ -1,11 +1,12 @@
 """Use a trained model (a checkpoint or a file of `finetune export`): evaluate it on a labelled folder, or predict
-classes of images."""
+classes of images.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,48 +14,25 @@ import torch
 from torch import nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from finetune import metrics
-from finetune.arch import get_arch
-from finetune.checkpoint import atomic_write_text, load_checkpoint
-from finetune.config import Config
-from finetune.data import (
+from finetune.config.schema import Config
+from finetune.data.folders import (
     class_names,
-    default_workers,
     drop_bad_images,
     eval_transform,
     image_folder,
     image_samples,
     load_datasets,
     load_image,
-    make_loader,
 )
-from finetune.errors import FinetuneError, describe
-from finetune.fastpath import FastModel
+from finetune.data.loaders import default_workers, make_loader
+from finetune.deploy.artifacts import is_torchscript_export, load_onnx, load_torchscript, load_trained, to_pixels
+from finetune.errors import FinetuneError
+from finetune.models.arch import get_arch
+from finetune.models.fastpath import FastModel
+from finetune.training import metrics
+from finetune.utils.files import atomic_write_text
 
 PREDICT_BATCH = 32
-
-
-@dataclass
-class Trained:
-    model: nn.Module
-    classes: list[str]
-    config: Config
-    path: Path
-    progress: dict = field(default_factory=dict)  # the checkpoint's training state: epoch, history, ...
-
-
-def load_trained(path: Path) -> Trained:
-    """The model of a finetune checkpoint, in eval mode, with its class names and config."""
-    checkpoint = load_checkpoint(path)
-    try:
-        classes = [str(name) for name in checkpoint["classes"]]
-        config = Config.model_validate(checkpoint["config"])
-        model = get_arch(config.model.arch).build(len(classes))
-        model.load_state_dict(checkpoint["model"])
-    except Exception as exc:  # a damaged or foreign file that merely looks like a checkpoint
-        raise FinetuneError(f"{path} is not a usable finetune checkpoint: {describe(exc)}\n"
-                            "Give last.pt or best.pt from a run directory of `finetune train`.") from None
-    return Trained(model.eval(), classes, config, Path(path), dict(checkpoint.get("progress") or {}))
 
 
 @dataclass
@@ -77,8 +55,6 @@ class _Exported:
         self.model = model  # takes RGB in [0, 1] and normalises it itself
 
     def head(self, batch: torch.Tensor) -> torch.Tensor:
-        from finetune.export import to_pixels
-
         return self.model(to_pixels(batch))
 
     __call__ = head
@@ -90,13 +66,11 @@ def load_model(path: Path) -> Loaded:
     Classes, image size and the run's config of an export come from its own metadata.
     """
     path = Path(path)
-    from finetune import export
-
-    if path.suffix == ".onnx" or export.is_torchscript_export(path):
+    if path.suffix == ".onnx" or is_torchscript_export(path):
         if not path.is_file():
             raise FinetuneError(f"Exported model not found: {path}")
         kind = "onnx" if path.suffix == ".onnx" else "torchscript"
-        model, meta = export.load_onnx(path) if kind == "onnx" else export.load_torchscript(path)
+        model, meta = load_onnx(path) if kind == "onnx" else load_torchscript(path)
         try:
             config = Config.model_validate(meta["config"])
             config.data.image_size = int(meta["image_size"])
@@ -121,7 +95,7 @@ def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Opt
     image: path, true and predicted class, the probability of each class, loss; by loss).
     Pictures go beside the checkpoint or in ``output_dir``.
     """
-    from finetune.plots import plot_confusion, plot_top_losses
+    from finetune.utils.plots import plot_confusion, plot_top_losses
 
     trained = load_model(path)
     config = trained.config.model_copy(deep=True)

@@ -14,9 +14,9 @@ import math
 
 import torch
 
-from finetune.arch import Arch
-from finetune.config import OptimConfig
-from finetune.freeze import matches, specificity
+from finetune.config.schema import OptimConfig
+from finetune.models.arch import Arch
+from finetune.models.freeze import matches, specificity
 
 
 def learning_rate(name: str, optim: OptimConfig, arch: Arch) -> tuple[float, str]:

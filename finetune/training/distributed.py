@@ -16,17 +16,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
-from finetune.config import Config
-from finetune.errors import FinetuneError
-
-
-def select_device(setting: str, cuda_available: bool) -> str:
-    """``train.device``: auto means cuda when a GPU is there, else cpu; cuda without one is an error."""
-    if setting == "auto":
-        return "cuda" if cuda_available else "cpu"
-    if setting == "cuda" and not cuda_available:
-        raise FinetuneError("train.device is 'cuda' but no CUDA GPU is available; use train.device: auto or cpu.")
-    return setting
+from finetune.config.schema import Config
+from finetune.utils.hardware import select_device
 
 
 @dataclass

@@ -64,7 +64,7 @@ def _user_errors(command):
         except FinetuneError as exc:
             from rich.markup import escape
 
-            from finetune.render import err_console
+            from finetune.cli.render import err_console
 
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
@@ -86,7 +86,7 @@ def _without_option(argv: list[str], option: str) -> list[str]:
 
 
 def _load(config: Optional[Path], overrides: Optional[list[str]]):
-    from finetune.config import load_config
+    from finetune.config.loading import load_config
 
     return load_config(config, overrides or [])
 
@@ -104,8 +104,8 @@ def freeze_report(config: ConfigOption = None, set_: SetOption = None, epoch: Ep
     Example:  finetune freeze-report --config configs/quickstart.yaml --set 'freeze.trainable=["layer4","fc"]'
     """
     cfg = _load(config, set_)
-    from finetune.render import print_freeze_report, print_json
-    from finetune.report import build_freeze_report
+    from finetune.analysis.freeze_report import build_freeze_report
+    from finetune.cli.render import print_freeze_report, print_json
 
     report = build_freeze_report(cfg, epoch)
     print_json(report.to_json()) if json else print_freeze_report(report)
@@ -128,8 +128,8 @@ def inspect_grads(
     Example:  finetune inspect-grads --config configs/quickstart.yaml --set 'freeze.trainable=["layer4","fc"]' -n 2
     """
     cfg = _load(config, set_)
-    from finetune.grads import inspect_grads as run_checks
-    from finetune.render import print_grad_report, print_json
+    from finetune.analysis.gradcheck import inspect_grads as run_checks
+    from finetune.cli.render import print_grad_report, print_json
 
     report = run_checks(cfg, batches, epoch)
     print_json(report.to_json()) if json else print_grad_report(report)
@@ -162,8 +162,8 @@ def lr_find(
     Example:  finetune lr-find --config configs/quickstart.yaml --steps 100
     """
     cfg = _load(config, set_)
-    from finetune.lrfind import lr_find as run_sweep
-    from finetune.render import print_json, print_lr_find
+    from finetune.analysis.lr_find import lr_find as run_sweep
+    from finetune.cli.render import print_json, print_lr_find
 
     result = run_sweep(cfg, start=start, end=end, steps=steps, output=output, sets=set_ or [])
     print_json(result.to_json()) if json else print_lr_find(result)
@@ -191,14 +191,14 @@ def train(
     Example:  finetune train --config configs/quickstart.yaml --set train.epochs=3
     """
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from finetune.distributed import launch
+        from finetune.training.distributed import launch
 
         raise typer.Exit(launch(nproc, _without_option(sys.argv[1:], "--nproc")))
     if resume is not None and config is None:
         config = resume / "config.yaml"
     cfg = _load(config, set_)
-    from finetune.engine import train as run_training
-    from finetune.reporting import make_reporter
+    from finetune.cli.live import make_reporter
+    from finetune.training.run import train as run_training
 
     reporter = make_reporter(quiet)
     try:
@@ -225,8 +225,8 @@ def evaluate_command(
 
     Example:  finetune evaluate runs/quickstart/best.pt --data data/shapes --top-losses 16
     """
-    from finetune.inference import evaluate_checkpoint
-    from finetune.render import print_evaluation, print_json
+    from finetune.cli.render import print_evaluation, print_json
+    from finetune.deploy.inference import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, data, output_dir, top_losses)
     print_json(result) if json else print_evaluation(result)
@@ -244,8 +244,8 @@ def predict(
 
     Example:  finetune predict runs/quickstart/best.pt data/shapes/val/star --top-k 2
     """
-    from finetune.inference import predict as run_predict
-    from finetune.render import print_json, print_predictions
+    from finetune.cli.render import print_json, print_predictions
+    from finetune.deploy.inference import predict as run_predict
 
     results = run_predict(checkpoint, images, top_k)
     print_json(results) if json else print_predictions(results)
@@ -275,8 +275,8 @@ def export(
 
     Example:  finetune export runs/quickstart/best.pt --format onnx
     """
-    from finetune.export import export_checkpoint
-    from finetune.render import print_export, print_json
+    from finetune.cli.render import print_export, print_json
+    from finetune.deploy.export import export_checkpoint
 
     result = export_checkpoint(checkpoint, format_, output, opset, overwrite)
     print_json(result) if json else print_export(result)
@@ -303,7 +303,7 @@ def make_dataset(
     """
     if kind != "shapes":
         raise FinetuneError(f"Unknown demo data set {kind!r}; the one available is 'shapes'.")
-    from finetune.demo import make_shapes
+    from finetune.data.demo import make_shapes
 
     info = make_shapes(out_dir, classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
                        image_size=image_size, seed=seed, imbalance=imbalance)

@@ -1,4 +1,5 @@
-"""Build the configured architecture, resolve its weights (torchvision API, a local file, or none), swap the head."""
+"""Build the configured architecture, resolve its weights (torchvision API, a local file, or none), swap the head.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from finetune.arch import WEIGHT_NAMES, Arch, get_arch
-from finetune.checkpoint import UNSAFE_MARK, safe_load, unsafe_file_error
-from finetune.config import Config
+from finetune.config.schema import Config
 from finetune.errors import FinetuneError
+from finetune.models.arch import WEIGHT_NAMES, Arch, get_arch
+from finetune.utils.files import UNSAFE_MARK, safe_load, unsafe_file_error
 
 IMAGENET_CLASSES = 1000
 DOWNLOAD_TIMEOUT_S = 20

@@ -1,11 +1,21 @@
-"""Progress while training: rich bars on a terminal, one plain line per epoch elsewhere, or nothing."""
+"""Progress while training: rich bars on a terminal, one plain line per epoch elsewhere, or nothing.
+"""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+
+from finetune.training.reporter import Reporter
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
@@ -25,40 +35,6 @@ def summary_line(summary: dict) -> str:
                "(resume to go on)" if summary["stopped"] else "")
     return (f"done: {best}, {summary['total_seconds']:.1f}s in all; {summary['frozen_tensors']} frozen tensors "
             f"unchanged; run directory {summary['run_dir']}{stopped}")
-
-
-class Reporter:
-    """Silent: errors only (the CLI prints them). The base of the other reporters."""
-
-    shows_progress = False
-
-    def __init__(self, console: Console | None = None):
-        self.console = console or Console()
-        self.epochs = 0
-
-    def start(self, *, config, **info) -> None:
-        self.epochs = config.train.epochs
-
-    def message(self, text: str) -> None:
-        pass
-
-    def warn(self, text: str) -> None:
-        pass
-
-    def epoch_start(self, epoch: int, run) -> None:
-        """Called before (1-based) ``epoch`` trains, with the :class:`~finetune.engine.Run` (for callbacks)."""
-
-    def step(self, epoch: int, step: int, steps: int, loss: float, acc: float, lr: float, images_per_s: float) -> None:
-        pass
-
-    def epoch_end(self, row: dict, improved: bool) -> None:
-        pass
-
-    def finish(self, summary: dict, history: list[dict]) -> None:
-        pass
-
-    def close(self) -> None:
-        """Stop any live display (also after an error)."""
 
 
 class PlainReporter(Reporter):

@@ -21,21 +21,39 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from finetune import rundir
-from finetune.build import Built, build
-from finetune.checkpoint import atomic_copy, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
-from finetune.config import Config
-from finetune.data import ensure_demo_data, image_samples, load_datasets, steps_per_epoch
-from finetune.distributed import Dist, setup, teardown
+from finetune.config.schema import Config
+from finetune.data.folders import ensure_demo_data, image_samples, load_datasets
+from finetune.data.imagecache import ImageCaches, plan_image_caches
+from finetune.data.loaders import steps_per_epoch
 from finetune.errors import FinetuneError
-from finetune.fastpath import FastModel, FeatureSource, feature_sources
-from finetune.freeze import apply_plan, batchnorm_modes, frozen_tensors, plan_freeze, set_train_mode
-from finetune.hardware import precision_for_config
-from finetune.imagecache import ImageCaches, plan_image_caches
-from finetune.imbalance import imbalance_warning, sampling_weights, training_loss
-from finetune.metrics import balanced_accuracy, confusion_matrix, macro_f1, top_k_hits
-from finetune.optim import Schedule, add_trainable, build_optimizer
-from finetune.reporting import Reporter
+from finetune.models.build import Built, build
+from finetune.models.fastpath import FastModel, FeatureSource, feature_sources
+from finetune.models.freeze import (
+    apply_plan,
+    batchnorm_modes,
+    frozen_tensors,
+    plan_freeze,
+    set_train_mode,
+)
+from finetune.training import rundir
+from finetune.training.checkpoint import (
+    load_checkpoint,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
+)
+from finetune.training.distributed import Dist, setup, teardown
+from finetune.training.losses import imbalance_warning, sampling_weights, training_loss
+from finetune.training.metrics import (
+    balanced_accuracy,
+    confusion_matrix,
+    macro_f1,
+    top_k_hits,
+)
+from finetune.training.optim import Schedule, add_trainable, build_optimizer
+from finetune.training.reporter import Reporter
+from finetune.utils.files import atomic_copy
+from finetune.utils.hardware import precision_for_config
 
 # curves.png is redrawn after an epoch only when this long has passed since the last drawing (a drawing costs
 # about 0.3 s), and always when the run ends, however it ends.

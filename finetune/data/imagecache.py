@@ -23,10 +23,10 @@ from typing import Collection, Optional
 
 import numpy as np
 
-from finetune.config import Config
-from finetune.data import Datasets, ImageFiles, image_files
+from finetune.config.schema import Config
+from finetune.data.folders import Datasets, ImageFiles, image_files
+from finetune.data.images import check_image
 from finetune.errors import FinetuneError
-from finetune.images import check_image
 
 ON_DISK_NAME = "image-cache-{split}.bin"
 DISK_HEADROOM = 2**30  # data.cache_images: auto spills to disk only when this much stays free afterwards

@@ -27,11 +27,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from finetune.build import Built, build
-from finetune.config import Config
-from finetune.data import class_names_or_none, load_datasets, make_loader
-from finetune.freeze import frozen_tensors, set_train_mode
-from finetune.optim import build_optimizer
+from finetune.config.schema import Config
+from finetune.data.folders import class_names_or_none, load_datasets
+from finetune.data.loaders import make_loader
+from finetune.models.build import Built, build
+from finetune.models.freeze import frozen_tensors, set_train_mode
+from finetune.training.optim import build_optimizer
 
 HEAD_TOLERANCE = 1e-5  # max |autograd - closed form|, relative to max |closed form| (float32 sums)
 FD_TOLERANCE = 1e-4  # relative error of float64 central differences

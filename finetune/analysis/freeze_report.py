@@ -1,14 +1,15 @@
-"""The freeze report: what is frozen, what trains, what the optimizer sees. Data only; render.py prints it."""
+"""The freeze report: what is frozen, what trains, what the optimizer sees. Data only; render.py prints it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from finetune.build import Built, build
-from finetune.config import Config
-from finetune.data import class_names_or_none
-from finetune.hardware import PrecisionChoice, precision_for_config
-from finetune.optim import build_optimizer
+from finetune.config.schema import Config
+from finetune.data.folders import class_names_or_none
+from finetune.models.build import Built, build
+from finetune.training.optim import build_optimizer
+from finetune.utils.hardware import PrecisionChoice, precision_for_config
 
 
 @dataclass

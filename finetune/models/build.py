@@ -15,14 +15,21 @@ from typing import Optional
 import torch
 from torch import nn
 
-from finetune.arch import Arch, get_arch
-from finetune.config import Config, config_error
-from finetune.distributed import select_device
-from finetune.fastpath import cache_problems
-from finetune.freeze import Decision, apply_plan, batchnorm_modes, check_patterns, plan_freeze
-from finetune.imbalance import problems as imbalance_problems
-from finetune.model import WeightsInfo, build_model
-from finetune.optim import check_patterns as check_lr_patterns
+from finetune.config.loading import config_error
+from finetune.config.schema import Config
+from finetune.models.arch import Arch, get_arch
+from finetune.models.fastpath import cache_problems
+from finetune.models.freeze import (
+    Decision,
+    apply_plan,
+    batchnorm_modes,
+    check_patterns,
+    plan_freeze,
+)
+from finetune.models.weights import WeightsInfo, build_model
+from finetune.training.losses import problems as imbalance_problems
+from finetune.training.optim import check_patterns as check_lr_patterns
+from finetune.utils.hardware import select_device
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Rich tables for people, JSON for programs. Analysis modules return data; this prints it."""
+"""Rich tables for people, JSON for programs. Analysis modules return data; this prints it.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from finetune.grads import GradReport
-    from finetune.lrfind import LRFind
-    from finetune.report import FreezeReport
+    from finetune.analysis.freeze_report import FreezeReport
+    from finetune.analysis.gradcheck import GradReport
+    from finetune.analysis.lr_find import LRFind
 
 console = Console()
 err_console = Console(stderr=True)

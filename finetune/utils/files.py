@@ -1,10 +1,9 @@
-"""Checkpoints and run files: atomic writes, RNG states, and loading with ``weights_only=True``."""
+"""Files that are never half-written: atomic writes and copies, and torch files loaded with ``weights_only=True``."""
 
 from __future__ import annotations
 
 import os
 import pickle
-import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,8 +12,6 @@ from typing import Any
 import torch
 
 from finetune.errors import FinetuneError
-
-FORMAT = 1
 
 
 def _umask() -> int:
@@ -70,20 +67,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def rng_states() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def restore_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
-
-
 UNSAFE_MARK = "GLOBAL"  # torch.load(weights_only=True) names the blocked global a code-running pickle imports
 
 
@@ -113,18 +96,3 @@ def safe_load(path: Path, what: str) -> Any:
     except Exception as exc:
         raise FinetuneError(f"Could not read {what} {path}: {type(exc).__name__}: {exc}\n"
                             "Is it a file saved with torch.save? It may be corrupt or truncated.") from None
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a finetune checkpoint (``last.pt``/``best.pt``) safely."""
-    checkpoint = safe_load(path, "checkpoint")
-    if isinstance(checkpoint, dict) and "model" in checkpoint:
-        written = checkpoint.get("format")
-        if written == FORMAT:
-            return checkpoint
-        if isinstance(written, int) and written > FORMAT:
-            from finetune import __version__
-
-            raise FinetuneError(f"{path} was written by a newer finetune (checkpoint format {written}); finetune "
-                                f"{__version__} reads format {FORMAT}. Upgrade finetune to use it.")
-    raise FinetuneError(f"{path} is not a finetune checkpoint (last.pt or best.pt from a run directory).")

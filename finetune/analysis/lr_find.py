@@ -5,7 +5,7 @@ It trains for a few dozen steps while the learning rate grows exponentially from
 rate to train at sits on the steep part of the fall, before the minimum.
 
 What it sweeps is exactly what ``train`` trains in epoch 1: the model built through
-:func:`finetune.build.build` (weights, head, freeze rules, BatchNorm modes), the
+:func:`finetune.models.build.build` (weights, head, freeze rules, BatchNorm modes), the
 optimizer with its param groups, the loss (label smoothing, class weights), the
 data order, gradient clipping and precision. ``optim.lr`` is the swept value; every
 param group's rate is scaled with it, so layer_lr_decay and param_groups keep their
@@ -30,16 +30,16 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from finetune.build import build
-from finetune.config import Config, config_error
-from finetune.data import ensure_demo_data, image_samples, load_datasets
-from finetune.distributed import select_device
+from finetune.config.loading import config_error
+from finetune.config.schema import Config
+from finetune.data.folders import ensure_demo_data, image_samples, load_datasets
 from finetune.errors import FinetuneError
-from finetune.fastpath import FastModel, feature_sources
-from finetune.freeze import set_train_mode
-from finetune.hardware import precision_for_config
-from finetune.imbalance import sampling_weights, training_loss
-from finetune.optim import build_optimizer
+from finetune.models.build import build
+from finetune.models.fastpath import FastModel, feature_sources
+from finetune.models.freeze import set_train_mode
+from finetune.training.losses import sampling_weights, training_loss
+from finetune.training.optim import build_optimizer
+from finetune.utils.hardware import precision_for_config, select_device
 
 SMOOTHING = 0.98  # fastai's: the loss of one batch is noisy, the curve needs about 50 of them to settle
 DIVERGED = 4.0  # stop once the smoothed loss is this many times its minimum
@@ -233,7 +233,7 @@ def lr_find(config: Config, start: float = 1e-6, end: float = 1.0, steps: int = 
     ``sets`` are the ``--set`` options given, repeated in the suggested command. Raises FinetuneError (exit 2)
     for a bad range, a config without training data, or nothing to train.
     """
-    from finetune.plots import plot_lr_find
+    from finetune.utils.plots import plot_lr_find
 
     check_range(start, end, steps)
     if config.data.root is None:

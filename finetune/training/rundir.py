@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.checkpoint import atomic_write_text
-from finetune.config import Config, load_config
+from finetune.config.loading import load_config
+from finetune.config.schema import Config
 from finetune.errors import FinetuneError
+from finetune.utils.files import atomic_write_text
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "summary.json")
 # Keys a resumed run may change; anything else would make the result differ from an uninterrupted run.
@@ -94,7 +95,6 @@ def write_summary(run_dir: Path, summary: dict) -> None:
 
 
 def plot_curves(run_dir: Path, history: list[dict]) -> None:
-    from finetune.plots import plot_curves
+    from finetune.utils.plots import plot_curves
 
     plot_curves(history, run_dir / "curves.png")
-

@@ -13,61 +13,40 @@ are imported only here and only when needed, so the rest of finetune starts with
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
-import warnings
-import zipfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 
 from finetune import __version__
-from finetune.arch import get_arch
-from finetune.checkpoint import atomic_write
-from finetune.data import IMAGENET_MEAN, IMAGENET_STD, load_datasets
+from finetune.data.folders import load_datasets
+from finetune.data.images import IMAGENET_MEAN, IMAGENET_STD
+from finetune.deploy.artifacts import (
+    _TEXT_KEYS,
+    INPUT_NAME,
+    METADATA_FILE,
+    OUTPUT_NAME,
+    SUFFIXES,
+    Preprocessed,
+    Trained,
+    _normalisation,
+    _quiet_jit,
+    load_onnx,
+    load_torchscript,
+    load_trained,
+    to_pixels,
+)
 from finetune.errors import FinetuneError, describe
-from finetune.inference import Trained, load_trained
+from finetune.models.arch import get_arch
+from finetune.utils.files import atomic_write
 
-# Format -> the suffix of its default output, which goes beside the checkpoint (best.pt -> best.onnx).
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "state-dict": ".state_dict.pth"}
 MIN_OPSET = 18  # the lowest the torch.export-based exporter writes; onnxruntime reads it since 1.14
 TOLERANCE = 1e-4  # largest absolute logit difference from the checkpoint that passes verification
 VERIFY_IMAGES = 32
-METADATA_FILE = "finetune.json"  # the TorchScript archive's extra file
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
-# ONNX metadata values are strings: these keys hold text, every other one JSON.
-_TEXT_KEYS = ("arch", "finetune_version", "input", "resize")
-
-Source = Union[Path, bytes]  # a file, or an artifact's bytes before they are written
-
-
-class Preprocessed(nn.Module):
-    """The trained network behind ImageNet normalisation: float32 RGB in [0, 1], N x 3 x S x S, in; logits out."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        mean, std = _normalisation()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model((images - self.mean) / self.std)
-
-
-def _normalisation() -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std as (1, 3, 1, 1) tensors, to broadcast over a batch."""
-    return torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-
-
-def to_pixels(batch: torch.Tensor) -> torch.Tensor:
-    """Undo ``data.eval_transform``'s normalisation: what an exported model takes, RGB in [0, 1]."""
-    mean, std = _normalisation()
-    return (batch * std + mean).contiguous()
 
 
 def metadata(trained: Trained, fmt: str) -> dict:
@@ -280,84 +259,3 @@ def _fresh_torchvision(trained: Trained, data: bytes) -> nn.Module:
     except Exception as exc:
         raise FinetuneError(f"{type(exc).__name__}: {exc}") from None
     return model.eval()
-
-
-class OnnxModel(nn.Module):
-    """An ONNX file run by onnxruntime on the CPU, called like a torch module: pixels in, logits out."""
-
-    def __init__(self, session):
-        super().__init__()
-        self.session = session
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        array = pixels.detach().float().contiguous().numpy()
-        return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: array})[0])
-
-
-def load_onnx(source: Source) -> tuple[OnnxModel, dict]:
-    """An exported ONNX model (a file or its bytes) in onnxruntime, and its metadata."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3  # errors only: its warnings are about graph optimisations, not the user's input
-    try:
-        session = onnxruntime.InferenceSession(source if isinstance(source, bytes) else str(source), options,
-                                               providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise FinetuneError(f"onnxruntime cannot load {_name(source)}: {describe(exc)}\nIt is corrupt or not an "
-                            "ONNX file; export one with `finetune export CHECKPOINT`.") from None
-    props = session.get_modelmeta().custom_metadata_map
-    names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
-    if "classes" not in props or names != ([INPUT_NAME], [OUTPUT_NAME]):
-        raise FinetuneError(f"{_name(source)} is an ONNX model but not one exported by finetune (it lacks the "
-                            "metadata that names its classes and preprocessing); export one with "
-                            "`finetune export CHECKPOINT`.")
-    try:
-        meta = {key: value if key in _TEXT_KEYS else json.loads(value) for key, value in props.items()}
-    except json.JSONDecodeError as exc:
-        raise FinetuneError(f"{_name(source)} has damaged finetune metadata: {exc}") from None
-    return OnnxModel(session), _checked(meta, source)
-
-
-def is_torchscript_export(path: Path) -> bool:
-    """True for a TorchScript archive written by ``finetune export`` (it holds finetune.json)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith(f"/extra/{METADATA_FILE}") for name in archive.namelist())
-
-
-def load_torchscript(source: Source) -> tuple[nn.Module, dict]:
-    """An exported TorchScript model (a file or its bytes), and its metadata."""
-    extra = {METADATA_FILE: ""}
-    try:
-        with _quiet_jit():
-            module = torch.jit.load(io.BytesIO(source) if isinstance(source, bytes) else str(source),
-                                    map_location="cpu", _extra_files=extra)
-        meta = json.loads(extra[METADATA_FILE])
-    except Exception as exc:
-        raise FinetuneError(f"torch.jit.load cannot load {_name(source)}: {describe(exc)}\nIt is corrupt or not a "
-                            "TorchScript export of finetune; export one with `finetune export CHECKPOINT "
-                            "--format torchscript`.") from None
-    return module.eval(), _checked(meta, source)
-
-
-def _checked(meta: dict, source: Source) -> dict:
-    missing = [key for key in ("classes", "image_size", "config") if key not in meta]
-    if missing:
-        raise FinetuneError(f"{_name(source)} lacks finetune metadata ({', '.join(missing)}); export it again with "
-                            "`finetune export CHECKPOINT`.")
-    return meta
-
-
-@contextlib.contextmanager
-def _quiet_jit():
-    # torch marks TorchScript deprecated on every call; finetune offers it because users ask for it.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning)
-        yield
-
-
-def _name(source: Source) -> str:
-    return "the exported bytes" if isinstance(source, bytes) else str(source)
-

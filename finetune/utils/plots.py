@@ -1,12 +1,13 @@
 """Pictures: training curves, the confusion matrix, the top losses and the lr-find curve (matplotlib, no display
-needed)."""
+needed).
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-from finetune.checkpoint import atomic_write
+from finetune.utils.files import atomic_write
 
 
 def load_pyplot():

@@ -1,0 +1,236 @@
+"""Batches from a dataset: samplers seeded by (seed, epoch), decode threads that work ahead, collate.
+
+The order of a loader is a function of (seed, epoch) alone, whatever the number of decode threads, so a run
+and a resumed run see exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Optional
+
+import torch
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Sampler,
+    default_collate,
+)
+
+from finetune.data.folders import ImageFiles, image_files
+from finetune.data.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (imported from here by export)
+from finetune.errors import FinetuneError
+
+
+def default_workers() -> int:
+    """Decode threads for ``data.workers: null``: one per core, at most 8.
+
+    A decode thread runs only while the prefetch window has room, that is while decoding lags behind training;
+    then the compute threads are waiting for the batch, and every core should be decoding.
+    """
+    return min(8, os.cpu_count() or 1)
+
+
+class _SkipSampler(Sampler):
+    """The wrapped sampler's indices, less the first ``skip`` (to resume inside an epoch)."""
+
+    def __init__(self, sampler: Sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self):
+        return max(0, len(self.sampler) - self.skip)
+
+
+class SeededSamples(Dataset):
+    """Random transforms seeded by (seed, epoch, index): the same sample gets the same augmentation
+    whatever the worker count or where a resumed run starts."""
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        with torch.random.fork_rng(devices=[]):
+            # The CPU generator only: torch.manual_seed also queues a seed for every lazy accelerator module
+            # (CUDA, XPU, MTIA), formatting a stack trace for each, about 1 ms an image.
+            torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            return self.dataset[index]
+
+
+class Indexed(Dataset):
+    """Items as (image, target, index), so batches can be matched with cached features."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        item = self.dataset[index]
+        return None if item is None else (*item, index)
+
+
+class _WeightedSampler(Sampler):
+    """``len(weights)`` draws with replacement, each index with probability proportional to its weight, seeded by
+    (seed, epoch); sharded as DistributedSampler shards: process ``rank`` takes draws rank, rank + world, ..."""
+
+    def __init__(self, weights: torch.Tensor, seed: int, epoch: int, rank: int, world: int):
+        self.weights, self.seed, self.epoch, self.rank, self.world = weights, seed, epoch, rank, world
+        self.per_rank = math.ceil(len(weights) / world)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)  # no two (seed, epoch) alike
+        draws = torch.multinomial(self.weights, self.per_rank * self.world, replacement=True, generator=generator)
+        return iter(draws[self.rank::self.world].tolist())
+
+    def __len__(self):
+        return self.per_rank
+
+
+def epoch_sampler(size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, skip: int = 0, rank: int = 0,
+                  world: int = 1, weights: Optional[torch.Tensor] = None) -> Sampler:
+    """Sample indices for one epoch, a function of (seed, epoch) only, less the first ``skip``.
+
+    The shuffle comes from DistributedSampler (one replica when not distributed). With ``weights`` (one per
+    index, e.g. from ``imbalance.sampling_weights``) the epoch is instead ``size`` weighted draws with
+    replacement, as many per process as the shuffle gives.
+    """
+    if weights is not None:
+        return _SkipSampler(_WeightedSampler(weights, seed, epoch, rank, world), skip)
+    sampler = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+    sampler.set_epoch(epoch)
+    return _SkipSampler(sampler, skip)
+
+
+def drops_last(size: int, batch_size: int, shuffle: bool, world: int = 1) -> bool:
+    # A trailing training batch of one sample would break BatchNorm layers in train mode.
+    per_rank = math.ceil(size / world)
+    return shuffle and per_rank % batch_size == 1 and per_rank > 1
+
+
+def collate_channels_last(batch):
+    """The default collate, with image batches in channels-last memory format (what the fast path runs in).
+
+    Items of None (unreadable images skipped by ``data.skip_bad_images``) are left out of the batch.
+    """
+    batch = [item for item in batch if item is not None]
+    if not batch:
+        raise skipped_batch_error()
+    collated = default_collate(batch)
+    images = collated[0]
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        collated[0] = images.contiguous(memory_format=torch.channels_last)
+    return collated
+
+
+def skipped_batch_error() -> FinetuneError:
+    return FinetuneError("Every image of a batch was unreadable and skipped (data.skip_bad_images: true), so "
+                         "there is nothing to train on in that step. Replace or delete the unreadable files (see "
+                         "the warnings, or skipped_images in summary.json) and start the run again.")
+
+
+def for_epoch(dataset: Dataset, epoch: int) -> Dataset:
+    """``dataset`` as it samples in ``epoch``: a new view with that epoch's seeds; ``dataset`` is left as it is."""
+    if isinstance(dataset, Indexed):
+        return Indexed(for_epoch(dataset.dataset, epoch))
+    if isinstance(dataset, SeededSamples):
+        return SeededSamples(dataset.dataset, dataset.seed, epoch)
+    return dataset
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+                skip_batches: int = 0, workers: int = 0, rank: int = 0, world: int = 1,
+                weights: Optional[torch.Tensor] = None):
+    """A loader whose order is a function of (seed, epoch) only, so runs and resumes repeat exactly.
+
+    ``workers``: over image files (:class:`ImageFiles`, also under a Subset or wrapper) that many decode threads
+    work ahead of the main thread, which finishes each item (the seeded random transforms) and collates, so the
+    batches are the same for any count; over other datasets, DataLoader worker processes.
+    ``weights``: weighted sampling with replacement (see :func:`epoch_sampler`)."""
+    dataset = for_epoch(dataset, epoch)
+    sampler = epoch_sampler(len(dataset), shuffle=shuffle, seed=seed, epoch=epoch, skip=skip_batches * batch_size,
+                            rank=rank, world=world, weights=weights)
+    return _loader(dataset, workers, list(sampler), PREFETCH_BATCHES * batch_size, batch_size=batch_size,
+                   sampler=sampler, drop_last=drops_last(len(dataset), batch_size, shuffle, world))
+
+
+def batch_loader(dataset: Dataset, batches: list[list[int]], workers: int = 0):
+    """A loader of exactly ``batches`` (lists of indices), in order, with :func:`make_loader`'s decode threads."""
+    order = list(itertools.chain.from_iterable(batches))
+    return _loader(dataset, workers, order, PREFETCH_BATCHES * max(map(len, batches), default=1),
+                   batch_sampler=batches)
+
+
+def _loader(dataset: Dataset, workers: int, order: list[int], ahead: int, **batching):
+    files = image_files(dataset) if workers else None
+    loader = DataLoader(dataset, num_workers=0 if files else workers, collate_fn=collate_channels_last, **batching)
+    if files is None:
+        return loader
+    base, index = files
+    return _PrefetchingLoader(loader, base, [index[i] for i in order], workers, ahead)
+
+
+PREFETCH_BATCHES = 2  # how far decode threads work ahead of training
+
+
+class _Prefetch:
+    """Decode threads working through ``order`` (indices of ``files``) ahead of the main thread, at most ``ahead``
+    images at a time; images the cache already holds are left to the main thread."""
+
+    def __init__(self, files: ImageFiles, order: list[int], threads: int, ahead: int):
+        self.files, self.order, self.ahead = files, iter(order), ahead
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="finetune-decode")
+        self.pending: dict[int, Future] = {}
+        self._top_up()
+
+    def take(self, index: int) -> Optional[Future]:
+        future = self.pending.pop(index, None)
+        self._top_up()
+        return future
+
+    def _top_up(self) -> None:
+        cache = self.files.cache
+        while len(self.pending) < self.ahead:
+            index = next(self.order, None)
+            if index is None:
+                return
+            if index not in self.pending and not (cache is not None and cache.holds(index)):
+                self.pending[index] = self.pool.submit(self.files.decode, index)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _PrefetchingLoader:
+    """``loader`` (run in the main thread) with decode threads working ahead of it."""
+
+    def __init__(self, loader: DataLoader, files: ImageFiles, order: list[int], threads: int, ahead: int):
+        self.loader, self.files, self.order, self.threads, self.ahead = loader, files, order, threads, ahead
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        prefetch = _Prefetch(self.files, self.order, self.threads, self.ahead)
+        self.files.prefetch = prefetch
+        try:
+            yield from self.loader
+        finally:
+            self.files.prefetch = None
+            prefetch.close()
+
+
+def steps_per_epoch(dataset: Dataset, batch_size: int, world: int = 1) -> int:
+    """Training batches per epoch and process, as :func:`make_loader` yields them."""
+    batches = math.ceil(math.ceil(len(dataset) / world) / batch_size)
+    return batches - drops_last(len(dataset), batch_size, shuffle=True, world=world)

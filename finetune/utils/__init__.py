@@ -1,0 +1,6 @@
+"""Helpers every layer shares, none of them about training itself.
+
+- ``files``: atomic writes and copies, loading torch files with ``weights_only=True``;
+- ``hardware``: the CPU (model, instruction flags), the device, what ``train.precision: auto`` becomes;
+- ``plots``: the PNG figures (curves, confusion matrix, top losses, lr-find), drawn with matplotlib.
+"""
