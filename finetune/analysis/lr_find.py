@@ -220,12 +220,6 @@ def check_range(start: float, end: float, steps: int) -> None:
         raise FinetuneError(f"--steps {steps} is too few for a curve; use at least {MIN_POINTS} (100 is usual).")
 
 
-def plot_path(output: Optional[Path]) -> Path:
-    """``--output``: a ``.png`` file, or else a folder to put lr_find.png in; the current folder by default."""
-    path = Path(output) if output is not None else Path.cwd()
-    return path if path.suffix.lower() == ".png" else path / "lr_find.png"
-
-
 def lr_find(config: Config, start: float = 1e-6, end: float = 1.0, steps: int = 100,
             output: Optional[Path] = None, sets: Sequence[str] = ()) -> LRFind:
     """Run the range test over what ``train`` trains in epoch 1 and write the plot; returns curve and suggestion.
@@ -233,7 +227,7 @@ def lr_find(config: Config, start: float = 1e-6, end: float = 1.0, steps: int = 
     ``sets`` are the ``--set`` options given, repeated in the suggested command. Raises FinetuneError (exit 2)
     for a bad range, a config without training data, or nothing to train.
     """
-    from finetune.utils.plots import plot_lr_find
+    from finetune.utils.plots import plot_lr_find, plot_path
 
     check_range(start, end, steps)
     if config.data.root is None:
@@ -243,7 +237,7 @@ def lr_find(config: Config, start: float = 1e-6, end: float = 1.0, steps: int = 
     ensure_demo_data(config)
     data = load_datasets(config)
     built = build(config, data.classes, progress=False)
-    out = plot_path(output)
+    out = plot_path(output, "lr_find.png")
     targets = [target for _, target in image_samples(data.train)]
     device = torch.device(select_device(config.train.device, torch.cuda.is_available()))
     precision = precision_for_config(config).precision  # train.precision: auto resolves as in training

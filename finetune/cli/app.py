@@ -282,6 +282,42 @@ def export(
     print_json(result) if json else print_export(result)
 
 
+@app.command()
+@_user_errors
+def runs(
+    folders: Annotated[Optional[list[Path]], typer.Argument(help="Run directories, or folders that hold them "
+                                                            "(default: runs/).", show_default=False)] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Compare the given run directories: overlay their "
+                                          "validation curves in one plot and list the config keys that differ.")
+                       ] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="With --compare: where to write the plot, "
+                                                   "a .png file or a folder (default: compare.png in the current "
+                                                   "folder).", show_default=False)] = None,
+    json: JsonOption = False,
+) -> None:
+    """List the runs in run folders, best validation accuracy first: model, trained parameters, epochs, how each
+    ended, best and final val_acc, training time, images/s.
+
+    Broken or partial run directories are listed as such.
+
+    Example:  finetune runs
+
+    Compare:  finetune runs --compare runs/a runs/b runs/c --output compare.png
+    """
+    from finetune.analysis.runs import compare_runs, list_runs
+    from finetune.cli.render import print_comparison, print_json, print_runs
+
+    if compare:
+        result = compare_runs(folders or [], output)
+        print_json(result.to_json()) if json else print_comparison(result)
+        return
+    if output is not None:
+        raise FinetuneError("--output is the plot of --compare; add --compare and the run directories to compare.")
+    folders = folders or [Path("runs")]
+    found = list_runs(folders)
+    print_json([row.to_json() for row in found]) if json else print_runs(found, folders)
+
+
 @app.command("make-dataset")
 @_user_errors
 def make_dataset(

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from finetune.analysis.freeze_report import FreezeReport
     from finetune.analysis.gradcheck import GradReport
     from finetune.analysis.lr_find import LRFind
+    from finetune.analysis.runs import Comparison, RunRow
 
 console = Console()
 err_console = Console(stderr=True)
@@ -154,3 +155,47 @@ def print_lr_find(result: "LRFind") -> None:
                       highlight=False)
         console.print(f"use it:  {escape(result.command)}", highlight=False, soft_wrap=True)
     console.print(f"plot: {escape(result.plot)}", highlight=False, soft_wrap=True)
+
+
+ENDED_STYLE = {"finished": "green", "early stop": "green", "time limit": "yellow", "running": "cyan",
+               "interrupted": "yellow", "failed": "red", "killed": "red", "partial": "yellow", "broken": "bold red"}
+
+
+def _runs_table(rows: list["RunRow"], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("run", overflow="fold")
+    for column in ("model", "trained params", "epochs", "ended", "best val_acc", "final val_acc", "train time",
+                   "img/s"):
+        table.add_column(column, justify="left" if column in ("model", "ended") else "right")
+    for row in rows:
+        epochs = f"{row.epochs_done}/{row.epochs if row.epochs is not None else '?'}"
+        table.add_row(escape(row.name), row.model or "-", "-" if row.trained_params is None else f"{row.trained_params:,}",
+                      epochs, f"[{ENDED_STYLE.get(row.ended, 'default')}]{row.ended}[/]", _share(row.best_val_acc),
+                      _share(row.final_val_acc), f"{row.train_seconds:.1f}s",
+                      "-" if row.images_per_s is None else f"{row.images_per_s:.0f}")
+    return table
+
+
+def print_runs(rows: list["RunRow"], folders) -> None:
+    if not rows:
+        console.print(f"no run directories in {', '.join(map(str, folders))}", highlight=False)
+        return
+    console.print(_runs_table(rows, "Runs (best val_acc first)"))
+    for row in rows:
+        if row.problem and row.ended != "finished":
+            console.print(f"{escape(row.name)}: {row.ended}: {escape(row.problem)}", highlight=False, soft_wrap=True)
+
+
+def print_comparison(comparison: "Comparison") -> None:
+    console.print(_runs_table(comparison.runs, "Runs"))
+    if comparison.differences:
+        table = Table(title="Config keys that differ", title_justify="left")
+        table.add_column("key", no_wrap=True)
+        for run in comparison.runs:
+            table.add_column(escape(run.name), overflow="fold")
+        for key, values in comparison.differences.items():
+            table.add_row(key, *("-" if v is None else escape(str(v)) for v in values))
+        console.print(table)
+    else:
+        console.print("the runs' configs are the same (apart from train.output_dir)", highlight=False)
+    console.print(f"validation curves: {escape(comparison.plot)}", highlight=False, soft_wrap=True)

@@ -5,6 +5,7 @@ This module must not import torch, so that config errors are reported instantly.
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -109,6 +110,21 @@ class EarlyStopping(_Section):
     min_delta: float = Field(0.0, ge=0)  # a smaller change is no improvement
 
 
+LOGGERS = ("tensorboard", "mlflow")
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str = Field("mlruns", min_length=1, description=(
+        "Where MLflow records runs: a folder (a local file store; relative to the config file, or to the current "
+        "folder by default) or a URI such as http://host:5000. Nothing is sent over a network unless you give one."))
+    experiment: str = Field("finetune", min_length=1, description="The MLflow experiment the run is recorded under "
+                            "(created when missing).")
+    run_name: Optional[str] = Field(None, min_length=1, description="The MLflow run's name; default: the run "
+                                    "directory's name.")
+    log_checkpoint: bool = Field(False, description="Also upload best.pt as an artifact when the run ends (a "
+                                 "ResNet-18 checkpoint is about 45 MB).")
+
+
 class TrainConfig(_Section):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -124,6 +140,25 @@ class TrainConfig(_Section):
     dist_timeout_s: int = Field(600, ge=10)
     early_stopping: Optional[EarlyStopping] = None
     time_limit_min: Optional[float] = Field(None, gt=0)
+    loggers: list[str] = Field(default_factory=list, description=(
+        "Experiment trackers the run also writes to: tensorboard (event files in RUN/tensorboard/), mlflow (see "
+        "train.mlflow; needs pip install 'finetune[mlflow]'). Empty: the run directory only."))
+    log_every_steps: int = Field(10, ge=1, description="Trackers record the training loss and learning rate every "
+                                 "this many optimizer steps (epoch metrics are recorded every epoch).")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="Where train.loggers: [mlflow] records "
+                                 "the run.")
+
+    @field_validator("loggers")
+    @classmethod
+    def _known_loggers(cls, loggers: list[str]) -> list[str]:
+        for name in loggers:
+            if name not in LOGGERS:
+                close = difflib.get_close_matches(name, LOGGERS, n=1, cutoff=0.5)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ValueError(f"unknown logger {name!r}; {hint}the loggers are {', '.join(LOGGERS)}")
+        if len(set(loggers)) < len(loggers):
+            raise ValueError("a logger is named twice")
+        return loggers
 
     @field_validator("class_weights", mode="before")
     @classmethod

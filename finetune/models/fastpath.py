@@ -202,13 +202,14 @@ class FeatureCache:
         self.skipped.copy_(dist.sum_tensor(self.skipped.float()) > 0)
 
     def batches(self, sampler, batch_size: int, drop_last: bool):
-        """(features, targets) batches in the sampler's order: the same batches the image loader would give."""
+        """(features, targets, sample indices) batches in the sampler's order: the same batches the image loader
+        would give."""
         for indices in BatchSampler(sampler, batch_size, drop_last):
             index = torch.as_tensor(indices)
             index = index[~self.skipped[index]]  # unreadable images skipped: left out, as the image loader does
             if not len(index):
                 raise skipped_batch_error()
-            yield self.features[index], self.targets[index]
+            yield self.features[index], self.targets[index], index
 
     def close(self) -> None:
         if self.path is not None:
@@ -243,6 +244,12 @@ class FeatureSource:
         return self.cache_bytes is not None
 
     def epoch(self, epoch: int, skip_batches: int = 0):
+        """(features, targets) batches of (0-based) ``epoch``, less its first ``skip_batches``."""
+        for features, targets, _ in self.indexed_epoch(epoch, skip_batches):
+            yield features, targets
+
+    def indexed_epoch(self, epoch: int, skip_batches: int = 0):
+        """:meth:`epoch`'s batches with the dataset index of each sample: (features, targets, indices)."""
         if self.caching and (self.cache_complete or epoch > 0 or self.weights is not None):
             self.complete_cache()
             yield from self.cache.batches(self._sampler(epoch, skip_batches * self.batch_size), self.batch_size,
@@ -272,7 +279,7 @@ class FeatureSource:
             features = self.fast.features(images)
             if self.caching and epoch == 0:
                 self._store(indices, features, targets)
-            yield features, targets
+            yield features, targets, indices
 
     def complete_cache(self) -> None:
         """Compute what the cache lacks, batch by batch in the first epoch's order (the last partial batch too).

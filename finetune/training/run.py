@@ -52,6 +52,7 @@ from finetune.training.metrics import (
 )
 from finetune.training.optim import Schedule, add_trainable, build_optimizer
 from finetune.training.reporter import Reporter
+from finetune.training.tracking import RunStart, Tracking, check_loggers
 from finetune.utils.files import atomic_copy
 from finetune.utils.hardware import precision_for_config
 
@@ -92,11 +93,13 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
     torchrun every process trains its shard and only rank 0 reports and writes.
     Raises FinetuneError for bad input, and with exit code 130/143 when interrupted.
     """
+    check_loggers(config)
     dist = setup(config)
     try:
         run = Run.create(config, reporter if dist.is_main else Reporter(), dist, output_dir=output_dir,
                          resume=resume, overwrite=overwrite)
-        return fit(run)
+        with run.tracking:  # tracking: how the run ends goes to status.json and the trackers
+            return fit(run)
     finally:
         teardown(dist)
 
@@ -119,8 +122,8 @@ def fit(run: "Run") -> dict:
                         state.stopped = "time_limit"
                         break
                     raise _interrupted(signals.signum, epoch, state.step, run.run_dir)
-                run.end_epoch(evaluate(run.phase.fast, run.phase.val_source.epoch(0), run.val_loss_fn,
-                                       run.built.num_classes, run.dist))
+                run.end_epoch(evaluate(run.phase.fast, run.phase.val_source.indexed_epoch(0), run.val_loss_fn,
+                                       run.built.num_classes, len(run.data.val), run.dist))
                 if run.dist.any(signals.signum is not None):
                     raise _interrupted(signals.signum, epoch + 1, 0, run.run_dir)
                 if state.stopped is None and state.epoch < config.train.epochs and run.dist.any(run.out_of_time()):
@@ -185,26 +188,38 @@ def train_one_epoch(fast: FastModel, batches, loss_fn, optimizer, schedule: Sche
 
 
 @torch.inference_mode()
-def evaluate(fast: FastModel, batches, loss_fn, num_classes: int, dist: Dist = Dist()) -> dict:
-    """Loss, top-1 and top-5 accuracy (and the confusion matrix) in eval mode over (features, targets) batches.
+def evaluate(fast: FastModel, batches, loss_fn, num_classes: int, size: int, dist: Dist = Dist()) -> dict:
+    """Loss, top-1 and top-5 accuracy, the confusion matrix and per-sample results in eval mode over
+    (features, targets, sample indices) batches of a split of ``size`` samples.
 
-    Under DDP each process evaluates its shard and the sums are combined.
+    ``samples`` maps target, predicted, prob (of the predicted class) and loss (cross-entropy, unsmoothed) to a
+    tensor indexed by sample, NaN for samples not evaluated (unreadable images skipped). Under DDP each process
+    evaluates its shard and the sums are combined.
     """
     fast.model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    table, counts = torch.zeros(size, 4, dtype=torch.float64), torch.zeros(size, 1, dtype=torch.float64)
     loss_sum, top5, seen = 0.0, 0, 0
-    for features, targets in batches:
+    for features, targets, indices in batches:
         logits = fast.head(features).cpu()
         loss_sum += loss_fn(logits, targets).item() * len(targets)
         top5 += top_k_hits(logits, targets).sum().item()
-        confusion += confusion_matrix(targets, logits.argmax(1), num_classes)
+        predicted = logits.argmax(1)
+        confusion += confusion_matrix(targets, predicted, num_classes)
+        prob = logits.softmax(1).gather(1, predicted[:, None])[:, 0]
+        table[indices] = torch.stack([targets, predicted, prob,
+                                      nn.functional.cross_entropy(logits, targets, reduction="none")], 1).double()
+        counts[indices] = 1
         seen += len(targets)
     loss_sum, top5, seen = dist.sum([loss_sum, top5, seen])
     confusion = dist.sum_tensor(confusion)
+    table = dist.sum_tensor(table) / dist.sum_tensor(counts)  # a sample two processes held (padding) counts once
+    samples = dict(zip(("target", "predicted", "prob", "loss"), table.T))
     if seen == 0:
-        return {"loss": float("nan"), "acc": float("nan"), "top5": float("nan"), "confusion": confusion, "n": 0}
+        return {"loss": float("nan"), "acc": float("nan"), "top5": float("nan"), "confusion": confusion, "n": 0,
+                "samples": samples}
     return {"loss": loss_sum / seen, "acc": confusion.diagonal().sum().item() / seen, "top5": top5 / seen,
-            "confusion": confusion, "n": seen}
+            "confusion": confusion, "n": seen, "samples": samples}
 
 
 class Run:
@@ -238,6 +253,7 @@ class Run:
         self.caches_reported = False
         self.curves_drawn_at, self.curves_drawn_epochs = self.started, 0
         self.bad_reported = len(data.bad_images)
+        self.tracking = Tracking()  # tracking: started by create()
 
     @classmethod
     def create(cls, config: Config, reporter: Reporter, dist: Dist, *, output_dir: Optional[Path] = None,
@@ -287,6 +303,12 @@ class Run:
         reporter.start(run_dir=run_dir, config=config, weights=built.weights.source, layout=data.layout,
                        train_images=len(data.train), val_images=len(data.val), classes=data.classes,
                        steps_per_epoch=run.steps, resumed_at=run.state.epoch if resume else None)
+        state = run.state  # tracking: status.json, TensorBoard, MLflow (training/tracking.py)
+        run.tracking = Tracking.start(RunStart(
+            config, run_dir, data.classes, [path for path, _ in image_samples(data.val)],
+            trained_params=sum(p.numel() for n, p in run.model.named_parameters() if n not in run.frozen),
+            resumed_step=state.epoch * run.steps + state.step if resume else None,
+            epoch_sums=(state.loss_sum, state.seen)), reporter, dist.is_main)
         return run
 
     def restore(self, saved: dict) -> None:
@@ -350,6 +372,8 @@ class Run:
     def report_step(self, state: TrainState) -> None:
         self.reporter.step(state.epoch, state.step, self.steps, state.loss_sum / state.seen, state.correct / state.seen,
                            self.optimizer.param_groups[0]["lr"], state.seen / max(state.seconds, 1e-9))
+        self.tracking.step(state.epoch * self.steps + state.step, state.loss_sum, state.seen,  # tracking
+                           self.optimizer.param_groups[0]["lr"])
 
     def out_of_time(self) -> bool:
         limit = self.config.train.time_limit_min
@@ -366,6 +390,7 @@ class Run:
         if improved:
             state.best_epoch, state.best_val_acc = row["epoch"], row["val_acc"]
         self._early_stopping(row)
+        self.tracking.epoch(state.epoch * self.steps, row, val)  # tracking
         if self.dist.is_main:
             rundir.write_metrics(self.run_dir, state.history)
             self.checkpoint("last.pt")
@@ -423,6 +448,7 @@ class Run:
     def checkpoint(self, name: str) -> None:
         if not self.dist.is_main:
             return
+        self.tracking.checkpoint()  # tracking: what the checkpoint covers is recorded before it is written
         save_checkpoint(self.run_dir / name, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(), "progress": asdict(self.state), "rng": rng_states(),
@@ -475,6 +501,7 @@ class Run:
                                 f"{' ...' if len(changed) > 5 else ''}. They should be bit-identical; "
                                 "this is a bug, please report it with the run's config.yaml.", exit_code=1)
         self.reporter.finish(summary, state.history)
+        self.tracking.finish(summary, state.history)  # tracking
         return summary
 
 

@@ -6,8 +6,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 from finetune.utils.files import atomic_write
+
+
+def plot_path(output: Optional[Path], name: str) -> Path:
+    """``--output``: a ``.png`` file, or else a folder to put ``name`` in; the current folder by default."""
+    path = Path(output) if output is not None else Path.cwd()
+    return path if path.suffix.lower() == ".png" else path / name
 
 
 def load_pyplot():
@@ -22,8 +29,23 @@ def load_pyplot():
 
 def _save(fig, path: Path) -> None:
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    _close(fig)
+
+
+def _close(fig) -> None:
     fig.clf()
     load_pyplot().close(fig)
+
+
+def figure_pixels(fig):
+    """A figure as an (H, W, 3) uint8 array (what TensorBoard and MLflow take as an image); closes the figure."""
+    import numpy as np
+
+    fig.set_dpi(110)
+    fig.canvas.draw()
+    pixels = np.array(fig.canvas.buffer_rgba())[..., :3]
+    _close(fig)
+    return pixels
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -43,7 +65,31 @@ def plot_curves(history: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def plot_compare(histories: dict[str, list[dict]], path: Path) -> None:
+    """Validation accuracy and loss per epoch of several runs (name -> metrics.jsonl rows), overlaid."""
+    plt = load_pyplot()
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, history in histories.items():
+        epochs = [row.get("epoch") for row in history]
+        acc_ax.plot(epochs, [row.get("val_acc") for row in history], "o-", label=name)
+        loss_ax.plot(epochs, [row.get("val_loss") for row in history], "o-", label=name)
+    for ax, title in ((acc_ax, "validation accuracy"), (loss_ax, "validation loss")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    acc_ax.set_ylim(0, 1.02)
+    loss_ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def plot_confusion(confusion, classes: list[str], path: Path) -> None:
+    """:func:`confusion_figure` as a PNG file."""
+    _save(confusion_figure(confusion, classes), path)
+
+
+def confusion_figure(confusion, classes: list[str]):
     """Two labelled confusion matrices side by side (rows true classes, columns predictions): the counts, and the
     counts normalised per true class (each row sums to 1: the diagonal is each class's recall)."""
     plt = load_pyplot()
@@ -57,7 +103,7 @@ def plot_confusion(confusion, classes: list[str], path: Path) -> None:
     _matrix(share_ax, shares, classes, "normalised per true class",
             lambda i, j: f"{shares[i][j]:.0%}" if sum(counts[i]) else "-", 1.0)
     fig.tight_layout()
-    _save(fig, path)
+    return fig
 
 
 def _matrix(ax, values: list[list[float]], classes: list[str], title: str, label, peak: float) -> None:
@@ -74,6 +120,11 @@ def _matrix(ax, values: list[list[float]], classes: list[str], title: str, label
 
 
 def plot_top_losses(rows: list[dict], path: Path) -> None:
+    """:func:`top_losses_figure` as a PNG file."""
+    _save(top_losses_figure(rows), path)
+
+
+def top_losses_figure(rows: list[dict]):
     """A grid of the images in ``rows`` (dicts with ``path``, ``true``, ``predicted``, ``prob``, ``loss``), each
     titled with its true class, the predicted class and that prediction's probability, and its loss."""
     from PIL import Image
@@ -90,7 +141,7 @@ def plot_top_losses(rows: list[dict], path: Path) -> None:
         ax.set_title(f"true {row['true']}\npred {row['predicted']} ({row['prob']:.0%})\nloss {row['loss']:.2f}",
                      fontsize=9)
     fig.suptitle("top losses (validation images)")
-    _save(fig, path)
+    return fig
 
 
 def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], suggestion, path: Path) -> None:
