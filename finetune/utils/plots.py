@@ -126,21 +126,33 @@ def plot_top_losses(rows: list[dict], path: Path) -> None:
 
 def top_losses_figure(rows: list[dict]):
     """A grid of the images in ``rows`` (dicts with ``path``, ``true``, ``predicted``, ``prob``, ``loss``), each
-    titled with its true class, the predicted class and that prediction's probability, and its loss."""
-    from PIL import Image
+    titled with its true class, the predicted class and that prediction's probability, and its loss.
+
+    The images are laid out in one picture shown by one axes: a figure of an axes per image took 4x as long to draw.
+    """
+    import numpy as np
+    from PIL import Image, ImageOps
 
     plt = load_pyplot()
+    tile, caption, gap, title, dpi = 200, 54, 10, 40, 110  # pixels
     columns = max(1, math.ceil(math.sqrt(len(rows))))
     lines = max(1, math.ceil(len(rows) / columns))
-    fig, axes = plt.subplots(lines, columns, figsize=(2.6 * columns, 3.2 * lines), squeeze=False, layout="constrained")
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, row in zip(axes.flat, rows):
+    width, height = gap + columns * (tile + gap), title + lines * (caption + tile + gap)
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.axis("off")
+    for i, row in enumerate(rows):
+        line, column = divmod(i, columns)
+        left, top = gap + column * (tile + gap), title + line * (caption + tile + gap) + caption
         with Image.open(row["path"]) as image:
-            ax.imshow(image.convert("RGB"))
-        ax.set_title(f"true {row['true']}\npred {row['predicted']} ({row['prob']:.0%})\nloss {row['loss']:.2f}",
-                     fontsize=9)
-    fig.suptitle("top losses (validation images)")
+            pixels = np.asarray(ImageOps.contain(image.convert("RGB"), (tile, tile)))
+        down, across = (tile - pixels.shape[0]) // 2, (tile - pixels.shape[1]) // 2  # centred in its tile
+        canvas[top + down:top + down + pixels.shape[0], left + across:left + across + pixels.shape[1]] = pixels
+        ax.text(left + tile / 2, top - 4, f"true {row['true']}\npred {row['predicted']} ({row['prob']:.0%})\n"
+                f"loss {row['loss']:.2f}", ha="center", va="bottom", fontsize=9)
+    ax.imshow(canvas, interpolation="nearest", extent=(0, width, height, 0))
+    fig.suptitle("top losses (validation images)", y=1 - 12 / height)
     return fig
 
 
