@@ -223,7 +223,8 @@ def compare_runs(run_dirs: list[Path], output: Optional[Path] = None) -> Compari
         output.parent.mkdir(parents=True, exist_ok=True)
         plot_compare({run.name: run.history for run in runs}, output)
     except OSError as exc:
-        raise FinetuneError(f"Cannot write the plot {output}: {exc.strerror or exc}; choose another --output.") from None
+        raise FinetuneError(f"Cannot write the plot {output}: {exc.strerror or exc}; choose another --output.") \
+            from None
     return Comparison(runs, config_differences([run.config for run in runs]), str(output))
 
 

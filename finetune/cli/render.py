@@ -168,9 +168,10 @@ def _runs_table(rows: list["RunRow"], title: str) -> Table:
                    "img/s"):
         table.add_column(column, justify="left" if column in ("model", "ended") else "right")
     for row in rows:
+        params = "-" if row.trained_params is None else f"{row.trained_params:,}"
         epochs = f"{row.epochs_done}/{row.epochs if row.epochs is not None else '?'}"
-        table.add_row(escape(row.name), row.model or "-", "-" if row.trained_params is None else f"{row.trained_params:,}",
-                      epochs, f"[{ENDED_STYLE.get(row.ended, 'default')}]{row.ended}[/]", _share(row.best_val_acc),
+        table.add_row(escape(row.name), row.model or "-", params, epochs,
+                      f"[{ENDED_STYLE.get(row.ended, 'default')}]{row.ended}[/]", _share(row.best_val_acc),
                       _share(row.final_val_acc), f"{row.train_seconds:.1f}s",
                       "-" if row.images_per_s is None else f"{row.images_per_s:.0f}")
     return table
