@@ -14,6 +14,7 @@ dropped; the run directory keeps everything.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from typing import Optional
 from finetune.config.loading import config_error
 from finetune.config.schema import Config
 from finetune.errors import FinetuneError, describe
+from finetune.training.rundir import flat_config
 from finetune.utils.files import atomic_write_text
 
 STATUS_FILE = "status.json"
@@ -35,17 +37,23 @@ TOP_LOSSES = 16  # images in the top-losses grid a finished run records
 FINAL_KEYS = ("best_val_acc", "val_acc", "val_loss", "val_balanced_acc", "val_macro_f1")
 # Files of the run directory a run uploads to MLflow when it ends (best.pt only with train.mlflow.log_checkpoint).
 ARTIFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", STATUS_FILE)
+# logger -> (module, what it is called, what installs it)
+PACKAGES = {"tensorboard": ("tensorboard", "TensorBoard", "tensorboard"),
+            "mlflow": ("mlflow", "MLflow", "'finetune[mlflow]'")}
 
 
 def check_loggers(config: Config) -> None:
     """Raise before any work when ``train.loggers`` names a tracker whose package is not installed."""
-    if "mlflow" not in config.train.loggers:
-        return
-    try:
-        import mlflow  # noqa: F401  (imported now, before any work, rather than when the tracker starts)
-    except ImportError:
-        raise config_error(config, [("train.loggers", "mlflow needs MLflow, which is not installed: pip install "
-                                     "'finetune[mlflow]' (or drop mlflow from train.loggers)")]) from None
+    problems = []
+    for name in config.train.loggers:
+        module, title, package = PACKAGES[name]
+        try:
+            importlib.import_module(module)  # now, before any work, rather than when the tracker starts
+        except ImportError:
+            problems.append(("train.loggers", f"{name} needs {title}, which is not installed: pip install {package} "
+                                              f"(or drop {name} from train.loggers)"))
+    if problems:
+        raise config_error(config, problems)
 
 
 def read_status(run_dir: Path) -> Optional[dict]:
@@ -76,6 +84,10 @@ class Tracker:
     """One place a run is recorded. A method that raises drops the tracker (with one warning), not the run."""
 
     name = ""
+
+    def where(self, run: RunStart) -> str:
+        """Where it records, for messages."""
+        return self.name
 
     def start(self, run: RunStart, saved: dict) -> dict:
         """Begin or continue recording; ``saved`` is what an earlier session returned. Returns what to keep in
@@ -120,8 +132,7 @@ class Tracking:
         """
         if not is_main:
             return cls()
-        before = _read_saved(run.run_dir)
-        saved = before.get("trackers", {})
+        saved = _read_saved(run.run_dir).get("trackers", {})
         # TensorBoard first: it may refuse to start, and then no other tracker has begun recording.
         wanted = [kind() for name, kind in TRACKERS.items() if name in run.config.train.loggers]
         status = {"status": "running", "pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
@@ -206,8 +217,7 @@ class Tracking:
             return None
 
     def _warn(self, tracker: Tracker, exc: Exception) -> None:
-        where = tracker.where(self.run) if hasattr(tracker, "where") else tracker.name
-        self.reporter.warn(f"{where} failed ({describe(exc)}); the run goes on without {tracker.name}, and its run "
+        self.reporter.warn(f"{tracker.where(self.run)} failed ({describe(exc)}); the run goes on without {tracker.name}, and its run "
                            f"directory {self.run.run_dir} keeps everything.")
 
     def _write_status(self) -> None:
@@ -380,8 +390,6 @@ MLFLOW_STATUS = {"interrupted": "KILLED", "failed": "FAILED"}
 
 def _hparam_values(config: Config) -> dict:
     """The resolved config as flat hyperparameters: numbers, strings and booleans (lists as JSON, None as null)."""
-    from finetune.training.rundir import flat_config
-
     return {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
             for key, value in flat_config(config.model_dump(mode="json")).items()}
 
