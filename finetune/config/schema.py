@@ -6,6 +6,7 @@ This module must not import torch, so that config errors are reported instantly.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -19,27 +20,24 @@ from pydantic import (
     field_validator,
 )
 
-from finetune.models.arch import ARCH_NAMES, ARCHS, DEFAULT_ARCH, WEIGHT_NAMES
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def is_weights_name(value: str) -> bool:
+    """True for a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V2``...): a ``model.weights`` value that is
+    not a file path. Which names an architecture has is the models' to say (``models.arch.problems``)."""
+    return re.fullmatch(r"[A-Z][A-Z0-9_]*", value) is not None
+
+
 class ModelConfig(_Section):
-    arch: Literal[ARCH_NAMES] = DEFAULT_ARCH
-    weights: str = "DEFAULT"  # after arch: its validator reads arch
+    # Architecture names and their weights are checked by validate() (models.arch knows them): the config below
+    # the models in the package layering, knows only their shape.
+    arch: str = "resnet18"
+    weights: str = "DEFAULT"
     weights_fallback: Literal["error", "random"] = "error"
     num_classes: Optional[int] = Field(None, ge=2)
-
-    @field_validator("weights")
-    @classmethod
-    def _weights_of_arch(cls, weights: str, info: ValidationInfo) -> str:
-        arch = ARCHS.get(info.data.get("arch"))
-        if arch and weights in WEIGHT_NAMES and weights != "DEFAULT" and weights not in arch.weight_names:
-            raise ValueError(f"torchvision has no {weights} weights for {arch.name}; use DEFAULT or "
-                             f"{' or '.join(arch.weight_names)}, a state-dict file, or none")
-        return weights
 
 
 class DataConfig(_Section):
