@@ -16,8 +16,9 @@ bf16 is emulated, several times slower than fp32, and they are skipped with the 
 
 The plain loop: the model in train mode, every parameter handed to the optimizer,
 ``requires_grad=False`` on the frozen ones, fp32, the default memory format.
-finetune: the same model and freeze built by finetune, trained by finetune's own epoch loop
-(frozen prefix without autograd and in eval mode, channels-last, optional bf16 autocast).
+finetune: the same model and freeze prepared as `finetune train` prepares them (training.setup.prepare), trained
+by finetune's own epoch loop (frozen prefix without autograd and in eval mode, channels-last, optional bf16
+autocast).
 """
 
 from __future__ import annotations

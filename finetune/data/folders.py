@@ -142,12 +142,13 @@ def load_datasets(config: Config) -> Datasets:
     root = Path(config.data.root)
     train_tf = train_transform(config.data.image_size, config.data.augment, config.data.fast_decode)
     val_tf = eval_transform(config.data.image_size, config.data.fast_decode)
-    split = train_folder(root) == root
+    split = train_folder(root) == root  # one tree, split by data.val_fraction: its files are read twice
     train_samples = scan(train_folder(root), classes)
-    val_samples = train_samples if split else scan(root / "val", classes)
+    val_folder = root if split else root / "val"
+    val_samples = train_samples if split else scan(val_folder, classes)
     checked = check_files(config, train_samples + ([] if split else val_samples))  # each file once
-    train, val = (checked.files(config, folder, classes, samples, pipeline) for folder, samples, pipeline in
-                  ((train_folder(root), train_samples, train_tf), (root if split else root / "val", val_samples, val_tf)))
+    train = checked.files(config, train_folder(root), classes, train_samples, train_tf)
+    val = checked.files(config, val_folder, classes, val_samples, val_tf)
     _check_classes_left(config, train, len(checked.unreadable))
     if not split:
         return Datasets(train, val, classes, "train/val folders", list(checked.unreadable))
