@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run_cli, tiny_config
+from helpers import REPO, run_cli, tiny_config
 
 from finetune.data.images import IMAGENET_MEAN, IMAGENET_STD
 from finetune.deploy import export

@@ -191,7 +191,7 @@ def train(
     Example:  finetune train --config configs/quickstart.yaml --set train.epochs=3
     """
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from finetune.training.distributed import launch
+        from finetune.utils.distributed import launch
 
         raise typer.Exit(launch(nproc, _without_option(sys.argv[1:], "--nproc")))
     if resume is not None and config is None:

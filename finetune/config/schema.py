@@ -6,6 +6,7 @@ This module must not import torch, so that config errors are reported instantly.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -19,18 +20,23 @@ from pydantic import (
     field_validator,
 )
 
-from finetune.models.arch import ARCH_NAMES, ARCHS, DEFAULT_ARCH, WEIGHT_NAMES
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def is_weights_name(value: str) -> bool:
+    """True for a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V2``...): a ``model.weights`` value that is
+    not a file path. Which names an architecture has is the models' to say (``models.arch.problems``)."""
+    return re.fullmatch(r"[A-Z][A-Z0-9_]*", value) is not None
+
+
 class ModelConfig(_Section):
-    arch: Literal[ARCH_NAMES] = Field(DEFAULT_ARCH, description=(
-        "The torchvision network to fine-tune. Freeze patterns, the reports, stages, layer_lr_decay, the feature "
-        "cache, DDP, export, evaluate and predict work the same for each."))
-    # after arch: its validator reads arch
+    # Architecture names and their weights are checked by validate() (models.arch knows them): the config, below
+    # the models in the package layering, knows only their shape.
+    arch: str = Field("resnet18", description=(
+        "The torchvision network to fine-tune (see `finetune models`). Freeze patterns, the reports, stages, "
+        "layer_lr_decay, the feature cache, DDP, export, evaluate and predict work the same for each."))
     weights: str = Field("DEFAULT", description=(
         "Where the pretrained weights come from: DEFAULT (the architecture's best torchvision weights), "
         "IMAGENET1K_V1 or IMAGENET1K_V2 (not resnet18/34) through torchvision's weights API (its cache, then a "
@@ -42,15 +48,6 @@ class ModelConfig(_Section):
     num_classes: Optional[int] = Field(None, ge=2, description=(
         "Classes of the new head; null: the number of class folders in the data. Set it to run freeze-report or "
         "inspect-grads without data."))
-
-    @field_validator("weights")
-    @classmethod
-    def _weights_of_arch(cls, weights: str, info: ValidationInfo) -> str:
-        arch = ARCHS.get(info.data.get("arch"))
-        if arch and weights in WEIGHT_NAMES and weights != "DEFAULT" and weights not in arch.weight_names:
-            raise ValueError(f"torchvision has no {weights} weights for {arch.name}; use DEFAULT or "
-                             f"{' or '.join(arch.weight_names)}, a state-dict file, or none")
-        return weights
 
 
 class DataConfig(_Section):
