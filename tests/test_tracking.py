@@ -8,7 +8,7 @@ import shutil
 import sys
 
 import pytest
-from conftest import Messages, SignalAtStep, run_cli, tiny_config
+from helpers import Messages, SignalAtStep, run_cli, tiny_config
 
 from finetune.config.loading import load_config
 from finetune.errors import FinetuneError

@@ -25,9 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from finetune.config.loading import config_error
 from finetune.config.schema import Config
-from finetune.errors import FinetuneError, describe
+from finetune.errors import FinetuneError, Problem, describe
 from finetune.training.rundir import flat_config
 from finetune.utils.files import atomic_write_text
 
@@ -42,18 +41,17 @@ PACKAGES = {"tensorboard": ("tensorboard", "TensorBoard", "tensorboard"),
             "mlflow": ("mlflow", "MLflow", "'finetune[mlflow]'")}
 
 
-def check_loggers(config: Config) -> None:
-    """Raise before any work when ``train.loggers`` names a tracker whose package is not installed."""
-    problems = []
+def problems(config: Config) -> list[Problem]:
+    """``train.loggers`` naming a tracker whose package is not installed (``validate`` reports it before any work)."""
+    found = []
     for name in config.train.loggers:
         module, title, package = PACKAGES[name]
         try:
             importlib.import_module(module)  # now, before any work, rather than when the tracker starts
         except ImportError:
-            problems.append(("train.loggers", f"{name} needs {title}, which is not installed: pip install {package} "
-                                              f"(or drop {name} from train.loggers)"))
-    if problems:
-        raise config_error(config, problems)
+            found.append(Problem("train.loggers", f"{name} needs {title}, which is not installed: pip install "
+                                                  f"{package} (or drop {name} from train.loggers)"))
+    return found
 
 
 def read_status(run_dir: Path) -> Optional[dict]:
@@ -217,8 +215,8 @@ class Tracking:
             return None
 
     def _warn(self, tracker: Tracker, exc: Exception) -> None:
-        self.reporter.warn(f"{tracker.where(self.run)} failed ({describe(exc)}); the run goes on without {tracker.name}, and its run "
-                           f"directory {self.run.run_dir} keeps everything.")
+        self.reporter.warn(f"{tracker.where(self.run)} failed ({describe(exc)}); the run goes on without "
+                           f"{tracker.name}, and its run directory {self.run.run_dir} keeps everything.")
 
     def _write_status(self) -> None:
         atomic_write_text(self.run.run_dir / STATUS_FILE, json.dumps(self.status, indent=2) + "\n")
