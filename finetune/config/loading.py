@@ -19,7 +19,7 @@ from finetune.errors import FinetuneError
 from finetune.models.arch import WEIGHT_NAMES
 
 # Keys holding paths; in a config file they are relative to the file's folder.
-PATH_KEYS = ("model.weights", "data.root", "train.output_dir")
+PATH_KEYS = ("model.weights", "data.root", "data.labels", "train.output_dir")
 
 
 class _Source:

@@ -6,6 +6,7 @@ This module must not import torch, so that config errors are reported instantly.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -17,6 +18,7 @@ from pydantic import (
     PrivateAttr,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from finetune.models.arch import ARCH_NAMES, ARCHS, DEFAULT_ARCH, WEIGHT_NAMES
@@ -31,6 +33,12 @@ class ModelConfig(_Section):
     weights: str = "DEFAULT"  # after arch: its validator reads arch
     weights_fallback: Literal["error", "random"] = "error"
     num_classes: Optional[int] = Field(None, ge=2)
+    task: Literal["multiclass", "multilabel"] = Field(
+        "multiclass", description="multiclass: one class per image (softmax, cross-entropy); multilabel: any number "
+        "of labels per image, none included (a sigmoid per label, binary cross-entropy)")
+    threshold: Optional[float] = Field(
+        None, gt=0, lt=1, description="multilabel: the probability above which a label is predicted, the same for "
+        "every label; null: one threshold per label, chosen on the validation split to maximise its F1")
 
     @field_validator("weights")
     @classmethod
@@ -42,8 +50,24 @@ class ModelConfig(_Section):
         return weights
 
 
+class LabelColumns(_Section):
+    path: str = Field("path", min_length=1, description="the column holding image paths, relative to data.root")
+    label: str = Field("label", min_length=1, description="the column holding the label (multilabel: the labels, "
+                       "split by data.label_delim)")
+    split: str = Field("split", min_length=1, description="the optional column holding train, val or test")
+
+
 class DataConfig(_Section):
-    root: Optional[str] = None
+    root: Optional[str] = None  # null with data.labels: the label file's folder
+    labels: Optional[str] = Field(
+        None, description="a CSV or TSV label file (columns path, label and optionally split); null: class folders "
+        "under data.root (torchvision ImageFolder layout)")
+    columns: LabelColumns = Field(default_factory=LabelColumns,
+                                  description="the label file's column names, e.g. {path: image, label: class}")
+    classes: Optional[list[str]] = Field(
+        None, min_length=2, description="the class names in the order of the model's outputs; null: sorted names")
+    label_delim: str = Field(" ", min_length=1, description="multilabel: what separates the labels of one image "
+                             "in the label column")
     image_size: int = Field(224, ge=32, le=1024)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     augment: bool = False
@@ -51,8 +75,27 @@ class DataConfig(_Section):
     workers: Optional[int] = Field(None, ge=0)  # decode threads; None: data.default_workers()
     fast_decode: bool = True  # JPEGs decoded at the smallest DCT scale that still covers the stored size
     cache_images: Literal["auto", "on", "off"] = "auto"
-    demo: Optional[Literal["shapes"]] = None
+    demo: Optional[Literal["shapes", "shapes-multilabel"]] = None
     skip_bad_images: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _root_of_labels(cls, data):
+        # Before the fields: a label file's paths are relative to its own folder unless data.root says otherwise.
+        if isinstance(data, dict) and data.get("root") is None and isinstance(data.get("labels"), str):
+            return {**data, "root": os.path.dirname(data["labels"]) or "."}
+        return data
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_unique(cls, classes: Optional[list[str]]) -> Optional[list[str]]:
+        if classes is not None:
+            repeated = sorted({name for name in classes if classes.count(name) > 1})
+            if repeated:
+                raise ValueError(f"names each class once (repeated: {', '.join(repeated)})")
+            if any(not name.strip() for name in classes):
+                raise ValueError("holds an empty class name")
+        return classes
 
 
 class Stage(_Section):
@@ -103,8 +146,14 @@ class OptimConfig(_Section):
         return nesterov
 
 
+MULTICLASS_SCORES = ("val_acc", "val_balanced_acc")  # what early stopping may monitor for one task only
+MULTILABEL_SCORES = ("val_map", "val_micro_f1", "val_exact_match")
+
+
 class EarlyStopping(_Section):
-    monitor: Literal["val_acc", "val_loss", "val_balanced_acc", "val_macro_f1"] = "val_acc"
+    monitor: Literal[("val_loss", "val_macro_f1") + MULTICLASS_SCORES + MULTILABEL_SCORES] = Field(
+        "val_acc", description="the metric to watch: val_loss or val_macro_f1; for multiclass val_acc or "
+        "val_balanced_acc; for multilabel val_map (the default there), val_micro_f1 or val_exact_match")
     patience: int = Field(3, ge=0)  # epochs without improvement before stopping
     min_delta: float = Field(0.0, ge=0)  # a smaller change is no improvement
 
@@ -149,6 +198,14 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     _source: Any = PrivateAttr(default=None)  # a config.loading._Source: where each key was set
+
+    @model_validator(mode="after")
+    def _monitor_of_task(self) -> "Config":
+        # val_acc, the default, is a multi-class metric: a multi-label run watches val_map unless told otherwise.
+        stopping = self.train.early_stopping
+        if stopping and self.model.task == "multilabel" and "monitor" not in stopping.model_fields_set:
+            stopping.monitor = "val_map"
+        return self
 
     def where(self, key: str) -> str:
         """Where ``key`` was set, for messages: ``file:line``, ``--set key`` or the file."""

@@ -34,7 +34,12 @@ def train_folder(root: Path) -> Path:
 
 
 def class_names(config: Config) -> list[str]:
-    """Sorted class folder names under the training tree of ``data.root``, as ImageFolder sees them."""
+    """Sorted class folder names under the training tree of ``data.root``, as ImageFolder sees them, or
+    ``data.classes``; with a label file (``data.labels``), its classes (:mod:`finetune.data.labels`)."""
+    if config.data.labels:
+        from finetune.data.labels import label_classes
+
+        return label_classes(config)
     root = Path(config.data.root)
     if not root.is_dir():
         raise config_error(config, [("data.root", f"folder not found: {root}")])
@@ -43,7 +48,21 @@ def class_names(config: Config) -> list[str]:
     if not names:
         raise config_error(config, [("data.root", f"{folder} has no class folders; expected "
                                      f"{folder}/<class>/<image> (torchvision ImageFolder layout)")])
-    return names
+    return _in_config_order(config, names, folder)
+
+
+def _in_config_order(config: Config, names: list[str], folder: Path) -> list[str]:
+    """``names`` (the class folders) in the order of ``data.classes``, which must name the same classes."""
+    wanted = config.data.classes
+    if wanted is None:
+        return names
+    missing, extra = sorted(set(names) - set(wanted)), sorted(set(wanted) - set(names))
+    if missing or extra:
+        problems = ([f"lacks {', '.join(missing)} (class folders of {folder})"] if missing else []) + \
+                   ([f"names {', '.join(extra)}, which {folder} has no folder for"] if extra else [])
+        raise config_error(config, [("data.classes", "; ".join(problems) + "; list every class once, or leave "
+                                     "data.classes out for the sorted folder names")])
+    return list(wanted)
 
 
 def class_names_or_none(config: Config) -> Optional[list[str]]:
@@ -58,6 +77,7 @@ class Datasets:
     layout: str  # "train/val folders" or "split by data.val_fraction"
     # Unreadable image files left out (data.skip_bad_images: true), as paths; empty otherwise.
     bad_images: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # about the data, for the log (e.g. from a label file)
 
 
 def eval_transform(image_size: int, fast_decode: bool = True) -> ImagePipeline:
@@ -72,16 +92,25 @@ def train_transform(image_size: int, augment: bool, fast_decode: bool = True) ->
 
 
 def ensure_demo_data(config: Config) -> Optional[dict]:
-    """Generate the shapes demo set at data.root when data.demo is set and the folder is missing."""
-    if config.data.demo != "shapes" or config.data.root is None or Path(config.data.root).exists():
+    """Generate the shapes demo set at data.root when data.demo is set and the folder is missing (shapes-multilabel:
+    with its label file, labels.csv)."""
+    if config.data.demo is None or config.data.root is None or Path(config.data.root).exists():
         return None
     from finetune.data.demo import make_shapes
 
-    return make_shapes(config.data.root)
+    multilabel = config.data.demo == "shapes-multilabel"
+    return make_shapes(config.data.root, layout="csv" if multilabel else "folders", multilabel=multilabel)
 
 
 def load_datasets(config: Config) -> Datasets:
-    """The train and val sets of ``data.root``, with their transforms; class names from the folders."""
+    """The train and val sets of ``data.root``, with their transforms; class names from the folders.
+
+    With ``data.labels`` they come from the label file instead (:mod:`finetune.data.labels`): the same datasets
+    for the same images."""
+    if config.data.labels:
+        from finetune.data.labels import load_label_datasets
+
+        return load_label_datasets(config)
     classes = class_names(config)
     root = Path(config.data.root)
     train_tf = train_transform(config.data.image_size, config.data.augment, config.data.fast_decode)
@@ -105,6 +134,39 @@ def load_datasets(config: Config) -> Datasets:
     train_idx, val_idx = stratified_split(full_train.targets, config.data.val_fraction, config.train.seed)
     return Datasets(Subset(full_train, train_idx), Subset(full_val, val_idx), classes, "split by data.val_fraction",
                     bad)
+
+
+def test_set(config: Config, classes: list[str]) -> "ImageFiles":
+    """The run's test images, labelled by ``classes``: data.root/test/<class>/*, or the label file's rows of split
+    test."""
+    if config.data.labels:
+        from finetune.data.labels import label_split
+
+        return label_split(config, classes, "test")
+    folder = Path(config.data.root) / "test"
+    if not folder.is_dir():
+        raise FinetuneError(f"There is no test split: {folder} is not a folder. Put test images in "
+                            f"{folder}/<class>/, or give a folder or label file with --data.")
+    return labelled_folder(config, folder, classes)
+
+
+def labelled_folder(config: Config, folder: Path, classes: list[str]) -> "ImageFiles":
+    """Every image of ``folder``/<class>/* for evaluation, labelled by ``classes`` (a trained model's); unreadable
+    images are an error, or skipped with ``data.skip_bad_images``."""
+    if not folder.is_dir():
+        raise FinetuneError(f"Folder not found: {folder}")
+    found = {entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith(".")}
+    if not found:
+        raise FinetuneError(f"{folder} has no class folders; expected {folder}/<class>/<image> (torchvision "
+                            "ImageFolder layout), or a label file.")
+    unknown = sorted(found - set(classes))
+    if unknown:
+        raise FinetuneError(f"{folder} has classes the checkpoint does not know: {', '.join(unknown)} "
+                            f"(it knows {', '.join(classes)}).")
+    files = image_folder(config, folder, classes, eval_transform(config.data.image_size, config.data.fast_decode),
+                         allow_empty=True)
+    drop_bad_images(config, [files])  # a clear error naming unreadable files, or skipped by data.skip_bad_images
+    return files
 
 
 def image_samples(dataset: Dataset) -> list[tuple[str, int]]:
@@ -159,8 +221,8 @@ class ImageFiles(ImageFolder):
     """
 
     def __init__(self, folder: Path, classes: list[str], pipeline: ImagePipeline, *, allow_empty: bool = False,
-                 skip_bad: bool = False):
-        self._class_list = classes
+                 skip_bad: bool = False, samples: Optional[list[tuple]] = None):
+        self._class_list, self._given = classes, samples  # samples: (path, target) from a label file, not a walk
         super().__init__(str(folder), allow_empty=allow_empty)  # items come from __getitem__ below, not its loader
         self.pipeline, self.skip_bad = pipeline, skip_bad
         self.unreadable: list[str] = []  # paths skipped as unreadable: the list in Datasets.bad_images
@@ -171,6 +233,9 @@ class ImageFiles(ImageFolder):
 
     def find_classes(self, directory):  # the train classes, so val labels mean the same thing
         return self._class_list, {name: i for i, name in enumerate(self._class_list)}
+
+    def make_dataset(self, directory, *args, **kwargs):
+        return list(self._given) if self._given is not None else super().make_dataset(directory, *args, **kwargs)
 
     def __getitem__(self, index: int):
         image = self.load(index)
@@ -242,6 +307,13 @@ def _read_error(path: str, why: str, hint: str) -> FinetuneError:
     return FinetuneError(f"Cannot read image {path}: {why}.\n{fix}")
 
 
+def present_classes(targets: list) -> set[int]:
+    """The class indices that some target holds: class indices, or multi-hot rows (multi-label)."""
+    if targets and isinstance(targets[0], torch.Tensor):
+        return set(torch.stack(targets).nonzero()[:, 1].tolist())
+    return set(targets)
+
+
 def drop_bad_images(config: Config, folders: list, train=None) -> list[str]:
     """Check that every image file of the ImageFolder ``folders`` can be read, each file once.
 
@@ -271,7 +343,7 @@ def drop_bad_images(config: Config, folders: list, train=None) -> list[str]:
         folder.samples = folder.imgs = [(path, target) for path, target in folder.samples if path not in bad]
         folder.targets = [target for _, target in folder.samples]
     if train is not None:
-        left = set(train.targets)
+        left = present_classes(train.targets)
         empty = [name for i, name in enumerate(train.classes) if i not in left]
         if empty:
             raise config_error(config, [("data.root", f"no readable image left in class folder(s) "

@@ -28,6 +28,7 @@ from finetune.models.freeze import (
 )
 from finetune.models.weights import WeightsInfo, build_model
 from finetune.training.losses import problems as imbalance_problems
+from finetune.training.multilabel import problems as task_problems
 from finetune.training.optim import check_patterns as check_lr_patterns
 from finetune.utils.hardware import select_device
 
@@ -83,10 +84,11 @@ def build(config: Config, class_names: Optional[list[str]] = None, progress: boo
 def config_problems(config: Config, arch: Arch, skeleton: nn.Module, num_classes: int) -> list[tuple[str, str]]:
     """Every ``(key, message)`` problem the schema cannot see: patterns that match no parameter, stages that never
     start, a global batch that does not divide among the processes (WORLD_SIZE), class weights of the wrong
-    length, and rules that depend on the freeze plan. ``skeleton`` is the model on the meta device."""
+    length, keys that do not suit model.task, and rules that depend on the freeze plan. ``skeleton`` is the model
+    on the meta device."""
     names = [name for name, _ in skeleton.named_parameters()]
     problems = check_patterns(names, config.freeze) + check_lr_patterns(names, config.optim)
-    problems += imbalance_problems(config, num_classes)
+    problems += imbalance_problems(config, num_classes) + task_problems(config)
     problems += [(f"freeze.stages[{i}].epoch", f"is {stage.epoch} but train.epochs is {config.train.epochs}: "
                   "the stage would never start") for i, stage in enumerate(config.freeze.stages)
                  if stage.epoch > config.train.epochs]

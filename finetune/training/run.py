@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch import nn
 
 from finetune.config.schema import Config
 from finetune.data.folders import ensure_demo_data, image_samples, load_datasets
@@ -35,7 +34,7 @@ from finetune.models.freeze import (
     plan_freeze,
     set_train_mode,
 )
-from finetune.training import rundir
+from finetune.training import multilabel, rundir
 from finetune.training.checkpoint import (
     load_checkpoint,
     restore_rng_states,
@@ -43,10 +42,11 @@ from finetune.training.checkpoint import (
     save_checkpoint,
 )
 from finetune.training.distributed import Dist, setup, teardown
-from finetune.training.losses import imbalance_warning, sampling_weights, training_loss
+from finetune.training.losses import imbalance_warning, sampling_weights, training_loss, validation_loss
 from finetune.training.metrics import (
     balanced_accuracy,
     confusion_matrix,
+    correct_count,
     macro_f1,
     top_k_hits,
 )
@@ -73,7 +73,7 @@ class TrainState:
     frozen_checksums: dict[str, str] = field(default_factory=dict)  # taken when the run started
     history: list[dict] = field(default_factory=list)
     best_epoch: Optional[int] = None
-    best_val_acc: float = -1.0
+    best_val_acc: float = -1.0  # the best score: val_acc, or val_map for model.task multilabel (Run.score)
     total_seconds: float = 0.0
     monitor_best: Optional[float] = None  # early stopping: the best monitored value and epochs since it
     epochs_without_improvement: int = 0
@@ -119,8 +119,7 @@ def fit(run: "Run") -> dict:
                         state.stopped = "time_limit"
                         break
                     raise _interrupted(signals.signum, epoch, state.step, run.run_dir)
-                run.end_epoch(evaluate(run.phase.fast, run.phase.val_source.epoch(0), run.val_loss_fn,
-                                       run.built.num_classes, run.dist))
+                run.end_epoch(run.val_metrics())
                 if run.dist.any(signals.signum is not None):
                     raise _interrupted(signals.signum, epoch + 1, 0, run.run_dir)
                 if state.stopped is None and state.epoch < config.train.epochs and run.dist.any(run.out_of_time()):
@@ -174,7 +173,7 @@ def train_one_epoch(fast: FastModel, batches, loss_fn, optimizer, schedule: Sche
         state.seen += len(targets)
         state.grad_norm_sum += norm.item()
         state.loss_sum += loss_value * len(targets)
-        state.correct += (logits.argmax(1) == targets).sum().item()
+        state.correct += correct_count(logits, targets)
         now = time.perf_counter()
         state.seconds += now - tick
         tick = now
@@ -227,7 +226,10 @@ class Run:
         self.targets = [target for _, target in image_samples(data.train)]
         self.sampling_weights = sampling_weights(config.data.sampler, self.targets, built.num_classes)
         self.loss_fn = training_loss(config, self.targets, built.num_classes, dist.device)
-        self.val_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing)  # unweighted: comparable
+        self.val_loss_fn = validation_loss(config)
+        self.multilabel = config.model.task == "multilabel"
+        self.score = "val_map" if self.multilabel else "val_acc"  # what picks best.pt
+        self.thresholds: Optional[list[float]] = None  # multilabel: those of the last epoch, saved with it
         # Tensors frozen for the whole run (after the last stage) must end bit-identical.
         final_plan = plan_freeze(built.plan, config.freeze, config.train.epochs)
         self.frozen = frozen_tensors(self.model, final_plan,
@@ -268,8 +270,9 @@ class Run:
         dist.barrier()
         saved = load_checkpoint(run_dir / "last.pt") if resume is not None else None
         run = cls(config, reporter, dist, run_dir, data, built, resumed_precision=saved and saved.get("precision"))
-        remedied = config.train.class_weights != "none" or config.data.sampler != "shuffle"
-        for warning in (run.precision.warning, None if remedied else imbalance_warning(run.targets, data.classes)):
+        remedied = config.train.class_weights != "none" or config.data.sampler != "shuffle" or run.multilabel
+        for warning in (run.precision.warning, None if remedied else imbalance_warning(run.targets, data.classes),
+                        *data.notes):
             if warning:
                 reporter.warn(warning)
         torch.manual_seed(config.train.seed)
@@ -302,6 +305,7 @@ class Run:
         self.schedule.load_state_dict(saved["scheduler"])
         restore_rng_states(saved["rng"])
         self.state = TrainState(**saved["progress"])
+        self.thresholds = saved.get("thresholds")
         self._resume_stopped(saved["config"])
 
     def _resume_stopped(self, saved_config: dict) -> None:
@@ -355,6 +359,14 @@ class Run:
         limit = self.config.train.time_limit_min
         return limit is not None and time.perf_counter() - self.started > limit * 60
 
+    def val_metrics(self) -> dict:
+        """The validation metrics of the model as it is now (multilabel: with the thresholds for them)."""
+        batches = self.phase.val_source.epoch(0)
+        if self.multilabel:
+            return multilabel.evaluate(self.phase.fast, batches, self.val_loss_fn, self.built.num_classes, self.dist,
+                                       self.config.model.threshold)
+        return evaluate(self.phase.fast, batches, self.val_loss_fn, self.built.num_classes, self.dist)
+
     def end_epoch(self, val: dict) -> None:
         """Record a finished epoch: metrics, best epoch, early stopping, checkpoints, curves, the epoch line."""
         state = self.state
@@ -362,9 +374,11 @@ class Run:
         state.history.append(row)
         state.total_seconds += row["seconds"]
         state.next_epoch()
-        improved = row["val_acc"] > state.best_val_acc
+        self.thresholds = val.get("thresholds")
+        score = row[self.score]
+        improved = score is not None and score > state.best_val_acc  # None or NaN (no val images): not better
         if improved:
-            state.best_epoch, state.best_val_acc = row["epoch"], row["val_acc"]
+            state.best_epoch, state.best_val_acc = row["epoch"], score
         self._early_stopping(row)
         if self.dist.is_main:
             rundir.write_metrics(self.run_dir, state.history)
@@ -393,12 +407,18 @@ class Run:
     def _epoch_row(self, val: dict) -> dict:
         state = self.state
         loss_sum, correct, seen = self.dist.sum([state.loss_sum, state.correct, state.seen])  # over all processes
+        if self.multilabel:
+            scores = {"train_exact_match": correct / max(seen, 1), "val_loss": val["loss"], "val_map": val["map"],
+                      "val_micro_f1": val["micro_f1"], "val_macro_f1": val["macro_f1"],
+                      "val_exact_match": val["exact_match"]}
+        else:
+            scores = {"train_acc": correct / max(seen, 1), "val_loss": val["loss"], "val_acc": val["acc"],
+                      "val_top5": val["top5"], "val_balanced_acc": balanced_accuracy(val["confusion"]),
+                      "val_macro_f1": macro_f1(val["confusion"])}
         return {
             "epoch": state.epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
-            "train_acc": correct / max(seen, 1),
-            "val_loss": val["loss"], "val_acc": val["acc"], "val_top5": val["top5"],
-            "val_balanced_acc": balanced_accuracy(val["confusion"]), "val_macro_f1": macro_f1(val["confusion"]),
+            **scores,
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": state.grad_norm_sum / max(state.step, 1),
             "seconds": round(state.seconds, 3),
@@ -427,6 +447,7 @@ class Run:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(), "progress": asdict(self.state), "rng": rng_states(),
             "classes": self.data.classes, "world": self.dist.world, "config": self.config.model_dump(mode="json"),
+            "thresholds": self.thresholds,
             "precision": self.precision.precision,
             "weights": self.built.weights.source, "pretrained": self.built.weights.pretrained})
 
@@ -458,8 +479,9 @@ class Run:
         summary = {
             "frozen_unchanged": not changed, "frozen_tensors": len(self.frozen),
             "run_dir": str(self.run_dir), "epochs": config.train.epochs, "epochs_done": state.epoch,
-            "stopped": state.stopped, "best_epoch": state.best_epoch, "best_val_acc": state.best_val_acc,
-            "final_val_acc": state.history[-1]["val_acc"] if state.history else None,
+            "stopped": state.stopped, "best_epoch": state.best_epoch, "score": self.score,
+            f"best_{self.score}": state.best_val_acc,
+            f"final_{self.score}": state.history[-1][self.score] if state.history else None,
             "train_seconds": round(state.total_seconds, 3),
             "total_seconds": round(time.perf_counter() - self.started, 3),
             "arch": config.model.arch, "precision": self.precision.precision,
