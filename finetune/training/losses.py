@@ -1,8 +1,9 @@
-"""Imbalanced classes: class counts, loss weights (``train.class_weights``), sampling weights
+"""The training loss and imbalanced classes: class counts, loss weights (``train.class_weights``), sampling weights
 (``data.sampler: balanced``) and the warning at the start of training.
 
-Pure functions of the training targets (one class index per image), so the engine,
-``lr-find`` and the tests compute the very same numbers.
+Pure functions of the training targets (one class index per image; multi-hot rows for ``model.task: multilabel``,
+whose loss is :class:`~finetune.training.multilabel.BinaryLoss`), so the engine, ``lr-find`` and the tests compute the
+very same numbers.
 """
 
 from __future__ import annotations
