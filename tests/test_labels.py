@@ -183,3 +183,5 @@ def test_evaluate_reads_a_label_file_as_the_folder_it_lists(tmp_path, colour_dat
         {k: v for k, v in file.items() if k not in ("data", "confusion_png")}
     test = run_cli("evaluate", str(folder_run / "best.pt"), "--data", str(labels), "--split", "test")
     assert test.returncode == 2 and "has no rows of split test" in test.stderr
+    test = run_cli("evaluate", str(folder_run / "best.pt"), "--split", "test")
+    assert test.returncode == 2 and f"There is no test split: {colour_data / 'test'} is not a folder" in test.stderr

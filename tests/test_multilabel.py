@@ -154,7 +154,7 @@ def test_evaluate_reports_each_label_draws_pr_curves_and_writes_every_probabilit
                     "--output-dir", str(tmp_path / "test"))
     assert fixed.returncode == 0, fixed.stderr
     test = json.loads(fixed.stdout)
-    assert test["split"] == "test" and test["images"] == 6 and test["thresholds"] == "--threshold"
+    assert test["split"] == "test" and test["images"] == 6 and test["thresholds_from"] == "--threshold"
     assert [row["threshold"] for row in test["per_label"]] == [0.5] * 3
     assert test["map"] == pytest.approx(report["map"])  # the test rows are the val images again
 

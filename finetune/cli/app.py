@@ -186,7 +186,7 @@ def train(
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Train in this many processes on this machine "
                                        "(launches torchrun; train.batch_size is the global batch).")] = 1,
 ) -> None:
-    """Fine-tune a ResNet (model.arch) on an ImageFolder tree and write a run directory.
+    """Fine-tune a ResNet (model.arch) on an ImageFolder tree or a label file (data.labels); write a run directory.
 
     Example:  finetune train --config configs/quickstart.yaml --set train.epochs=3
     """

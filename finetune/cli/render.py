@@ -98,7 +98,7 @@ def _print_classes(result: dict) -> None:
 def _print_labels(result: dict) -> None:
     console.print(f"loss {result['loss']:.4f}   mAP {_share(result['map'])}   micro F1 {_share(result['micro_f1'])}   "
                   f"macro F1 {_share(result['macro_f1'])}   exact match {_share(result['exact_match'])}   "
-                  f"thresholds: {result['thresholds']}", highlight=False)
+                  f"thresholds from {result['thresholds_from']}", highlight=False)
     table = Table(title="Per label", title_justify="left")
     table.add_column("label")
     for column in ("precision", "recall", "F1", "AP", "support", "threshold"):

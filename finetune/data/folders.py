@@ -136,7 +136,7 @@ def load_datasets(config: Config) -> Datasets:
                     bad)
 
 
-def test_set(config: Config, classes: list[str]) -> "ImageFiles":
+def load_test_set(config: Config, classes: list[str]) -> "ImageFiles":
     """The run's test images, labelled by ``classes``: data.root/test/<class>/*, or the label file's rows of split
     test."""
     if config.data.labels:

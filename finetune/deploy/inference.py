@@ -21,7 +21,7 @@ from finetune.data.folders import (
     labelled_folder,
     load_datasets,
     load_image,
-    test_set,
+    load_test_set,
 )
 from finetune.data.labels import label_split
 from finetune.data.loaders import default_workers, make_loader
@@ -166,7 +166,7 @@ def _multilabel_scores(logits: torch.Tensor, targets: torch.Tensor, classes: lis
         curves.append({"label": name, "precision": precision.tolist(), "recall": recall.tolist(), "ap": row["ap"],
                        "support": row["support"]})
     plot_pr_curves(curves, out / "pr_curves.png")
-    return {"thresholds": "--threshold" if fixed is not None else "the checkpoint's (chosen on the validation split)",
+    return {"thresholds_from": "--threshold" if fixed is not None else "the model (chosen on the validation split)",
             "map": scores["map"], "micro_f1": scores["micro_f1"], "macro_f1": scores["macro_f1"],
             "exact_match": scores["exact_match"],
             "per_label": [{"label": name, **row} for name, row in zip(classes, scores["per_label"])],
@@ -231,7 +231,7 @@ def _eval_set(config: Config, loaded: Loaded, data: Optional[Path], split: str):
     """The images to evaluate and where they come from: ``data`` (a folder tree, or a label file) or else the
     run's own ``split``."""
     if data is None:
-        dataset = load_datasets(config).val if split == "val" else test_set(config, loaded.classes)
+        dataset = load_datasets(config).val if split == "val" else load_test_set(config, loaded.classes)
         return dataset, config.data.labels or config.data.root
     data = Path(data).resolve()
     if data.is_file():

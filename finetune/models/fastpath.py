@@ -202,7 +202,8 @@ class FeatureCache:
         self.features.copy_(dist.sum_tensor(self.features.clone()) / per_sample)
         per_target = count.view(-1, *[1] * (self.targets.dim() - 1))
         filled = self.filled.view_as(per_target)
-        self.targets.copy_((dist.sum_tensor((self.targets * filled).double()) / per_target).round().to(self.targets.dtype))
+        targets = dist.sum_tensor((self.targets * filled).double()) / per_target
+        self.targets.copy_(targets.round().to(self.targets.dtype))
         self.filled.copy_(dist.sum_tensor(self.filled.float()) > 0)
         self.skipped.copy_(dist.sum_tensor(self.skipped.float()) > 0)
 

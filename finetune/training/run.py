@@ -270,9 +270,10 @@ class Run:
         dist.barrier()
         saved = load_checkpoint(run_dir / "last.pt") if resume is not None else None
         run = cls(config, reporter, dist, run_dir, data, built, resumed_precision=saved and saved.get("precision"))
-        remedied = config.train.class_weights != "none" or config.data.sampler != "shuffle" or run.multilabel
-        for warning in (run.precision.warning, None if remedied else imbalance_warning(run.targets, data.classes),
-                        *data.notes):
+        remedied = config.train.class_weights != "none" or config.data.sampler != "shuffle"
+        # The warning counts images per class and suggests multi-class remedies: multi-label runs go without it.
+        imbalance = None if remedied or run.multilabel else imbalance_warning(run.targets, data.classes)
+        for warning in (run.precision.warning, imbalance, *data.notes):
             if warning:
                 reporter.warn(warning)
         torch.manual_seed(config.train.seed)
