@@ -11,6 +11,7 @@ from typing import Optional
 import pytest
 from conftest import SignalAtStep, assert_same_weights, make_colour_folder, run_cli, tiny_config, weights
 
+from finetune.config import Config
 from finetune.config.loading import load_config
 from finetune.data.folders import image_samples, load_datasets
 from finetune.errors import FinetuneError
@@ -50,6 +51,11 @@ def test_columns_mapping_tsv_and_class_order(tmp_path, colours):
     samples = image_samples(data.train) + image_samples(data.val)
     assert sorted(samples) == sorted((str(colours / path), ["red", "green", "blue"].index(name)) for path, name in rows)
     assert sorted(data.classes[t] for _, t in image_samples(data.val)) == ["blue", "green", "red"]  # stratified
+    saved = Config.model_validate(config.model_dump(mode="json"))  # as a checkpoint or config.yaml holds it
+    assert image_samples(load_datasets(saved).val) == image_samples(data.val)
+    config.data.columns.split = "fold"  # a split column the config names must be there
+    with pytest.raises(FinetuneError, match=r"lacks the column\(s\) split \('fold'\)"):
+        load_datasets(config)
 
 
 def test_multilabel_rows_split_by_the_delimiter_and_an_empty_label_is_a_negative(tmp_path, colours):

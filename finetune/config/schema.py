@@ -54,7 +54,8 @@ class LabelColumns(_Section):
     path: str = Field("path", min_length=1, description="the column holding image paths, relative to data.root")
     label: str = Field("label", min_length=1, description="the column holding the label (multilabel: the labels, "
                        "split by data.label_delim)")
-    split: str = Field("split", min_length=1, description="the optional column holding train, val or test")
+    split: Optional[str] = Field(None, min_length=1, description="the column holding train, val or test, which the "
+                                 "file must then have; null: the column named split, if the file has one")
 
 
 class DataConfig(_Section):

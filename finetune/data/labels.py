@@ -120,10 +120,10 @@ def _columns(config: Config, file: Path, header: list[str]) -> dict[str, int]:
     names = config.data.columns
     found, missing = {}, []
     for role in ("path", "label", "split"):
-        name = getattr(names, role)
+        name = getattr(names, role) or role  # a split column named in the config must exist; "split" may
         if name in header:
             found[role] = header.index(name)
-        elif role != "split" or "split" in names.model_fields_set:  # a split column named in the config must exist
+        elif role != "split" or names.split:
             missing.append(f"{role} ({name!r})")
     if missing:
         raise FinetuneError(f"Label file {file} lacks the column(s) {', '.join(missing)}: its header (line 1) has "
@@ -237,7 +237,7 @@ def label_split(config: Config, classes: list[str], split: str) -> ImageFiles:
     rows = table.rows_of(split) if table.split_column else table.rows
     if not rows:
         raise FinetuneError(f"Label file {table.file} has no rows of split {split}; give rows with {split} in its "
-                            f"{config.data.columns.split!r} column, or choose another --split.")
+                            f"{config.data.columns.split or 'split'!r} column, or choose another --split.")
     known = set(classes)
     unknown = [(row.line, f"label {label!r} is not one of the model's classes ({', '.join(classes)})")
                for row in rows for label in row.labels if label not in known]
