@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, tiny_config
+from helpers import run_cli, tiny_config
 
 from finetune.config.loading import load_config
 from finetune.data.labels import strata
@@ -75,11 +75,11 @@ def test_the_split_stratifies_by_each_images_rarest_label():
     (["model.threshold=0.3"], "model.threshold"),
 ])
 def test_keys_that_do_not_suit_the_task_are_config_errors(tmp_path, sets, key):
-    from finetune.models.build import build
+    from finetune.training.validate import validate
 
     config = load_config(None, ["model.weights=none", "model.num_classes=3", *sets])
     with pytest.raises(FinetuneError, match=key.replace(".", r"\.")):
-        build(config)
+        validate(config)
 
 
 @pytest.fixture(scope="module")

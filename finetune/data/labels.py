@@ -6,8 +6,9 @@ file's folder); ``label``, with ``model.task: multilabel`` any number of labels 
 for a negative image; and optionally ``split``: ``train``, ``val``, or ``test``, which training leaves for
 ``finetune evaluate --split test``. Without a split column the stratified ``data.val_fraction`` split applies.
 
-Samples are ordered as ImageFolder orders a tree, by class name and then path (multi-label: by path), so the order
-of the lines does not matter and a file that lists a tree gives the run that tree gives.
+This module reads and checks the file and gives (path, target) samples; :mod:`finetune.data.folders` makes them the
+datasets a tree gives. Samples are ordered as ImageFolder orders a tree, by class name and then path (multi-label:
+by path), so the order of the lines does not matter and a file that lists a tree gives the run that tree gives.
 
 A path outside ``data.root`` (an absolute path elsewhere, or one that climbs out with ``..``) is refused, so a label
 file from someone else cannot make finetune read arbitrary files. Every problem is an error naming the file and
@@ -26,15 +27,7 @@ from typing import Optional
 import torch
 
 from finetune.config.schema import Config
-from finetune.data.folders import (
-    Datasets,
-    ImageFiles,
-    drop_bad_images,
-    eval_transform,
-    stratified_split,
-    train_transform,
-)
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, Problem
 
 SPLITS = ("train", "val", "test")
 SHOWN = 5  # problems of one kind named in a message; the rest are counted
@@ -72,8 +65,8 @@ def read_label_file(config: Config) -> LabelTable:
     """
     file = Path(config.data.labels)
     if not file.is_file():
-        raise FinetuneError(f"Label file not found: {file} (data.labels, {config.where('data.labels')}). Check the "
-                            "path: it is relative to the config file's folder.")
+        raise FinetuneError(f"Label file not found: {file}. Check the path: in a config file it is relative to the "
+                            "file's folder.")
     text = _decode(file)
     delimiter = "\t" if file.suffix.lower() in TAB_SUFFIXES else next(
         (d for d in DELIMITERS if d in text.partition("\n")[0]), ",")
@@ -209,30 +202,41 @@ def label_classes(config: Config, table: Optional[LabelTable] = None) -> list[st
     return classes
 
 
-def load_label_datasets(config: Config) -> Datasets:
-    """The train and val sets of ``data.labels``, as :func:`finetune.data.folders.load_datasets` gives them."""
+def problems(config: Config) -> list[Problem]:
+    """The label file's problems for ``validate`` (see :func:`read_checked`). A file is read top to bottom, so the
+    first kind of problem found is the one reported: all of that kind, with their lines."""
+    try:
+        read_checked(config)
+    except FinetuneError as exc:
+        return [Problem("data.labels", str(exc))]
+    return []
+
+
+def read_checked(config: Config) -> tuple[LabelTable, list[str]]:
+    """``data.labels`` read and checked, with its classes: the file, its columns, rows, splits and labels, and the
+    images its training rows name. Raises FinetuneError naming the file and lines."""
     table = read_label_file(config)
     classes = label_classes(config, table)
-    train_tf = train_transform(config.data.image_size, config.data.augment, config.data.fast_decode)
-    val_tf = eval_transform(config.data.image_size, config.data.fast_decode)
-    name, notes = table.file.name, _notes(config, table)
-    if table.split_column:
-        train_rows, val_rows = table.rows_of("train"), table.rows_of("val")
-        _check_images(config, table, train_rows + val_rows)
-        train, val = _files(config, classes, train_rows, train_tf), _files(config, classes, val_rows, val_tf)
-        bad = drop_bad_images(config, [train, val], train)
-        return Datasets(train, val, classes, f"label file {name}, split column", bad, notes)
-    _check_images(config, table, table.rows)
-    full_train, full_val = (_files(config, classes, table.rows, tf) for tf in (train_tf, val_tf))
-    bad = drop_bad_images(config, [full_train, full_val], full_train)  # the same files: each is checked once
-    train_idx, val_idx = stratified_split(strata(full_train.targets), config.data.val_fraction, config.train.seed)
-    return Datasets(torch.utils.data.Subset(full_train, train_idx), torch.utils.data.Subset(full_val, val_idx),
-                    classes, f"label file {name}, split by data.val_fraction", bad, notes)
+    _check_images(config, table, training_rows(table))
+    return table, classes
 
 
-def label_split(config: Config, classes: list[str], split: str) -> ImageFiles:
-    """The images of ``split`` in ``data.labels`` (every row when it has no split column) for evaluation, labelled
-    by ``classes`` (a trained model's)."""
+def training_rows(table: LabelTable) -> list[Row]:
+    """The rows training reads: those of split train and val, or every row without a split column."""
+    return table.rows_of("train") + table.rows_of("val") if table.split_column else list(table.rows)
+
+
+def training_samples(config: Config, table: LabelTable, classes: list[str]):
+    """(path, target) samples of the training rows: ``(train, val)`` by the split column, or ``(all, None)``
+    without one (for the data.val_fraction split)."""
+    if not table.split_column:
+        return samples(config, classes, table.rows), None
+    return samples(config, classes, table.rows_of("train")), samples(config, classes, table.rows_of("val"))
+
+
+def split_samples(config: Config, classes: list[str], split: str) -> list[tuple]:
+    """(path, target) samples of ``split`` in ``data.labels`` (every row when it has no split column) for
+    evaluation, labelled by ``classes`` (a trained model's)."""
     table = read_label_file(config)
     rows = table.rows_of(split) if table.split_column else table.rows
     if not rows:
@@ -243,9 +247,7 @@ def label_split(config: Config, classes: list[str], split: str) -> ImageFiles:
                for row in rows for label in row.labels if label not in known]
     _raise(table.file, unknown, ("unknown label", "unknown labels"), "Evaluate on labels the model was trained on.")
     _check_images(config, table, rows)
-    files = _files(config, classes, rows, eval_transform(config.data.image_size, config.data.fast_decode))
-    drop_bad_images(config, [files])
-    return files
+    return samples(config, classes, rows)
 
 
 def strata(targets: list) -> list[int]:
@@ -259,14 +261,13 @@ def strata(targets: list) -> list[int]:
     return [int(i) if row.any() else -1 for i, row in zip(rarity.argmin(1), hot)]
 
 
-def _files(config: Config, classes: list[str], rows: list[Row], transform) -> ImageFiles:
+def samples(config: Config, classes: list[str], rows: list[Row]) -> list[tuple]:
+    """(path, target) of ``rows``: a class index sorted by (class name, path) as ImageFolder sorts a tree, or for
+    ``model.task: multilabel`` a multi-hot row sorted by path."""
     index = {name: i for i, name in enumerate(classes)}
     if config.model.task == "multilabel":
-        samples = sorted((row.path, _multi_hot(row.labels, index)) for row in rows)
-    else:
-        samples = [(row.path, index[row.labels[0]]) for row in sorted(rows, key=lambda r: (r.labels[0], r.path))]
-    return ImageFiles(Path(config.data.root), classes, transform, skip_bad=config.data.skip_bad_images,
-                      samples=samples)
+        return sorted((row.path, _multi_hot(row.labels, index)) for row in rows)
+    return [(row.path, index[row.labels[0]]) for row in sorted(rows, key=lambda r: (r.labels[0], r.path))]
 
 
 def _multi_hot(labels: tuple[str, ...], index: dict[str, int]) -> torch.Tensor:
@@ -282,7 +283,8 @@ def _check_images(config: Config, table: LabelTable, rows: list[Row]) -> None:
            "Fix the paths (relative to data.root) or remove the rows.")
 
 
-def _notes(config: Config, table: LabelTable) -> list[str]:
+def notes(config: Config, table: LabelTable) -> list[str]:
+    """What a run notes about the file: a multi-label file with one label on every row."""
     if config.model.task == "multilabel" and all(len(row.labels) == 1 for row in table.rows):
         return [f"every row of {table.file} has exactly one label: fine for model.task multilabel, but if each image "
                 "has one class, model.task: multiclass (softmax over the classes) suits it better"]

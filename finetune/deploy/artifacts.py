@@ -22,7 +22,7 @@ from finetune.config.schema import Config
 from finetune.data.images import IMAGENET_MEAN, IMAGENET_STD
 from finetune.errors import FinetuneError, describe
 from finetune.models.arch import get_arch
-from finetune.training.checkpoint import load_checkpoint
+from finetune.training.checkpoint import TRAIN_STATE, load_checkpoint
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Trained:
     classes: list[str]
     config: Config
     path: Path
-    progress: dict = field(default_factory=dict)  # the checkpoint's training state: epoch, history, ...
+    train_state: dict = field(default_factory=dict)  # the checkpoint's training state: epoch, history, ...
     thresholds: Optional[list[float]] = None  # multilabel: one per label, chosen on the validation split
 
 
@@ -47,7 +47,7 @@ def load_trained(path: Path) -> Trained:
     except Exception as exc:  # a damaged or foreign file that merely looks like a checkpoint
         raise FinetuneError(f"{path} is not a usable finetune checkpoint: {describe(exc)}\n"
                             "Give last.pt or best.pt from a run directory of `finetune train`.") from None
-    return Trained(model.eval(), classes, config, Path(path), dict(checkpoint.get("progress") or {}), thresholds)
+    return Trained(model.eval(), classes, config, Path(path), dict(checkpoint.get(TRAIN_STATE) or {}), thresholds)
 
 # Format -> the suffix of its default output, which goes beside the checkpoint (best.pt -> best.onnx).
 INPUT_NAME, OUTPUT_NAME = "images", "logits"

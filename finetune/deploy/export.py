@@ -53,8 +53,8 @@ def metadata(trained: Trained, fmt: str) -> dict:
     """What an artifact says about itself: classes, preprocessing, architecture, version and source run."""
     size = trained.config.data.image_size
     inside = fmt != "state-dict"
-    progress = trained.progress
-    history = progress.get("history") or [{}]
+    state = trained.train_state
+    history = state.get("history") or [{}]
     return {
         "classes": trained.classes,
         "image_size": size,
@@ -69,7 +69,7 @@ def metadata(trained: Trained, fmt: str) -> dict:
         "task": trained.config.model.task,
         "thresholds": trained.thresholds,  # multilabel: a label is predicted at sigmoid(logit) >= its threshold
         "finetune_version": __version__,
-        "source": {"checkpoint": str(trained.path.resolve()), "epoch": progress.get("epoch"),
+        "source": {"checkpoint": str(trained.path.resolve()), "epoch": state.get("epoch"),
                    "val_acc": history[-1].get("val_acc")},
         "config": trained.config.model_dump(mode="json"),
     }

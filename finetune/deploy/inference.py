@@ -18,12 +18,13 @@ from finetune.config.schema import Config
 from finetune.data.folders import (
     eval_transform,
     image_samples,
+    labelled_files,
     labelled_folder,
     load_datasets,
     load_image,
     load_test_set,
 )
-from finetune.data.labels import label_split
+from finetune.data.labels import split_samples
 from finetune.data.loaders import default_workers, make_loader
 from finetune.deploy.artifacts import is_torchscript_export, load_onnx, load_torchscript, load_trained, to_pixels
 from finetune.errors import FinetuneError
@@ -236,7 +237,7 @@ def _eval_set(config: Config, loaded: Loaded, data: Optional[Path], split: str):
     data = Path(data).resolve()
     if data.is_file():
         config.data.labels, config.data.root = str(data), str(data.parent)
-        return label_split(config, loaded.classes, split), str(data)
+        return labelled_files(config, loaded.classes, data.parent, split_samples(config, loaded.classes, split)), str(data)
     if loaded.multilabel:
         raise FinetuneError(f"--data {data} is a folder, but a multi-label model is evaluated on a label file (a "
                             "CSV or TSV of path and labels): class folders give each image one label.")

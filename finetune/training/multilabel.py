@@ -23,8 +23,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from finetune.config.schema import MULTICLASS_SCORES, MULTILABEL_SCORES
-from finetune.training.distributed import Dist
+from finetune.config.schema import MULTICLASS_SCORES, MULTILABEL_SCORES, Config
+from finetune.errors import Problem
+from finetune.utils.distributed import Dist
 
 DEFAULT_THRESHOLD = 0.5  # for a label whose F1 no threshold defines (no positive among the validation images)
 
@@ -170,8 +171,8 @@ def evaluate(fast, batches, loss_fn, num_classes: int, dist: Dist = Dist(), thre
     return {"loss": loss, **result, "thresholds": thresholds, "n": len(targets)}
 
 
-def problems(config) -> list[tuple[str, str]]:
-    """Config problems ``[(key, message)]`` between model.task and the keys that depend on it."""
+def problems(config: Config) -> list[Problem]:
+    """Config problems between model.task and the keys that depend on it."""
     task = config.model.task
     found = []
     stopping = config.train.early_stopping
@@ -179,17 +180,18 @@ def problems(config) -> list[tuple[str, str]]:
     if stopping and stopping.monitor in other:
         mine = ", ".join(("val_loss", "val_macro_f1") + (MULTILABEL_SCORES if task == "multilabel"
                                                           else MULTICLASS_SCORES))
-        found.append(("train.early_stopping.monitor", f"{stopping.monitor} is not measured for model.task {task}; "
-                      f"monitor one of {mine}"))
+        found.append(Problem("train.early_stopping.monitor", f"{stopping.monitor} is not measured for model.task "
+                                                             f"{task}; monitor one of {mine}"))
     if task == "multiclass":
         if config.model.threshold is not None:
-            found.append(("model.threshold", "applies to model.task: multilabel only (a multi-class model predicts "
-                          "its most probable class); leave it out"))
+            found.append(Problem("model.threshold", "applies to model.task: multilabel only (a multi-class model "
+                                                    "predicts its most probable class); leave it out"))
         return found
     if config.data.sampler == "balanced":
-        found.append(("data.sampler", "balanced draws every class equally often, which images with several labels "
-                      "(or none) cannot do; use shuffle, and train.class_weights: balanced for a pos_weight per label"))
+        found.append(Problem("data.sampler", "balanced draws every class equally often, which images with several "
+                                             "labels (or none) cannot do; use shuffle, and train.class_weights: "
+                                             "balanced for a pos_weight per label"))
     if config.data.root and not config.data.labels:
-        found.append(("model.task", "multilabel needs a label file (data.labels): class folders give each image "
-                      "exactly one label"))
+        found.append(Problem("model.task", "multilabel needs a label file (data.labels): class folders give each "
+                                           "image exactly one label"))
     return found
