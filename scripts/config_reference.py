@@ -95,6 +95,10 @@ def _yaml(value) -> str:
         return str(value).lower()
     if isinstance(value, list):
         return "[" + ", ".join(_yaml(item) for item in value) + "]"
+    if isinstance(value, BaseModel):  # a section inside a section (data.columns): its keys, as a flow mapping
+        return "{" + ", ".join(f"{key}: {_yaml(item)}" for key, item in value) + "}"
+    if isinstance(value, str) and value.strip() != value:  # a space: quoted, or it would not show
+        return repr(value)
     return str(value)
 
 

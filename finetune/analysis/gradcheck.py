@@ -9,7 +9,9 @@ gradient. Then five checks run:
    may swallow a NaN weight in the forward pass, so its gradient alone can look fine);
 3. the head's gradient equals the closed form of softmax cross-entropy:
    dL/dW = (softmax(z) - q)^T h / B and dL/db = mean(softmax(z) - q), with q the
-   (label-smoothed) one-hot targets and h the features entering ``fc``;
+   (label-smoothed) one-hot targets and h the features entering ``fc``; for
+   ``model.task: multilabel``, of binary cross-entropy averaged over the B x C logits:
+   dL/dz = (sigmoid(z) - q) / (B C), q the (smoothed) multi-hot targets;
 4. float64 finite differences agree with autograd: ``torch.autograd.gradcheck`` on
    the head, and central differences along a random direction per trainable
    module group of the whole network;
@@ -31,6 +33,8 @@ from finetune.config.schema import Config
 from finetune.data.loaders import make_loader
 from finetune.models.build import Built
 from finetune.models.freeze import frozen_tensors, set_train_mode
+from finetune.training.losses import validation_loss
+from finetune.training.multilabel import binary_targets
 from finetune.training.optim import build_optimizer
 from finetune.training.setup import Setup, prepare
 from finetune.training.validate import validate
@@ -83,11 +87,12 @@ def check_gradients(built: Built, images: list[torch.Tensor], targets: list[torc
     features: list[torch.Tensor] = []
     hook = model.fc.register_forward_hook(lambda module, inputs, output: features.append(inputs[0].detach()))
     smoothing = config.train.label_smoothing
+    loss_fn = validation_loss(config)  # the training loss without class weights
     logits = []
     try:
         for x, y in zip(images, targets):
             out = model(x)
-            loss = nn.functional.cross_entropy(out, y, label_smoothing=smoothing) / len(images)
+            loss = loss_fn(out, y) / len(images)
             loss.backward()
             logits.append(out.detach())
     finally:
@@ -100,7 +105,7 @@ def check_gradients(built: Built, images: list[torch.Tensor], targets: list[torc
         _trainable_finite(model, built),
         _head_closed_form(model, built, features, logits, targets, smoothing),
         _finite_differences(start, built, torch.cat(images)[:FD_SAMPLES], torch.cat(targets)[:FD_SAMPLES],
-                            features, targets, smoothing),
+                            features, loss_fn),
         _one_step(model, built, before, config),
     ]
     return report
@@ -112,7 +117,9 @@ def _batches(setup: Setup, count: int):
     if setup.data is None:
         size, batch = config.data.image_size, config.train.batch_size
         images = [torch.randn(batch, 3, size, size, generator=generator)]
-        targets = [torch.randint(setup.built.num_classes, (batch,), generator=generator)]
+        targets = [torch.randint(2, (batch, setup.built.num_classes), generator=generator).float()
+                   if config.model.task == "multilabel"
+                   else torch.randint(setup.built.num_classes, (batch,), generator=generator)]
         return images, targets, (f"one random batch of {batch} images at {size}x{size} "
                                  "(data.root is not set)")
     loader = make_loader(setup.data.train, config.train.batch_size, shuffle=True, seed=config.train.seed, epoch=0)
@@ -166,7 +173,8 @@ def _trainable_finite(model: nn.Module, built: Built) -> Check:
 
 
 def _head_closed_form(model, built: Built, features, logits, targets, smoothing: float) -> Check:
-    name = "head gradient equals the softmax cross-entropy closed form"
+    binary = targets[0].dim() == 2  # multi-hot targets: multi-label
+    name = f"head gradient equals the {'sigmoid binary' if binary else 'softmax'} cross-entropy closed form"
     fc = model.fc
     if fc.weight.grad is None and fc.bias.grad is None:
         return Check(name, True, "skipped: fc is frozen")
@@ -184,30 +192,34 @@ def _head_closed_form(model, built: Built, features, logits, targets, smoothing:
 
 
 def _closed_form(features, logits, targets, smoothing: float, classes: int):
-    """dL/dW and dL/db of the mean over batches of mean cross-entropy, in float64."""
+    """dL/dW and dL/db of the mean over batches of mean cross-entropy (multi-hot targets: of binary cross-entropy
+    averaged over every logit), in float64."""
     grad_w = torch.zeros(classes, features[0].shape[1], dtype=torch.float64)
     grad_b = torch.zeros(classes, dtype=torch.float64)
     for h, z, y in zip(features, logits, targets):
-        q = nn.functional.one_hot(y, classes).double() * (1 - smoothing) + smoothing / classes
-        delta = (z.double().softmax(1) - q) / len(y) / len(features)
+        if y.dim() == 2:
+            delta = (z.double().sigmoid() - binary_targets(y.double(), smoothing)) / y.numel() / len(features)
+        else:
+            q = nn.functional.one_hot(y, classes).double() * (1 - smoothing) + smoothing / classes
+            delta = (z.double().softmax(1) - q) / len(y) / len(features)
         grad_w += delta.T @ h.double()
         grad_b += delta.sum(0)
     return grad_w, grad_b
 
 
-def _finite_differences(start: nn.Module, built: Built, x, y, features, targets, smoothing: float) -> Check:
+def _finite_differences(start: nn.Module, built: Built, x, y, features, loss_fn) -> Check:
     name = "float64 finite differences agree with autograd"
     model = start.double()
     set_train_mode(model, built.bn_modes)
-    x = x.double()
-    loss_of = lambda: nn.functional.cross_entropy(model(x), y, label_smoothing=smoothing)  # noqa: E731
+    x, y = x.double(), y.double() if y.is_floating_point() else y
+    loss_of = lambda: loss_fn(model(x), y)  # noqa: E731
     details, passed = [], True
     if any(built.plan[f"fc.{p}"].trainable for p in ("weight", "bias")):
         h = features[0][:FD_SAMPLES].double()
         w = model.fc.weight.detach().clone().requires_grad_(True)
         b = model.fc.bias.detach().clone().requires_grad_(True)
         head_ok = torch.autograd.gradcheck(
-            lambda w, b: nn.functional.cross_entropy(h @ w.T + b, y, label_smoothing=smoothing), (w, b),
+            lambda w, b: loss_fn(h @ w.T + b, y), (w, b),
             eps=FD_STEPS[0], atol=1e-7, rtol=FD_TOLERANCE, raise_exception=False, fast_mode=True)
         passed &= head_ok
         details.append(f"gradcheck(fc): {'ok' if head_ok else 'MISMATCH'}")

@@ -186,7 +186,7 @@ def train(
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Train in this many processes on this machine "
                                        "(launches torchrun; train.batch_size is the global batch).")] = 1,
 ) -> None:
-    """Fine-tune a ResNet (model.arch) on an ImageFolder tree and write a run directory.
+    """Fine-tune a ResNet (model.arch) on an ImageFolder tree or a label file (data.labels); write a run directory.
 
     Example:  finetune train --config configs/quickstart.yaml --set train.epochs=3
     """
@@ -207,28 +207,42 @@ def train(
         reporter.close()
 
 
+ThresholdOption = Annotated[Optional[float], typer.Option(
+    "--threshold", min=0.0, max=1.0, help="Multi-label models: predict a label at this probability or above, for "
+    "every label (default: each label's own threshold, chosen on the validation split).", show_default=False)]
+
+
 @app.command("evaluate")
 @_user_errors
 def evaluate_command(
     checkpoint: ModelArgument,
-    data: Annotated[Optional[Path], typer.Option("--data", help="ImageFolder tree to evaluate on (its val/ if it "
-                                                 "has one); default: the run's validation split.",
+    data: Annotated[Optional[Path], typer.Option("--data", help="An ImageFolder tree (its SPLIT/ folder if it has "
+                                                 "one) or a label file (its rows of SPLIT if it has a split "
+                                                 "column); default: the run's own data.",
                                                  show_default=False)] = None,
+    split: Annotated[str, typer.Option("--split", help="val or test: the run's validation images, or its test "
+                                       "images (data.root/test, or the label file's rows of split test).")] = "val",
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Where to write confusion.png "
                                                        "(default: beside the checkpoint).", show_default=False)] = None,
     top_losses: Annotated[int, typer.Option("--top-losses", "-t", min=0, max=100, help="Also write top_losses.png "
                                             "(the K images with the highest loss) and predictions.csv (every "
                                             "image, by loss).", show_default=False)] = 0,
+    threshold: ThresholdOption = None,
     json: JsonOption = False,
 ) -> None:
     """Loss, top-1/top-5, per-class precision/recall/F1, balanced accuracy and macro F1, with a confusion matrix.
 
+    A multi-label model: mAP, micro/macro F1 and exact match; per label precision, recall, F1, AP and support;
+    pr_curves.png and predictions.csv (every label's probability).
+
     Example:  finetune evaluate runs/quickstart/best.pt --data data/shapes --top-losses 16
     """
+    if split not in ("val", "test"):
+        raise FinetuneError(f"--split {split!r}: use val or test.")
     from finetune.cli.render import print_evaluation, print_json
     from finetune.deploy.inference import evaluate_checkpoint
 
-    result = evaluate_checkpoint(checkpoint, data, output_dir, top_losses)
+    result = evaluate_checkpoint(checkpoint, data, output_dir, top_losses, split, threshold)
     print_json(result) if json else print_evaluation(result)
 
 
@@ -237,17 +251,21 @@ def evaluate_command(
 def predict(
     checkpoint: ModelArgument,
     images: Annotated[list[Path], typer.Argument(help="Image files or folders (walked for images).")],
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to show per image.")] = 3,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to show per image "
+                                       "(multi-class models).")] = 3,
+    threshold: ThresholdOption = None,
     json: JsonOption = False,
 ) -> None:
     """Predict the classes of images with a trained checkpoint, or a model written by `finetune export`.
+
+    A multi-label model shows every label at or above its threshold, with its probability.
 
     Example:  finetune predict runs/quickstart/best.pt data/shapes/val/star --top-k 2
     """
     from finetune.cli.render import print_json, print_predictions
     from finetune.deploy.inference import predict as run_predict
 
-    results = run_predict(checkpoint, images, top_k)
+    results = run_predict(checkpoint, images, top_k, threshold)
     print_json(results) if json else print_predictions(results)
 
 
@@ -331,22 +349,33 @@ def make_dataset(
     imbalance: Annotated[float, typer.Option("--imbalance", help="Make the classes imbalanced: the first class gets "
                                              "this many times the images of the last (in train and val), the "
                                              "others in between. 1 = balanced.")] = 1.0,
+    format_: Annotated[Optional[str], typer.Option("--format", help="folders: an ImageFolder tree; csv: images/ "
+                                                   "and a label file, labels.csv (path, label, split). [default: "
+                                                   "folders; csv with --multilabel]", show_default=False)] = None,
+    multilabel: Annotated[bool, typer.Option("--multilabel", help="One to three shapes per image, all named in "
+                                             "its label (a label file; train/val-per-class x classes images).")]
+    = False,
 ) -> None:
-    """Generate the built-in demo data set (shapes on noisy backgrounds) as an ImageFolder tree.
+    """Generate the built-in demo data set (shapes on noisy backgrounds) as an ImageFolder tree or a label file.
 
     Example:  finetune make-dataset shapes data/shapes --classes 6 --seed 1
     Imbalanced:  finetune make-dataset shapes data/shapes-imb --imbalance 10
+    Label file:  finetune make-dataset shapes data/shapes-csv --format csv
+    Multi-label:  finetune make-dataset shapes data/shapes-multilabel --multilabel
     """
     if kind != "shapes":
         raise FinetuneError(f"Unknown demo data set {kind!r}; the one available is 'shapes'.")
     from finetune.data.demo import make_shapes
 
     info = make_shapes(out_dir, classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
-                       image_size=image_size, seed=seed, imbalance=imbalance)
-    names = info["classes"] if imbalance == 1 else [
+                       image_size=image_size, seed=seed, imbalance=imbalance,
+                       layout=format_ or ("csv" if multilabel else "folders"), multilabel=multilabel)
+    counted = imbalance != 1 or multilabel
+    names = info["classes"] if not counted else [
         f"{name} {train}/{val}" for name, train, val in zip(info["classes"], info["train_sizes"], info["val_sizes"])]
     typer.echo(f"Wrote {info['train']} train and {info['val']} val images of {len(info['classes'])} classes "
-               f"({', '.join(names)}{' train/val images' if imbalance != 1 else ''}) to {info['root']}")
+               f"({', '.join(names)}{' train/val images' if counted else ''}) to {info['root']}"
+               + (f"; labels in {info['labels']}" if "labels" in info else ""))
 
 
 def main() -> None:

@@ -60,7 +60,28 @@ def print_freeze_report(report: "FreezeReport") -> None:
 
 
 def print_evaluation(result: dict) -> None:
-    console.print(f"{result['checkpoint']} on {result['data']} ({result['images']} images)", highlight=False)
+    console.print(f"{result['checkpoint']} on {result['data']}, split {result['split']} ({result['images']} images)",
+                  highlight=False)
+    if "per_label" in result:
+        _print_labels(result)
+    else:
+        _print_classes(result)
+    if "top_losses" in result:
+        table = Table(title=f"Top {len(result['top_losses'])} losses", title_justify="left")
+        chance = "per_label" not in result  # a multi-label prediction has no one probability
+        for column in ("image", "true", "predicted", *(["probability"] if chance else []), "loss"):
+            table.add_column(column, justify="right" if column in ("probability", "loss") else "left",
+                             overflow="fold" if column == "image" else "ellipsis")
+        for row in result["top_losses"]:
+            table.add_row(row["path"], row["true"], row["predicted"], *([_share(row["prob"])] if chance else []),
+                          f"{row['loss']:.3f}")
+        console.print(table)
+        console.print(f"top losses: {result['top_losses_png']}", highlight=False, soft_wrap=True)
+    if "predictions_csv" in result:
+        console.print(f"every image by loss: {result['predictions_csv']}", highlight=False, soft_wrap=True)
+
+
+def _print_classes(result: dict) -> None:
     console.print(f"loss {result['loss']:.4f}   accuracy (top-1) {result['top1']:.2%}   top-5 {result['top5']:.2%}   "
                   f"balanced accuracy {_share(result['balanced_accuracy'])}   macro F1 {_share(result['macro_f1'])}",
                   highlight=False)
@@ -73,16 +94,21 @@ def print_evaluation(result: dict) -> None:
                       str(row["support"]))
     console.print(table)
     console.print(f"confusion matrix: {result['confusion_png']}", highlight=False, soft_wrap=True)
-    if "top_losses" in result:
-        table = Table(title=f"Top {len(result['top_losses'])} losses", title_justify="left")
-        for column in ("image", "true", "predicted", "probability", "loss"):
-            table.add_column(column, justify="right" if column in ("probability", "loss") else "left",
-                             overflow="fold" if column == "image" else "ellipsis")
-        for row in result["top_losses"]:
-            table.add_row(row["path"], row["true"], row["predicted"], f"{row['prob']:.2%}", f"{row['loss']:.3f}")
-        console.print(table)
-        console.print(f"top losses: {result['top_losses_png']}\nevery image by loss: {result['predictions_csv']}",
-                      highlight=False, soft_wrap=True)
+
+
+def _print_labels(result: dict) -> None:
+    console.print(f"loss {result['loss']:.4f}   mAP {_share(result['map'])}   micro F1 {_share(result['micro_f1'])}   "
+                  f"macro F1 {_share(result['macro_f1'])}   exact match {_share(result['exact_match'])}   "
+                  f"thresholds from {result['thresholds_from']}", highlight=False)
+    table = Table(title="Per label", title_justify="left")
+    table.add_column("label")
+    for column in ("precision", "recall", "F1", "AP", "support", "threshold"):
+        table.add_column(column, justify="right")
+    for row in result["per_label"]:
+        table.add_row(row["label"], _share(row["precision"]), _share(row["recall"]), _share(row["f1"]),
+                      _share(row["ap"]), str(row["support"]), f"{row['threshold']:.3f}")
+    console.print(table)
+    console.print(f"precision-recall curves: {result['pr_curves_png']}", highlight=False, soft_wrap=True)
 
 
 def _share(value) -> str:
@@ -95,10 +121,17 @@ def print_predictions(results: list[dict]) -> None:
     table.add_column("image", overflow="fold")
     table.add_column("class")
     table.add_column("probability", justify="right")
+    thresholds = any("threshold" in guess for result in results for guess in result["predictions"])
+    if thresholds:  # a multi-label model: every label at or above its threshold
+        table.add_column("threshold", justify="right")
     for result in results:
-        for rank, guess in enumerate(result["predictions"]):
+        guesses = result["predictions"]
+        if not guesses:
+            table.add_row(result["image"], "(none above its threshold)", end_section=True)
+        for rank, guess in enumerate(guesses):
             table.add_row(result["image"] if rank == 0 else "", guess["class"], f"{guess['prob']:.2%}",
-                          end_section=rank == len(result["predictions"]) - 1)
+                          *([f"{guess['threshold']:.3f}"] if thresholds else []),
+                          end_section=rank == len(guesses) - 1)
     console.print(table)
 
 

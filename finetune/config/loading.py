@@ -19,7 +19,7 @@ from finetune.config.schema import Config, is_weights_name
 from finetune.errors import FinetuneError, Problem
 
 # Keys holding paths; in a config file they are relative to the file's folder.
-PATH_KEYS = ("model.weights", "data.root", "train.output_dir", "train.mlflow.tracking_uri")
+PATH_KEYS = ("model.weights", "data.root", "data.labels", "train.output_dir", "train.mlflow.tracking_uri")
 # A tracking URI with a scheme (http://, file:, sqlite:, databricks://) or MLflow's bare "databricks" is no path.
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:|^databricks$")
 

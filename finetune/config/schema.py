@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -19,6 +20,7 @@ from pydantic import (
     PrivateAttr,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 
@@ -49,12 +51,36 @@ class ModelConfig(_Section):
     num_classes: Optional[int] = Field(None, ge=2, description=(
         "Classes of the new head; null: the number of class folders in the data. Set it to run freeze-report or "
         "inspect-grads without data."))
+    task: Literal["multiclass", "multilabel"] = Field(
+        "multiclass", description="multiclass: one class per image (softmax, cross-entropy); multilabel: any number "
+        "of labels per image, none included (a sigmoid per label, binary cross-entropy; needs data.labels).")
+    threshold: Optional[float] = Field(
+        None, gt=0, lt=1, description="multilabel: the probability at which a label is predicted, the same for "
+        "every label; null: one threshold per label, chosen on the validation split to maximise its F1.")
+
+
+class LabelColumns(_Section):
+    path: str = Field("path", min_length=1, description="The column holding image paths, relative to data.root.")
+    label: str = Field("label", min_length=1, description="The column holding the label (multilabel: the labels, "
+                       "split by data.label_delim).")
+    split: Optional[str] = Field(None, min_length=1, description="The column holding train, val or test, which the "
+                                 "file must then have; null: the column named split, if the file has one.")
 
 
 class DataConfig(_Section):
     root: Optional[str] = Field(None, description=(
         "The ImageFolder tree: root/train/<class>/* and root/val/<class>/*, or root/<class>/* split by "
-        "val_fraction. Relative to the config file's folder."))
+        "val_fraction. Relative to the config file's folder. With data.labels: the folder its image paths are "
+        "relative to (null: the label file's folder)."))
+    labels: Optional[str] = Field(
+        None, description="A CSV or TSV label file (columns path, label and optionally split), relative to the "
+        "config file's folder; null: class folders under data.root (torchvision ImageFolder layout).")
+    columns: LabelColumns = Field(default_factory=LabelColumns,
+                                  description="The label file's column names, e.g. {path: image, label: class}.")
+    classes: Optional[list[str]] = Field(
+        None, min_length=2, description="The class names in the order of the model's outputs; null: sorted names.")
+    label_delim: str = Field(" ", min_length=1, description="multilabel: what separates the labels of one image "
+                             "in the label column.")
     image_size: int = Field(224, ge=32, le=1024, description="Images are resized and center-cropped to this many "
                             "pixels a side.")
     val_fraction: float = Field(0.2, gt=0, lt=1, description=(
@@ -76,11 +102,31 @@ class DataConfig(_Section):
         "Keep each decoded, resized image (uint8) after its first read: in memory up to train.cache_max_gb, the "
         "rest in a file in the run directory (deleted at the end). auto: when later epochs read images again "
         "and they fit the budget or the disk."))
-    demo: Optional[Literal["shapes"]] = Field(None, description=(
-        "shapes: generate the demo data set at data.root if that folder is missing."))
+    demo: Optional[Literal["shapes", "shapes-multilabel"]] = Field(None, description=(
+        "shapes: generate the demo data set at data.root if that folder is missing; shapes-multilabel: its "
+        "multi-label variant (one to three shapes per image) with its label file, data.root/labels.csv."))
     skip_bad_images: bool = Field(False, description=(
         "true: leave out unreadable or truncated image files (named in a warning and in summary.json) instead "
         "of stopping with an error that names them."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _root_of_labels(cls, data):
+        # Before the fields: a label file's paths are relative to its own folder unless data.root says otherwise.
+        if isinstance(data, dict) and data.get("root") is None and isinstance(data.get("labels"), str):
+            return {**data, "root": os.path.dirname(data["labels"]) or "."}
+        return data
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_unique(cls, classes: Optional[list[str]]) -> Optional[list[str]]:
+        if classes is not None:
+            repeated = sorted({name for name in classes if classes.count(name) > 1})
+            if repeated:
+                raise ValueError(f"names each class once (repeated: {', '.join(repeated)})")
+            if any(not name.strip() for name in classes):
+                raise ValueError("holds an empty class name")
+        return classes
 
 
 class Stage(_Section):
@@ -152,9 +198,15 @@ class OptimConfig(_Section):
         return nesterov
 
 
+MULTICLASS_SCORES = ("val_acc", "val_balanced_acc")  # what early stopping may monitor for one task only
+MULTILABEL_SCORES = ("val_map", "val_micro_f1", "val_exact_match")
+
+
 class EarlyStopping(_Section):
-    monitor: Literal["val_acc", "val_loss", "val_balanced_acc", "val_macro_f1"] = Field("val_acc", description=(
-        "The validation metric to watch (val_loss improves downwards, the others upwards)."))
+    monitor: Literal[("val_loss", "val_macro_f1") + MULTICLASS_SCORES + MULTILABEL_SCORES] = Field(
+        "val_acc", description="The validation metric to watch (val_loss improves downwards, the others upwards): "
+        "val_loss or val_macro_f1; for multiclass val_acc or val_balanced_acc; for multilabel val_map (the default "
+        "there), val_micro_f1 or val_exact_match.")
     patience: int = Field(3, ge=0, description=(
         "Epochs without improvement before the run stops; 0: at the first epoch that does not improve."))
     min_delta: float = Field(0.0, ge=0, description="A change of at most this much is no improvement.")
@@ -257,6 +309,14 @@ class Config(_Section):
         "The run: epochs, batches, seed, run directory, loss, precision, caches, devices and when to stop."))
 
     _source: Any = PrivateAttr(default=None)  # a config.loading._Source: where each key was set
+
+    @model_validator(mode="after")
+    def _monitor_of_task(self) -> "Config":
+        # val_acc, the default, is a multi-class metric: a multi-label run watches val_map unless told otherwise.
+        stopping = self.train.early_stopping
+        if stopping and self.model.task == "multilabel" and "monitor" not in stopping.model_fields_set:
+            stopping.monitor = "val_map"
+        return self
 
     def where(self, key: str) -> str:
         """Where ``key`` was set, for messages: ``file:line``, ``--set key`` or the file."""

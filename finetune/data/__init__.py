@@ -2,6 +2,7 @@
 
 - ``folders``: ImageFolder trees: class discovery and the layout's problems, the train/val split, unreadable
   images, the dataset (``ImageFiles``);
+- ``labels``: label files (CSV/TSV of path, label, split): the same datasets, multi-label targets included;
 - ``images``: decoding (JPEGs at reduced scale), EXIF orientation, the resize/crop/augment pipeline;
 - ``imagecache``: decoded images kept in memory (or a file) so no image is decoded twice;
 - ``loaders``: seeded samplers, decode threads working ahead, reading through the image cache, collate;

@@ -1,5 +1,6 @@
 """ImageFolder trees: class discovery and the layout's problems, the train/val split, unreadable images, and the
-dataset that decodes them."""
+dataset that decodes them. A label file (``data.labels``, read by :mod:`finetune.data.labels`) gives the very same
+datasets for the same images."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 
 from finetune.config.loading import config_error, raise_problems
 from finetune.config.schema import Config
+from finetune.data import labels
 from finetune.data.demo import demo_classes, make_shapes
 from finetune.data.images import (
     ImageCheck,
@@ -34,14 +36,18 @@ def train_folder(root: Path) -> Path:
 
 
 def demo_due(config: Config) -> bool:
-    """Whether the shapes demo set is still to be generated at ``data.root`` (``data.demo: shapes``)."""
-    return config.data.demo == "shapes" and config.data.root is not None and not Path(config.data.root).exists()
+    """Whether a demo set (``data.demo``) is still to be generated at ``data.root``."""
+    return config.data.demo is not None and config.data.root is not None and not Path(config.data.root).exists()
 
 
 def class_names(config: Config) -> list[str]:
-    """Sorted class folder names under the training tree of ``data.root``, as ImageFolder sees them."""
+    """The classes in the order of the model's outputs: the sorted class folder names under the training tree of
+    ``data.root``, as ImageFolder sees them, or ``data.classes``; with a label file (``data.labels``), its
+    labels (:func:`finetune.data.labels.label_classes`)."""
+    if config.data.labels:
+        return labels.label_classes(config)
     raise_problems(config, _root_problems(config))
-    return _class_folders(train_folder(Path(config.data.root)))
+    return config.data.classes or _class_folders(train_folder(Path(config.data.root)))
 
 
 def data_classes(config: Config) -> Optional[list[str]]:
@@ -54,9 +60,12 @@ def data_classes(config: Config) -> Optional[list[str]]:
 
 def problems(config: Config) -> list[Problem]:
     """``data.root`` and its layout: the folder, its class folders, ``val/`` beside ``train/`` with no class of its
-    own, and at least one image in every training class folder. None for a demo set still to be generated."""
+    own, and at least one image in every training class folder; or those of the label file (``data.labels``).
+    None for a demo set still to be generated."""
     if config.data.root is None or demo_due(config):
         return []
+    if config.data.labels:
+        return labels.problems(config)
     found = _root_problems(config)
     if found:
         return found
@@ -83,10 +92,25 @@ def _root_problems(config: Config) -> list[Problem]:
     if not root.is_dir():
         return [Problem("data.root", f"folder not found: {root}")]
     folder = train_folder(root)
-    if not _class_folders(folder):
+    names = _class_folders(folder)
+    if not names:
         return [Problem("data.root", f"{folder} has no class folders; expected {folder}/<class>/<image> "
                                      "(torchvision ImageFolder layout)")]
-    return []
+    return _order_problems(config, names, folder)
+
+
+def _order_problems(config: Config, names: list[str], folder: Path) -> list[Problem]:
+    """``data.classes``, when set, must name the class folders ``names`` of ``folder``, each once."""
+    wanted = config.data.classes
+    if wanted is None:
+        return []
+    missing, extra = sorted(set(names) - set(wanted)), sorted(set(wanted) - set(names))
+    if not missing and not extra:
+        return []
+    found = ([f"lacks {', '.join(missing)} (class folders of {folder})"] if missing else []) + \
+        ([f"names {', '.join(extra)}, which {folder} has no folder for"] if extra else [])
+    return [Problem("data.classes", "; ".join(found) + "; list every class once, or leave data.classes out for "
+                                                       "the sorted folder names")]
 
 
 def _class_folders(folder: Path) -> list[str]:
@@ -107,6 +131,7 @@ class Datasets:
     layout: str  # "train/val folders" or "split by data.val_fraction"
     # Unreadable image files left out when the data were loaded (data.skip_bad_images: true), as sorted paths.
     bad_images: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # about the data, for the log (e.g. from a label file)
 
     def unreadable(self) -> list[str]:
         """Every unreadable image left out so far: :attr:`bad_images`, then those that passed the quick check but
@@ -128,37 +153,101 @@ def train_transform(image_size: int, augment: bool, fast_decode: bool = True) ->
 
 
 def ensure_demo_data(config: Config) -> Optional[dict]:
-    """Generate the shapes demo set at data.root when data.demo is set and the folder is missing."""
-    return make_shapes(config.data.root) if demo_due(config) else None
+    """Generate the demo set at data.root when data.demo is set and the folder is missing (shapes-multilabel: with
+    its label file, labels.csv)."""
+    if not demo_due(config):
+        return None
+    multilabel = config.data.demo == "shapes-multilabel"
+    return make_shapes(config.data.root, layout="csv" if multilabel else "folders", multilabel=multilabel)
+
+
+@dataclass
+class _Listing:
+    """The training images of a tree or a label file, before their files are checked."""
+    train: list[tuple]  # (path, target)
+    val: Optional[list[tuple]]  # None: the train images are split by data.val_fraction
+    train_root: Path
+    val_root: Path
+    layout: str  # for the log: where the split comes from
+    notes: list[str] = field(default_factory=list)
 
 
 def load_datasets(config: Config) -> Datasets:
-    """The train and val sets of ``data.root``, with their transforms; class names from the folders.
+    """The train and val sets of ``data.root`` (or of the label file ``data.labels``), with their transforms.
 
-    Raises FinetuneError for the :func:`problems` of the layout, and for unreadable files (see :func:`check_files`).
+    Raises FinetuneError for the :func:`problems` of the layout or the label file, and for unreadable files (see
+    :func:`check_files`).
     """
+    listing, classes = _label_listing(config) if config.data.labels else _tree_listing(config)
+    train_tf = train_transform(config.data.image_size, config.data.augment, config.data.fast_decode)
+    val_tf = eval_transform(config.data.image_size, config.data.fast_decode)
+    split = listing.val is None  # one set, split by data.val_fraction: its files are read twice
+    val_samples = listing.train if split else listing.val
+    checked = check_files(config, listing.train + ([] if split else val_samples))  # each file once
+    train = checked.files(config, listing.train_root, classes, listing.train, train_tf)
+    val = checked.files(config, listing.val_root, classes, val_samples, val_tf)
+    _check_classes_left(config, train, len(checked.unreadable))
+    if not split:
+        return Datasets(train, val, classes, listing.layout, list(checked.unreadable), listing.notes)
+    train_idx, val_idx = stratified_split(labels.strata(train.targets), config.data.val_fraction, config.train.seed)
+    return Datasets(Subset(train, train_idx), Subset(val, val_idx), classes, listing.layout,
+                    list(checked.unreadable), listing.notes)
+
+
+def _tree_listing(config: Config) -> tuple[_Listing, list[str]]:
     raise_problems(config, problems(config))
     classes = class_names(config)
     root = Path(config.data.root)
-    train_tf = train_transform(config.data.image_size, config.data.augment, config.data.fast_decode)
-    val_tf = eval_transform(config.data.image_size, config.data.fast_decode)
-    split = train_folder(root) == root  # one tree, split by data.val_fraction: its files are read twice
-    train_samples = scan(train_folder(root), classes)
-    val_folder = root if split else root / "val"
-    val_samples = train_samples if split else scan(val_folder, classes)
-    checked = check_files(config, train_samples + ([] if split else val_samples))  # each file once
-    train = checked.files(config, train_folder(root), classes, train_samples, train_tf)
-    val = checked.files(config, val_folder, classes, val_samples, val_tf)
-    _check_classes_left(config, train, len(checked.unreadable))
-    if not split:
-        return Datasets(train, val, classes, "train/val folders", list(checked.unreadable))
-    train_idx, val_idx = stratified_split(train.targets, config.data.val_fraction, config.train.seed)
-    return Datasets(Subset(train, train_idx), Subset(val, val_idx), classes, "split by data.val_fraction",
-                    list(checked.unreadable))
+    if train_folder(root) == root:
+        return _Listing(scan(root, classes), None, root, root, "split by data.val_fraction"), classes
+    return _Listing(scan(root / "train", classes), scan(root / "val", classes), root / "train", root / "val",
+                    "train/val folders"), classes
 
 
-def image_samples(dataset: Dataset) -> list[tuple[str, int]]:
-    """(image path, class index) of every item of an ImageFolder, a Subset of one, or a wrapper of either
+def _label_listing(config: Config) -> tuple[_Listing, list[str]]:
+    table, classes = labels.read_checked(config)
+    train, val = labels.training_samples(config, table, classes)
+    how = "split by data.val_fraction" if val is None else "split column"
+    root = Path(config.data.root)
+    return _Listing(train, val, root, root, f"label file {table.file.name}, {how}", labels.notes(config, table)), classes
+
+
+def load_test_set(config: Config, classes: list[str]) -> "ImageFiles":
+    """The run's test images, labelled by ``classes``: data.root/test/<class>/*, or the label file's rows of split
+    test."""
+    if config.data.labels:
+        return labelled_files(config, classes, Path(config.data.root), labels.split_samples(config, classes, "test"))
+    folder = Path(config.data.root) / "test"
+    if not folder.is_dir():
+        raise FinetuneError(f"There is no test split: {folder} is not a folder. Put test images in "
+                            f"{folder}/<class>/, or give a folder or label file with --data.")
+    return labelled_folder(config, folder, classes)
+
+
+def labelled_folder(config: Config, folder: Path, classes: list[str]) -> "ImageFiles":
+    """Every image of ``folder``/<class>/* for evaluation, labelled by ``classes`` (a trained model's)."""
+    if not folder.is_dir():
+        raise FinetuneError(f"Folder not found: {folder}")
+    found = set(_class_folders(folder))
+    if not found:
+        raise FinetuneError(f"{folder} has no class folders; expected {folder}/<class>/<image> (torchvision "
+                            "ImageFolder layout), or a label file.")
+    unknown = sorted(found - set(classes))
+    if unknown:
+        raise FinetuneError(f"{folder} has classes the checkpoint does not know: {', '.join(unknown)} "
+                            f"(it knows {', '.join(classes)}).")
+    return labelled_files(config, classes, folder, scan(folder, classes))
+
+
+def labelled_files(config: Config, classes: list[str], root: Path, samples: list[tuple]) -> "ImageFiles":
+    """``samples`` (path, target) for evaluation, read as the validation images are; unreadable images are an
+    error naming them, or left out with ``data.skip_bad_images``."""
+    pipeline = eval_transform(config.data.image_size, config.data.fast_decode)
+    return check_files(config, samples).files(config, root, classes, samples, pipeline)
+
+
+def image_samples(dataset: Dataset) -> list[tuple]:
+    """(image path, class index or multi-hot row) of every item of an ImageFolder, a Subset of one, or a wrapper of either
     (anything with ``.dataset``), in item order."""
     if isinstance(dataset, Subset):
         inner = image_samples(dataset.dataset)
@@ -228,9 +317,16 @@ def check_files(config: Config, samples: list[tuple[str, int]]) -> Checked:
     return Checked(bad, {path: check.size for path, check in checked.items() if check.size})
 
 
+def present_classes(targets: list) -> set[int]:
+    """The class indices that some target holds: class indices, or multi-hot rows (multi-label)."""
+    if targets and isinstance(targets[0], torch.Tensor):
+        return set(torch.stack(targets).nonzero()[:, 1].tolist())
+    return set(targets)
+
+
 def _check_classes_left(config: Config, train: "ImageFiles", skipped: int) -> None:
     """A class of ``train`` left without images by skipping unreadable ones is an error."""
-    left = set(train.targets)
+    left = present_classes(train.targets)
     empty = [name for i, name in enumerate(train.classes) if i not in left]
     if empty:
         raise config_error(config, [Problem("data.root", f"no readable image left in class folder(s) "
@@ -239,15 +335,8 @@ def _check_classes_left(config: Config, train: "ImageFiles", skipped: int) -> No
                                                          "them")])
 
 
-def image_folder(config: Config, folder: Path, classes: list[str], pipeline: ImagePipeline) -> "ImageFiles":
-    """The images of ``folder``/<class>/*, labelled by their index in ``classes``, read through ``pipeline``;
-    unreadable files are an error naming them, or left out with ``data.skip_bad_images``."""
-    samples = scan(folder, classes)
-    return check_files(config, samples).files(config, folder, classes, samples, pipeline)
-
-
 class ImageFiles(Dataset):
-    """Image files with their class indices, read through an :class:`ImagePipeline`: an item is decoded (a JPEG at
+    """Image files with their class indices (multi-label: multi-hot rows), read through an :class:`ImagePipeline`: an item is decoded (a JPEG at
     reduced scale), then finished into the model's input.
 
     A loader may pass an image cache (``imagecache``) and decode threads working ahead (``loaders``) to

@@ -13,7 +13,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -32,20 +32,22 @@ class Trained:
     config: Config
     path: Path
     train_state: dict = field(default_factory=dict)  # the checkpoint's training state: epoch, history, ...
+    thresholds: Optional[list[float]] = None  # multilabel: one per label, chosen on the validation split
 
 
 def load_trained(path: Path) -> Trained:
-    """The model of a finetune checkpoint, in eval mode, with its class names and config."""
+    """The model of a finetune checkpoint, in eval mode, with its class names, config and (multi-label) thresholds."""
     checkpoint = load_checkpoint(path)
     try:
         classes = [str(name) for name in checkpoint["classes"]]
         config = Config.model_validate(checkpoint["config"])
         model = get_arch(config.model.arch).build(len(classes))
         model.load_state_dict(checkpoint["model"])
+        thresholds = [float(t) for t in checkpoint["thresholds"]] if checkpoint.get("thresholds") else None
     except Exception as exc:  # a damaged or foreign file that merely looks like a checkpoint
         raise FinetuneError(f"{path} is not a usable finetune checkpoint: {describe(exc)}\n"
                             "Give last.pt or best.pt from a run directory of `finetune train`.") from None
-    return Trained(model.eval(), classes, config, Path(path), dict(checkpoint.get(TRAIN_STATE) or {}))
+    return Trained(model.eval(), classes, config, Path(path), dict(checkpoint.get(TRAIN_STATE) or {}), thresholds)
 
 # Format -> the suffix of its default output, which goes beside the checkpoint (best.pt -> best.onnx).
 INPUT_NAME, OUTPUT_NAME = "images", "logits"

@@ -66,6 +66,8 @@ def metadata(trained: Trained, fmt: str) -> dict:
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "arch": trained.config.model.arch,
+        "task": trained.config.model.task,
+        "thresholds": trained.thresholds,  # multilabel: a label is predicted at sigmoid(logit) >= its threshold
         "finetune_version": __version__,
         "source": {"checkpoint": str(trained.path.resolve()), "epoch": state.get("epoch"),
                    "val_acc": history[-1].get("val_acc")},

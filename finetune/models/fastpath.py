@@ -185,13 +185,15 @@ class FeatureCache:
     """Prefix outputs of one data split, by sample index: in memory, or memory-mapped in the run directory."""
 
     features: torch.Tensor
-    targets: torch.Tensor
+    targets: torch.Tensor  # class indices, or multi-hot rows (multi-label)
     filled: torch.Tensor  # bool per sample
     skipped: torch.Tensor  # bool per sample: an unreadable image left out (data.skip_bad_images), found when decoded
     path: Optional[Path] = None
 
     @classmethod
-    def create(cls, size: int, shape: tuple, max_bytes: float, folder: Path, split: str) -> "FeatureCache":
+    def create(cls, size: int, shape: tuple, max_bytes: float, folder: Path, split: str,
+               targets: torch.Tensor) -> "FeatureCache":
+        """Room for ``size`` samples of features of ``shape``, and targets shaped as a batch of ``targets``."""
         numel = size * math.prod(shape)
         path = None
         if numel * 4 <= max_bytes:
@@ -201,7 +203,8 @@ class FeatureCache:
             with open(path, "wb") as f:
                 f.truncate(numel * 4)
             features = torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32).view(size, *shape)
-        return cls(features, torch.zeros(size, dtype=torch.long), torch.zeros(size, dtype=torch.bool),
+        return cls(features, torch.zeros((size, *targets.shape[1:]), dtype=targets.dtype),
+                   torch.zeros(size, dtype=torch.bool),
                    torch.zeros(size, dtype=torch.bool), path)
 
     @property
@@ -226,7 +229,10 @@ class FeatureCache:
         count = dist.sum_tensor(self.filled.float()).clamp(min=1)
         per_sample = count.view(-1, *[1] * (self.features.dim() - 1))
         self.features.copy_(dist.sum_tensor(self.features.clone()) / per_sample)
-        self.targets.copy_((dist.sum_tensor((self.targets * self.filled).double()) / count).round().long())
+        per_target = count.view(-1, *[1] * (self.targets.dim() - 1))
+        filled = self.filled.view_as(per_target)
+        targets = dist.sum_tensor((self.targets * filled).double()) / per_target
+        self.targets.copy_(targets.round().to(self.targets.dtype))
         self.filled.copy_(dist.sum_tensor(self.filled.float()) > 0)
         self.skipped.copy_(dist.sum_tensor(self.skipped.float()) > 0)
 
@@ -332,7 +338,7 @@ class FeatureSource:
     def _store(self, indices, features, targets) -> None:
         if self.cache is None:
             self.cache = FeatureCache.create(len(self.dataset), tuple(features.shape[1:]), self.cache_bytes,
-                                             self.folder, self.split)
+                                             self.folder, self.split, targets)
         self.cache.put(indices, features, targets)
 
     def describe(self) -> str:

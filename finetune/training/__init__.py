@@ -8,6 +8,7 @@
 - ``summary``: the epoch rows and summary.json; ``rng``: the run's own random stream;
 - ``optim``: SGD param groups, per-layer learning rates, the schedule;
 - ``losses``: the training loss, class weights and balanced sampling;
+- ``multilabel``: the binary loss, per-label thresholds, mAP, F1 and exact match of ``model.task: multilabel``;
 - ``metrics``: confusion matrix, top-k, balanced accuracy, macro F1;
 - ``checkpoint``: last.pt / best.pt and their format; ``rundir``: the run directory and the files a run writes;
 - ``reporter``: the interface through which a run reports progress (the CLI implements it);

@@ -13,7 +13,7 @@ from torch import nn
 
 from finetune.errors import FinetuneError
 from finetune.models.fastpath import FastModel
-from finetune.training.metrics import confusion_matrix, top_k_hits
+from finetune.training.metrics import confusion_matrix, correct_count, top_k_hits
 from finetune.training.optim import Schedule
 from finetune.utils.distributed import Dist
 
@@ -31,7 +31,7 @@ class TrainState:
     frozen_checksums: dict[str, str] = field(default_factory=dict)  # taken when the run started
     history: list[dict] = field(default_factory=list)
     best_epoch: Optional[int] = None
-    best_val_acc: float = -1.0
+    best_val_acc: float = -1.0  # the best score: val_acc, or val_map for model.task multilabel (summary.score_key)
     total_seconds: float = 0.0
     monitor_best: Optional[float] = None  # early stopping: the best monitored value and epochs since it
     epochs_without_improvement: int = 0
@@ -117,7 +117,7 @@ def train_one_epoch(fast: FastModel, batches, loss_fn, optimizer, schedule: Sche
         state.seen += len(step.targets)
         state.grad_norm_sum += step.grad_norm
         state.loss_sum += step.loss * len(step.targets)
-        state.correct += (step.logits.argmax(1) == step.targets).sum().item()
+        state.correct += correct_count(step.logits, step.targets)
         now = time.perf_counter()
         state.seconds += now - tick
         tick = now

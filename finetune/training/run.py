@@ -20,7 +20,7 @@ from finetune.data.folders import image_samples
 from finetune.data.imagecache import ImageCaches
 from finetune.errors import FinetuneError
 from finetune.models.freeze import batchnorm_modes, frozen_tensors, plan_freeze, set_train_mode
-from finetune.training import rundir
+from finetune.training import multilabel, rundir
 from finetune.training.checkpoint import TRAIN_STATE, load_checkpoint, save_checkpoint
 from finetune.training.epoch import TrainState, evaluate, train_one_epoch
 from finetune.training.reporter import EpochStart, Reporter
@@ -28,7 +28,7 @@ from finetune.training.resume import check_world, restore
 from finetune.training.rng import RunRNG
 from finetune.training.setup import Phase, Setup, prepare
 from finetune.training.stopping import StopSignals, after_resume, early_stopping, interrupted, out_of_time
-from finetune.training.summary import changed, checksums, epoch_row, frozen_changed_error, run_summary
+from finetune.training.summary import changed, checksums, epoch_row, frozen_changed_error, run_summary, score_key
 from finetune.training.tracking import RunStart, Tracking
 from finetune.training.validate import validate
 from finetune.utils import distributed
@@ -119,6 +119,8 @@ class Run:
         self.curves_drawn_at, self.curves_drawn_epochs = self.started, 0
         self.caches_reported, self.unreadable_reported = False, len(setup.data.bad_images)
         self.tracking = Tracking()  # tracking: started by create()
+        self.score = score_key(config)  # what picks best.pt
+        self.thresholds: Optional[list[float]] = None  # multilabel: those of the last epoch, saved with it
 
     @classmethod
     def create(cls, config: Config, reporter: Reporter, dist: Dist, *, output_dir: Optional[Path] = None,
@@ -162,6 +164,7 @@ class Run:
         check_world(saved, self.run_dir / "last.pt", self.dist.world)
         self._start_stages(saved[TRAIN_STATE]["epoch"] + 1)
         self.state = restore(saved, self.model, self.setup.optimizer, self.setup.schedule, self.rng)
+        self.thresholds = saved.get("thresholds")
         message = after_resume(self.state, saved["config"], self.config, self.run_dir)
         if message:
             self.reporter.message(message)
@@ -220,9 +223,13 @@ class Run:
         return out_of_time(self.started, self.config.train.time_limit_min)
 
     def evaluate(self) -> dict:
-        """The validation metrics of the model as it is now."""
-        return evaluate(self.phase.fast, self.phase.val_source.indexed_epoch(0), self.setup.val_loss_fn,
-                        self.setup.built.num_classes, len(self.setup.data.val), self.dist)
+        """The validation metrics of the model as it is now (multilabel: with the thresholds for them)."""
+        setup = self.setup
+        if self.config.model.task == "multilabel":
+            return multilabel.evaluate(self.phase.fast, self.phase.val_source.epoch(0), setup.val_loss_fn,
+                                       setup.built.num_classes, self.dist, self.config.model.threshold)
+        return evaluate(self.phase.fast, self.phase.val_source.indexed_epoch(0), setup.val_loss_fn,
+                        setup.built.num_classes, len(setup.data.val), self.dist)
 
     def end_epoch(self, val: dict) -> None:
         """Record a finished epoch: metrics, best epoch, early stopping, checkpoints, curves, the epoch line."""
@@ -231,9 +238,11 @@ class Run:
         state.history.append(row)
         state.total_seconds += row["seconds"]
         state.next_epoch()
-        improved = row["val_acc"] > state.best_val_acc
+        self.thresholds = val.get("thresholds")
+        score = row[self.score]
+        improved = score is not None and score > state.best_val_acc  # None or NaN (no val images): not better
         if improved:
-            state.best_epoch, state.best_val_acc = row["epoch"], row["val_acc"]
+            state.best_epoch, state.best_val_acc = row["epoch"], score
         early_stopping(self.config, state, row)
         self.tracking.epoch(state.epoch * self.setup.steps, row, val)  # tracking
         if self.dist.is_main:
@@ -270,7 +279,8 @@ class Run:
             "model": self.model.state_dict(), "optimizer": self.setup.optimizer.state_dict(),
             "scheduler": self.setup.schedule.state_dict(), TRAIN_STATE: asdict(self.state),
             "rng": self.rng.state_dict(), "classes": self.setup.data.classes, "world": self.dist.world,
-            "config": self.config.model_dump(mode="json"), "precision": self.setup.precision.precision,
+            "config": self.config.model_dump(mode="json"), "thresholds": self.thresholds,
+            "precision": self.setup.precision.precision,
             "weights": built.weights.source, "pretrained": built.weights.pretrained})
 
     def kept(self) -> str:

@@ -27,7 +27,7 @@ from finetune.data.loaders import steps_per_epoch
 from finetune.models.build import Built, build
 from finetune.models.fastpath import FastModel, FeatureSource, cache_plan, feature_sources
 from finetune.models.freeze import Decision, apply_plan, batchnorm_modes, plan_freeze, set_train_mode
-from finetune.training.losses import imbalance_warning, sampling_weights, training_loss
+from finetune.training.losses import imbalance_warning, sampling_weights, training_loss, validation_loss
 from finetune.training.optim import Schedule, add_trainable, build_optimizer
 from finetune.utils.distributed import Dist
 from finetune.utils.hardware import PrecisionChoice, precision_for_config, select_device
@@ -71,7 +71,7 @@ class Setup:
     optimizer: torch.optim.SGD
     schedule: Schedule
     steps: int  # training steps per epoch and process
-    targets: list[int]  # the class of each training image
+    targets: list  # the class of each training image (multilabel: its multi-hot row)
     loss_fn: nn.Module  # the training loss: class weights, label smoothing
     val_loss_fn: nn.Module  # unweighted, so validation losses compare across settings
     sampling_weights: Optional[torch.Tensor]  # per training image, for data.sampler: balanced
@@ -151,7 +151,7 @@ def prepare(config: Config, *, dist: Optional[Dist] = None, epoch: int = 1, show
     setup = Setup(config, dist, data, built, precision, optimizer,
                   Schedule(optimizer, config.optim, config.train.epochs, max(steps, 1)), steps, targets,
                   training_loss(config, targets, built.num_classes, dist.device),
-                  nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing),
+                  validation_loss(config),
                   sampling_weights(config.data.sampler, targets, built.num_classes))
     if demo:
         setup.messages.append(f"Generated the shapes demo data set at {demo['root']} ({demo['train']} train / "
@@ -163,8 +163,11 @@ def prepare(config: Config, *, dist: Optional[Dist] = None, epoch: int = 1, show
 def _warnings(config: Config, setup: Setup) -> list[str]:
     bad = setup.data.bad_images if setup.data else []
     remedied = config.train.class_weights != "none" or config.data.sampler != "shuffle"
+    # The imbalance warning counts images per class and suggests multi-class remedies: multi-label runs go without it.
+    multilabel = config.model.task == "multilabel"
     found = [f"skipped {len(bad)} unreadable image(s) (data.skip_bad_images: true): " + ", ".join(bad[:5])
              + (" ..." if len(bad) > 5 else "") if bad else None,
              setup.built.weights.warning, setup.precision.warning,
-             None if remedied or not setup.data else imbalance_warning(setup.targets, setup.data.classes)]
+             None if remedied or multilabel or not setup.data else imbalance_warning(setup.targets, setup.data.classes),
+             *(setup.data.notes if setup.data else [])]
     return [warning for warning in found if warning]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.config.schema import Config
 from finetune.errors import FinetuneError
 from finetune.training.epoch import TrainState
 from finetune.training.metrics import balanced_accuracy, macro_f1
@@ -15,15 +16,27 @@ from finetune.training.setup import Setup
 from finetune.utils.distributed import Dist
 
 
+def score_key(config: Config) -> str:
+    """The validation score that picks best.pt: ``val_acc``, or ``val_map`` for ``model.task: multilabel``."""
+    return "val_map" if config.model.task == "multilabel" else "val_acc"
+
+
 def epoch_row(state: TrainState, val: dict, lr: float, dist: Dist) -> dict:
-    """The metrics of the epoch ``state`` has just trained (not yet counted), with its validation ``val``."""
+    """The metrics of the epoch ``state`` has just trained (not yet counted), with its validation ``val`` (that of
+    :func:`~finetune.training.epoch.evaluate`, or with ``map`` that of ``multilabel.evaluate``)."""
     loss_sum, correct, seen = dist.sum([state.loss_sum, state.correct, state.seen])  # over all processes
+    if "map" in val:  # multilabel: the running "correct" counts images with every label right
+        scores = {"train_exact_match": correct / max(seen, 1), "val_loss": val["loss"], "val_map": val["map"],
+                  "val_micro_f1": val["micro_f1"], "val_macro_f1": val["macro_f1"],
+                  "val_exact_match": val["exact_match"]}
+    else:
+        scores = {"train_acc": correct / max(seen, 1), "val_loss": val["loss"], "val_acc": val["acc"],
+                  "val_top5": val["top5"], "val_balanced_acc": balanced_accuracy(val["confusion"]),
+                  "val_macro_f1": macro_f1(val["confusion"])}
     return {
         "epoch": state.epoch + 1,
         "train_loss": loss_sum / max(seen, 1),
-        "train_acc": correct / max(seen, 1),
-        "val_loss": val["loss"], "val_acc": val["acc"], "val_top5": val["top5"],
-        "val_balanced_acc": balanced_accuracy(val["confusion"]), "val_macro_f1": macro_f1(val["confusion"]),
+        **scores,
         "lr": lr,
         "grad_norm": state.grad_norm_sum / max(state.step, 1),
         "seconds": round(state.seconds, 3),
@@ -50,17 +63,18 @@ def frozen_changed_error(names: list[str]) -> FinetuneError:
 
 def run_summary(setup: Setup, state: TrainState, run_dir: Path, *, frozen: int, altered: list[str],
                 seconds: float) -> dict:
-    """summary.json of a run: how it ended, its best and final accuracy, times, model, precision, data, processes.
+    """summary.json of a run: how it ended, its best and final score (:func:`score_key`), times, model, precision, data, processes.
 
     ``frozen``: how many tensors had to stay bit-identical, ``altered``: those that did not; ``seconds``: the
     run's time in all.
     """
     config, data, weights = setup.config, setup.data, setup.built.weights
+    score = score_key(config)
     return {
         "frozen_unchanged": not altered, "frozen_tensors": frozen,
         "run_dir": str(run_dir), "epochs": config.train.epochs, "epochs_done": state.epoch,
-        "stopped": state.stopped, "best_epoch": state.best_epoch, "best_val_acc": state.best_val_acc,
-        "final_val_acc": state.history[-1]["val_acc"] if state.history else None,
+        "stopped": state.stopped, "best_epoch": state.best_epoch, "score": score, f"best_{score}": state.best_val_acc,
+        f"final_{score}": state.history[-1][score] if state.history else None,
         "train_seconds": round(state.total_seconds, 3), "total_seconds": round(seconds, 3),
         "arch": config.model.arch, "precision": setup.precision.precision, "precision_reason": setup.precision.reason,
         "pretrained": weights.pretrained, "weights": weights.source, "weights_warning": weights.warning,

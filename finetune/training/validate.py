@@ -3,11 +3,11 @@
 :func:`validate` asks each concern's checker (each is called ``problems`` and returns a list of
 :class:`~finetune.errors.Problem`): the data's root and layout, the head's size against the classes, the
 architecture and weights names, the freeze rules and stages, the param-group patterns, the feature cache's
-rules, the device, the global batch against the processes, the class weights, and the packages of the trackers
-``train.loggers`` names. It reads folder listings and the model's structure on the meta device, never an image or
-a weight, and raises one FinetuneError that names every key at fault with the file and line that set it. Schema
-problems (unknown keys, wrong types) come first, all together, from ``config.loading.load_config``: without them
-there is no config to check further.
+rules, the device, the global batch against the processes, the class weights, the keys that depend on
+``model.task``, and the packages of the trackers ``train.loggers`` names. It reads folder listings, label files and
+the model's structure on the meta device, never an image or a weight, and raises one FinetuneError that names every
+key at fault with the file and line that set it. Schema problems (unknown keys, wrong types) come first, all
+together, from ``config.loading.load_config``: without them there is no config to check further.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from finetune.config.schema import Config
 from finetune.data import folders
 from finetune.errors import Problem
 from finetune.models import arch, build, fastpath, freeze
-from finetune.training import losses, optim, tracking
+from finetune.training import losses, multilabel, optim, tracking
 from finetune.utils import distributed, hardware
 
 
@@ -46,6 +46,7 @@ def problems(config: Config, data_needed_by: Optional[str] = None) -> list[Probl
         found += _model_problems(config, num_classes)
     if num_classes is not None:
         found += losses.problems(config, num_classes)
+    found += multilabel.problems(config)
     device_problems = hardware.problems(config.train.device, torch.cuda.is_available())
     found += device_problems
     if not device_problems:

@@ -50,6 +50,18 @@ class Dist:
         torch_dist.all_reduce(reduced)
         return reduced.cpu()
 
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every process's ``rows`` (any number each, the same trailing shape), concatenated in rank order."""
+        if not self.active:
+            return rows
+        counts = torch.zeros(self.world, dtype=torch.float64)
+        counts[self.rank] = len(rows)
+        counts = [int(n) for n in self.sum_tensor(counts).tolist()]
+        padded = torch.zeros((self.world, max(counts), *rows.shape[1:]), dtype=torch.float64)
+        padded[self.rank, :len(rows)] = rows.double()  # float64 holds float32 values and small integers exactly
+        padded = self.sum_tensor(padded)
+        return torch.cat([padded[rank, :n] for rank, n in enumerate(counts)]).to(rows.dtype)
+
     def any(self, flag: bool) -> bool:
         """True on every process when it is true on any (so all stop at the same step)."""
         return bool(self.sum([float(flag)])[0]) if self.active else flag

@@ -49,13 +49,18 @@ def figure_pixels(fig):
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    """Loss and accuracy per epoch, train vs val."""
+    """Loss and accuracy per epoch, train vs val; multi-label: loss, and exact match, mAP and F1."""
     plt = load_pyplot()
     epochs = [row["epoch"] for row in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy")):
-        ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
-        ax.plot(epochs, [row[f"val_{key}"] for row in history], "o-", label="val")
+    multilabel = "val_map" in history[0]
+    scores = (("train_exact_match", "val_exact_match", "val_map", "val_micro_f1", "val_macro_f1") if multilabel
+              else ("train_acc", "val_acc"))
+    for ax, keys, title in ((loss_ax, ("train_loss", "val_loss"), "loss"),
+                            (acc_ax, scores, "exact match, mAP and F1" if multilabel else "accuracy")):
+        for key in keys:
+            ax.plot(epochs, [math.nan if row[key] is None else row[key] for row in history], "o-",
+                    label=key.removesuffix("_loss").removesuffix("_acc"))
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -126,7 +131,8 @@ def plot_top_losses(rows: list[dict], path: Path) -> None:
 
 def top_losses_figure(rows: list[dict]):
     """A grid of the images in ``rows`` (dicts with ``path``, ``true``, ``predicted``, ``prob``, ``loss``), each
-    titled with its true class, the predicted class and that prediction's probability, and its loss.
+    titled with its true class, the predicted class and that prediction's probability (when not None:
+    multi-label rows have one per label), and its loss.
 
     The images are laid out in one picture shown by one axes: a figure of an axes per image took 4x as long to draw.
     """
@@ -149,11 +155,35 @@ def top_losses_figure(rows: list[dict]):
             pixels = np.asarray(ImageOps.contain(image.convert("RGB"), (tile, tile)))
         down, across = (tile - pixels.shape[0]) // 2, (tile - pixels.shape[1]) // 2  # centred in its tile
         canvas[top + down:top + down + pixels.shape[0], left + across:left + across + pixels.shape[1]] = pixels
-        ax.text(left + tile / 2, top - 4, f"true {row['true']}\npred {row['predicted']} ({row['prob']:.0%})\n"
+        chance = "" if row["prob"] is None else f" ({row['prob']:.0%})"  # None: multi-label, one per label
+        ax.text(left + tile / 2, top - 4, f"true {row['true']}\npred {row['predicted']}{chance}\n"
                 f"loss {row['loss']:.2f}", ha="center", va="bottom", fontsize=9)
     ax.imshow(canvas, interpolation="nearest", extent=(0, width, height, 0))
     fig.suptitle("top losses (validation images)", y=1 - 12 / height)
     return fig
+
+
+def plot_pr_curves(curves: list[dict], path: Path) -> None:
+    """Precision-recall curves, one panel each: ``curves`` holds per label its ``label``, ``precision`` and
+    ``recall`` (at each distinct probability, highest first), ``ap`` (or None) and ``support``."""
+    plt = load_pyplot()
+    columns = max(1, min(4, len(curves)))
+    lines = max(1, math.ceil(len(curves) / columns))
+    fig, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 3 * lines), squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, curve in zip(axes.flat, curves):
+        ax.axis("on")
+        ax.step([0.0, *curve["recall"]], [1.0, *curve["precision"]], where="pre")
+        ap = "-" if curve["ap"] is None else f"{curve['ap']:.3f}"
+        ax.set_title(f"{curve['label']}: AP {ap}, {curve['support']} images", fontsize=9)
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.grid(alpha=0.3)
+    fig.suptitle("precision-recall per label")
+    _save(fig, path)
 
 
 def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], suggestion, path: Path) -> None:
