@@ -124,6 +124,10 @@ class TrainConfig(_Section):
     dist_timeout_s: int = Field(600, ge=10)
     early_stopping: Optional[EarlyStopping] = None
     time_limit_min: Optional[float] = Field(None, gt=0)
+    calibrate: bool = Field(False, description=(
+        "At the end of training, fit a temperature on best.pt's validation logits so that its probabilities are "
+        "calibrated (as `finetune calibrate` does): stored in best.pt, used by evaluate, predict and export; "
+        "reliability.png in the run directory."))
 
     @field_validator("class_weights", mode="before")
     @classmethod

@@ -118,6 +118,13 @@ def image_samples(dataset: Dataset) -> list[tuple[str, int]]:
     return image_samples(dataset.dataset)
 
 
+def spread_indices(total: int, count: int) -> list[int]:
+    """Up to ``count`` indices evenly spread over ``range(total)``, first and last included: over a folder's images
+    (sorted by class) every class gets its share."""
+    count = min(count, total)
+    return sorted({round(i * (total - 1) / max(1, count - 1)) for i in range(count)})
+
+
 def stratified_split(targets: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Hold out ``val_fraction`` of each class (at least one image when a class has two or more)."""
     by_class: dict[int, list[int]] = {}

@@ -24,12 +24,19 @@ from finetune.data.folders import (
     load_datasets,
     load_image,
 )
-from finetune.data.loaders import default_workers, make_loader
-from finetune.deploy.artifacts import is_torchscript_export, load_onnx, load_torchscript, load_trained, to_pixels
+from finetune.deploy.artifacts import (
+    is_torchscript_export,
+    load_onnx,
+    load_torchscript,
+    load_trained,
+    outputs_probabilities,
+    to_pixels,
+)
 from finetune.errors import FinetuneError
 from finetune.models.arch import get_arch
 from finetune.models.fastpath import FastModel
 from finetune.training import metrics
+from finetune.training.calibration import ECE_BINS, ece, logits_of
 from finetune.utils.files import atomic_write_text
 
 PREDICT_BATCH = 32
@@ -39,13 +46,25 @@ PREDICT_BATCH = 32
 class Loaded:
     """A model ready to classify: a checkpoint, or an ONNX or TorchScript file of `finetune export`.
 
-    ``fast(batch)`` (and ``fast.head(batch)``) gives the logits of a batch normalised as ``data.eval_transform``
-    makes it.
+    ``fast.head(batch)`` gives the model's output for a batch normalised as ``data.eval_transform`` makes it:
+    logits, or the calibrated probabilities of an export of a calibrated checkpoint. :meth:`logits` turns either
+    into the logits whose softmax is what finetune reports.
     """
 
     classes: list[str]
     config: Config  # the run's config: an export carries it in its metadata
     fast: Any  # a FastModel, or an _Exported
+    kind: str  # checkpoint, onnx, onnx int8 or torchscript
+    temperature: Optional[float] = None  # of a calibrated checkpoint, or the one an export applies itself
+    probabilities: bool = False  # the export outputs softmax(logits / temperature)
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Calibrated logits of a normalised batch (plain logits without a temperature); softmax of them gives the
+        probabilities."""
+        out = self.fast.head(batch)
+        if self.probabilities:  # log of the probabilities: softmax gives them back; tiny keeps log(0) finite
+            return out.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+        return out if self.temperature is None else out / self.temperature
 
 
 class _Exported:
@@ -60,17 +79,18 @@ class _Exported:
     __call__ = head
 
 
-def load_model(path: Path) -> Loaded:
+def load_model(path: Path, threads: Optional[int] = None) -> Loaded:
     """A checkpoint, or an exported ``.onnx`` (run by onnxruntime) or TorchScript file, ready to classify.
 
-    Classes, image size and the run's config of an export come from its own metadata.
+    Classes, image size and the run's config of an export come from its own metadata. ``threads``: onnxruntime's
+    threads for an ONNX file (torch's are set with ``torch.set_num_threads``).
     """
     path = Path(path)
     if path.suffix == ".onnx" or is_torchscript_export(path):
         if not path.is_file():
             raise FinetuneError(f"Exported model not found: {path}")
         kind = "onnx" if path.suffix == ".onnx" else "torchscript"
-        model, meta = load_onnx(path) if kind == "onnx" else load_torchscript(path)
+        model, meta = load_onnx(path, threads) if kind == "onnx" else load_torchscript(path)
         try:
             config = Config.model_validate(meta["config"])
             config.data.image_size = int(meta["image_size"])
@@ -78,16 +98,20 @@ def load_model(path: Path) -> Loaded:
         except Exception as exc:
             raise FinetuneError(f"{path} has finetune metadata this version cannot use "
                                 f"({type(exc).__name__}); export it again with this finetune.") from None
-        return Loaded(classes, config, _Exported(model))
+        kind += " int8" if meta.get("quantization") else ""
+        return Loaded(classes, config, _Exported(model), kind, meta.get("temperature"), outputs_probabilities(meta))
     trained = load_trained(path)
     fast = FastModel.whole(trained.model, get_arch(trained.config.model.arch))
-    return Loaded(trained.classes, trained.config, fast)
+    return Loaded(trained.classes, trained.config, fast, "checkpoint", trained.temperature)
 
 
 def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Optional[Path] = None,
                         top_losses: int = 0) -> dict:
-    """Loss, top-1, top-5, per-class precision/recall/F1/support, balanced accuracy and macro F1 of a checkpoint,
-    with confusion.png (counts, and normalised per true class).
+    """Loss, top-1, top-5, per-class precision/recall/F1/support, balanced accuracy, macro F1 and expected
+    calibration error of a checkpoint, with confusion.png (counts, and normalised per true class).
+
+    A calibrated checkpoint (or its export) is evaluated with its temperature: the loss and ECE are those of its
+    calibrated probabilities.
 
     ``data`` is an ImageFolder tree (its ``val/`` when it has one); by default the
     validation split of the run's own config. With ``top_losses`` K it also writes
@@ -102,10 +126,9 @@ def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Opt
     if data is not None:
         data = Path(data)
         config.data.root = str(data / "val" if (data / "val").is_dir() else data)
-    dataset = _eval_set(config, trained.classes, whole=data is not None)
+    dataset = load_datasets(config).val if data is None else labelled_images(config, trained.classes)
     n = len(trained.classes)
-    logits, targets = _logits(trained.fast, make_loader(dataset, config.train.batch_size, shuffle=False,
-                                                       workers=default_workers()), n)
+    logits, targets = logits_of(trained.logits, dataset, config.train.batch_size, n)
     predicted = logits.argmax(1)
     confusion = metrics.confusion_matrix(targets, predicted, n)
     losses = nn.functional.cross_entropy(logits, targets, reduction="none")
@@ -118,6 +141,7 @@ def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Opt
               "top1": _mean(predicted == targets), "top5": _mean(top5),
               "balanced_accuracy": scores["balanced_accuracy"], "macro_f1": scores["macro_f1"],
               "per_class": [{"class": name, **row} for name, row in zip(trained.classes, scores["per_class"])],
+              "ece": ece(logits.softmax(1), targets), "ece_bins": ECE_BINS, "temperature": trained.temperature,
               "confusion": confusion.tolist(), "classes": trained.classes, "confusion_png": str(out / "confusion.png")}
     if top_losses:
         rows = _by_loss(dataset, logits, targets, losses, trained.classes)
@@ -130,16 +154,6 @@ def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Opt
 
 def _mean(values: torch.Tensor) -> float:
     return values.double().mean().item() if len(values) else float("nan")  # no images: nothing to average
-
-
-@torch.inference_mode()
-def _logits(fast, loader, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 logits and targets of every image, in loader order."""
-    logits, targets = [torch.empty(0, num_classes)], [torch.empty(0, dtype=torch.long)]
-    for images, labels in loader:
-        logits.append(fast.head(images).float().cpu())
-        targets.append(labels)
-    return torch.cat(logits), torch.cat(targets)
 
 
 def _by_loss(dataset, logits, targets, losses, classes: list[str]) -> list[dict]:
@@ -161,9 +175,10 @@ def _write_predictions(rows: list[dict], classes: list[str], path: Path) -> None
     atomic_write_text(path, text.getvalue())
 
 
-def _eval_set(config: Config, classes: list[str], whole: bool):
-    if not whole:
-        return load_datasets(config).val
+def labelled_images(config: Config, classes: list[str]):
+    """The images of the ImageFolder tree at ``data.root`` (root/<class>/<image>), labelled by ``classes``, as
+    ``data.eval_transform`` reads them. A class the model does not know is an error naming the folder, an
+    unreadable file one naming the file (or it is skipped with ``data.skip_bad_images``)."""
     found = class_names(config)
     unknown = sorted(set(found) - set(classes))
     if unknown:
@@ -183,20 +198,21 @@ def predict(path: Path, inputs: list[Path], top_k: int = 3) -> list[dict]:
     loaded = load_model(path)
     transform = eval_transform(loaded.config.data.image_size, loaded.config.data.fast_decode)
     k = max(1, min(top_k, len(loaded.classes)))
-    images = _images(inputs)
+    images = image_paths(inputs)
     results = []
     for start in range(0, len(images), PREDICT_BATCH):
         chunk = images[start:start + PREDICT_BATCH]
         batch = torch.stack([load_image(str(image_path), transform, hint="") for image_path in chunk])
         with torch.inference_mode():
-            top = loaded.fast(batch).float().softmax(1).topk(k)
+            top = loaded.logits(batch).float().softmax(1).topk(k)
         for image_path, probs, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
             results.append({"image": str(image_path), "predictions": [
                 {"class": loaded.classes[i], "prob": p} for p, i in zip(probs, indices)]})
     return results
 
 
-def _images(inputs: list[Path]) -> list[Path]:
+def image_paths(inputs: list[Path]) -> list[Path]:
+    """The image files among ``inputs``, with the folders among them walked (sorted); an error when none."""
     found = []
     for item in map(Path, inputs):
         if item.is_dir():

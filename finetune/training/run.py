@@ -36,6 +36,7 @@ from finetune.models.freeze import (
     set_train_mode,
 )
 from finetune.training import rundir
+from finetune.training.calibration import calibrate_checkpoint
 from finetune.training.checkpoint import (
     load_checkpoint,
     restore_rng_states,
@@ -469,6 +470,9 @@ class Run:
             "skipped_images": self.data.bad_images, "processes": self.dist.world, "device": str(self.dist.device),
         }
         if self.dist.is_main:
+            if config.train.calibrate and state.best_epoch is not None:  # best.pt's probabilities, calibrated
+                summary["calibration"] = calibrate_checkpoint(self.run_dir / "best.pt", self.data.val,
+                                                              config.train.batch_size)
             rundir.write_summary(self.run_dir, summary)
         if changed:
             raise FinetuneError(f"Frozen tensors changed during training: {', '.join(changed[:5])}"

@@ -15,11 +15,11 @@ from finetune.config.schema import Config
 from finetune.errors import FinetuneError
 from finetune.utils.files import atomic_write_text
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "summary.json")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "summary.json", "reliability.png")
 # Keys a resumed run may change; anything else would make the result differ from an uninterrupted run.
 # The caches and decode threads change speed only: their batches are bit-identical.
 RESUMABLE_CHANGES = {"train.epochs", "train.output_dir", "data.workers", "data.cache_images", "train.time_limit_min",
-                     "train.early_stopping.patience"}
+                     "train.early_stopping.patience", "train.calibrate"}
 
 
 def check_new(run_dir: Path, overwrite: bool) -> None:
