@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from helpers import write_config
 
 from finetune.config.loading import load_config
 from finetune.config.schema import Config

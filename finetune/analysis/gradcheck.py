@@ -1,6 +1,6 @@
 """The gradient checks behind ``finetune inspect-grads``.
 
-The model is built exactly as ``train`` builds it. It takes N real batches (or one
+The model is prepared exactly as ``train`` prepares it (``training.setup.prepare``). It takes N real batches (or one
 random batch when ``data.root`` is not set), and backward accumulates their mean
 gradient. Then five checks run:
 
@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from finetune.config.schema import Config
-from finetune.data.folders import class_names_or_none, load_datasets
 from finetune.data.loaders import make_loader
-from finetune.models.build import Built, build
+from finetune.models.build import Built
 from finetune.models.freeze import frozen_tensors, set_train_mode
 from finetune.training.optim import build_optimizer
+from finetune.training.setup import Setup, prepare
+from finetune.training.validate import validate
 
 HEAD_TOLERANCE = 1e-5  # max |autograd - closed form|, relative to max |closed form| (float32 sums)
 FD_TOLERANCE = 1e-4  # relative error of float64 central differences
@@ -64,12 +65,12 @@ class GradReport:
 
 
 def inspect_grads(config: Config, batches: int = 1, epoch: int = 1) -> GradReport:
-    """Build the model as ``train`` would for (1-based) ``epoch``, run ``batches`` batches forward and backward,
-    and check the gradients."""
-    classes = class_names_or_none(config)
-    built = build(config, classes, progress=False, epoch=epoch)
-    images, targets, source = _batches(config, built.num_classes, batches)
-    return check_gradients(built, images, targets, config, source)
+    """Prepare the model as ``train`` does for (1-based) ``epoch``, run ``batches`` batches forward and backward,
+    and check the gradients. Raises FinetuneError for a config with problems (see ``validate``)."""
+    validate(config)
+    setup = prepare(config, epoch=epoch)
+    images, targets, source = _batches(setup, batches)
+    return check_gradients(setup.built, images, targets, config, source)
 
 
 def check_gradients(built: Built, images: list[torch.Tensor], targets: list[torch.Tensor], config: Config,
@@ -105,16 +106,16 @@ def check_gradients(built: Built, images: list[torch.Tensor], targets: list[torc
     return report
 
 
-def _batches(config: Config, num_classes: int, count: int):
+def _batches(setup: Setup, count: int):
+    config = setup.config
     generator = torch.Generator().manual_seed(config.train.seed)
-    if config.data.root is None:
+    if setup.data is None:
         size, batch = config.data.image_size, config.train.batch_size
         images = [torch.randn(batch, 3, size, size, generator=generator)]
-        targets = [torch.randint(num_classes, (batch,), generator=generator)]
+        targets = [torch.randint(setup.built.num_classes, (batch,), generator=generator)]
         return images, targets, (f"one random batch of {batch} images at {size}x{size} "
                                  "(data.root is not set)")
-    train = load_datasets(config).train
-    loader = make_loader(train, config.train.batch_size, shuffle=True, seed=config.train.seed, epoch=0)
+    loader = make_loader(setup.data.train, config.train.batch_size, shuffle=True, seed=config.train.seed, epoch=0)
     images, targets = [], []
     for x, y in loader:
         images.append(x)

@@ -20,8 +20,8 @@ from finetune.errors import FinetuneError
 # Between parallel regions torch's OpenMP threads (GNU libgomp) spin 300,000 times before they sleep, and the
 # spinning takes the cores from the decode threads. 10,000 keeps small kernels as fast and lets decoding run beside
 # the compute: the first epoch on camera photos went from 37 to 46 img/s head-only and 20 to 22 img/s full
-# (README, "Fast on a CPU"). Read once when torch loads, so set here, before any command imports it; a value the
-# user set is kept.
+# (docs/performance.md, "Fast on a CPU"). Read once when torch loads, so set here, before any command imports it;
+# a value the user set is kept.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 app = typer.Typer(
@@ -191,7 +191,7 @@ def train(
     Example:  finetune train --config configs/quickstart.yaml --set train.epochs=3
     """
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from finetune.training.distributed import launch
+        from finetune.utils.distributed import launch
 
         raise typer.Exit(launch(nproc, _without_option(sys.argv[1:], "--nproc")))
     if resume is not None and config is None:

@@ -14,9 +14,8 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from finetune.config.schema import Config
-from finetune.errors import FinetuneError
-from finetune.models.arch import WEIGHT_NAMES
+from finetune.config.schema import Config, is_weights_name
+from finetune.errors import FinetuneError, Problem
 
 # Keys holding paths; in a config file they are relative to the file's folder.
 PATH_KEYS = ("model.weights", "data.root", "train.output_dir")
@@ -78,9 +77,15 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
     return config
 
 
-def config_error(config: Config, problems: list[tuple[str, str]]) -> FinetuneError:
-    """A FinetuneError for problems ``[(key, message)]`` found after the schema check."""
+def config_error(config: Config, problems: list[Problem]) -> FinetuneError:
+    """A FinetuneError for problems found after the schema check, each under the file and line of its key."""
     return FinetuneError(_format_problems(config.path, [f"{config.where(k)}  {k}: {m}" for k, m in problems]))
+
+
+def raise_problems(config: Config, problems: list[Problem]) -> None:
+    """Raise :func:`config_error` for ``problems``, if there are any."""
+    if problems:
+        raise config_error(config, problems)
 
 
 def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
@@ -144,7 +149,7 @@ def _expand_user(value: str) -> Path:
 
 
 def _is_path(value) -> bool:
-    return isinstance(value, str) and value not in WEIGHT_NAMES and value != "none"
+    return isinstance(value, str) and not is_weights_name(value) and value != "none"
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

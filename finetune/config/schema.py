@@ -6,6 +6,7 @@ This module must not import torch, so that config errors are reported instantly.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -19,53 +20,89 @@ from pydantic import (
     field_validator,
 )
 
-from finetune.models.arch import ARCH_NAMES, ARCHS, DEFAULT_ARCH, WEIGHT_NAMES
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelConfig(_Section):
-    arch: Literal[ARCH_NAMES] = DEFAULT_ARCH
-    weights: str = "DEFAULT"  # after arch: its validator reads arch
-    weights_fallback: Literal["error", "random"] = "error"
-    num_classes: Optional[int] = Field(None, ge=2)
+def is_weights_name(value: str) -> bool:
+    """True for a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V2``...): a ``model.weights`` value that is
+    not a file path. Which names an architecture has is the models' to say (``models.arch.problems``)."""
+    return re.fullmatch(r"[A-Z][A-Z0-9_]*", value) is not None
 
-    @field_validator("weights")
-    @classmethod
-    def _weights_of_arch(cls, weights: str, info: ValidationInfo) -> str:
-        arch = ARCHS.get(info.data.get("arch"))
-        if arch and weights in WEIGHT_NAMES and weights != "DEFAULT" and weights not in arch.weight_names:
-            raise ValueError(f"torchvision has no {weights} weights for {arch.name}; use DEFAULT or "
-                             f"{' or '.join(arch.weight_names)}, a state-dict file, or none")
-        return weights
+
+class ModelConfig(_Section):
+    # Architecture names and their weights are checked by validate() (models.arch knows them): the config, below
+    # the models in the package layering, knows only their shape.
+    arch: str = Field("resnet18", description=(
+        "The torchvision network to fine-tune (see `finetune models`). Freeze patterns, the reports, stages, "
+        "layer_lr_decay, the feature cache, DDP, export, evaluate and predict work the same for each."))
+    weights: str = Field("DEFAULT", description=(
+        "Where the pretrained weights come from: DEFAULT (the architecture's best torchvision weights), "
+        "IMAGENET1K_V1 or IMAGENET1K_V2 (not resnet18/34) through torchvision's weights API (its cache, then a "
+        "download with progress and a 20 s network timeout); none for random init; or a path to a state-dict "
+        "file (loaded with weights_only=True; its 1000-class ImageNet head is replaced)."))
+    weights_fallback: Literal["error", "random"] = Field("error", description=(
+        "When torchvision's weights cannot be had (offline): error stops with three ways out; random warns "
+        "loudly, trains from random weights and records it in summary.json."))
+    num_classes: Optional[int] = Field(None, ge=2, description=(
+        "Classes of the new head; null: the number of class folders in the data. Set it to run freeze-report or "
+        "inspect-grads without data."))
 
 
 class DataConfig(_Section):
-    root: Optional[str] = None
-    image_size: int = Field(224, ge=32, le=1024)
-    val_fraction: float = Field(0.2, gt=0, lt=1)
-    augment: bool = False
-    sampler: Literal["shuffle", "balanced"] = "shuffle"
-    workers: Optional[int] = Field(None, ge=0)  # decode threads; None: data.default_workers()
-    fast_decode: bool = True  # JPEGs decoded at the smallest DCT scale that still covers the stored size
-    cache_images: Literal["auto", "on", "off"] = "auto"
-    demo: Optional[Literal["shapes"]] = None
-    skip_bad_images: bool = False
+    root: Optional[str] = Field(None, description=(
+        "The ImageFolder tree: root/train/<class>/* and root/val/<class>/*, or root/<class>/* split by "
+        "val_fraction. Relative to the config file's folder."))
+    image_size: int = Field(224, ge=32, le=1024, description="Images are resized and center-cropped to this many "
+                            "pixels a side.")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description=(
+        "Share of each class held out for validation when there is no root/val (stratified, seeded by "
+        "train.seed)."))
+    augment: bool = Field(False, description=(
+        "Random resized crop + horizontal flip for training images, from the image decoded at a shorter side of "
+        "1.5 x data.image_size; seeded by (seed, epoch, image index)."))
+    sampler: Literal["shuffle", "balanced"] = Field("shuffle", description=(
+        "shuffle: every training image once per epoch; balanced: as many draws with replacement, every class "
+        "equally likely (for imbalanced classes)."))
+    workers: Optional[int] = Field(None, ge=0, description=(  # None: data.loaders.default_workers()
+        "Decode threads that work ahead of training; 0: decode in the main thread; null: one per core, at most "
+        "8."))
+    fast_decode: bool = Field(True, description=(
+        "Decode JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) that still covers data.image_size (1.5 x with "
+        "data.augment); false: full-size decode, bit-identical to torchvision's classic pipeline."))
+    cache_images: Literal["auto", "on", "off"] = Field("auto", description=(
+        "Keep each decoded, resized image (uint8) after its first read: in memory up to train.cache_max_gb, the "
+        "rest in a file in the run directory (deleted at the end). auto: when later epochs read images again "
+        "and they fit the budget or the disk."))
+    demo: Optional[Literal["shapes"]] = Field(None, description=(
+        "shapes: generate the demo data set at data.root if that folder is missing."))
+    skip_bad_images: bool = Field(False, description=(
+        "true: leave out unreadable or truncated image files (named in a warning and in summary.json) instead "
+        "of stopping with an error that names them."))
 
 
 class Stage(_Section):
-    epoch: int = Field(ge=1)  # 1-based, as in the logs: the first epoch these patterns train in
-    trainable: list[str] = Field(min_length=1)
+    epoch: int = Field(ge=1, description=(  # 1-based, as in the logs
+        "The first epoch (1-based, as in the logs) these patterns train in; at most train.epochs."))
+    trainable: list[str] = Field(min_length=1, description=(
+        "Glob patterns of parameter names that join freeze.trainable from this epoch on."))
 
 
 class FreezeConfig(_Section):
-    default: Literal["frozen", "trainable"] = "frozen"
-    trainable: list[str] = Field(default_factory=lambda: ["fc"])
-    frozen: list[str] = Field(default_factory=list)
-    batchnorm: Literal["eval", "train"] = "eval"
-    stages: list[Stage] = Field(default_factory=list)
+    default: Literal["frozen", "trainable"] = Field("frozen", description=(
+        "What a parameter is when no pattern matches."))
+    trainable: list[str] = Field(default_factory=lambda: ["fc"], description=(
+        "Glob patterns of parameter names to train; layer4 also means layer4.*. The most specific matching "
+        "pattern wins."))
+    frozen: list[str] = Field(default_factory=list, description=(
+        "Glob patterns of parameter names to freeze; a tie with a freeze.trainable pattern goes to frozen."))
+    batchnorm: Literal["eval", "train"] = Field("eval", description=(
+        "eval: BatchNorm layers whose parameters are all frozen run in eval mode, so their running statistics "
+        "never change; train: every BatchNorm layer updates its statistics, as the tutorials do."))
+    stages: list[Stage] = Field(default_factory=list, description=(
+        "Gradual unfreezing: [{epoch: E, trainable: [patterns]}, ...], epochs strictly increasing. Newly "
+        "trainable parameters join the optimizer as new param groups with fresh momentum."))
 
     @field_validator("stages")
     @classmethod
@@ -77,23 +114,34 @@ class FreezeConfig(_Section):
 
 
 class ParamGroup(_Section):
-    params: list[str] = Field(min_length=1)
-    lr: float = Field(gt=0, le=10)
+    params: list[str] = Field(min_length=1, description="Glob patterns of parameter names that get this rate.")
+    lr: float = Field(gt=0, le=10, description="Their learning rate; the schedule multiplies it as it does "
+                      "optim.lr.")
 
 
 class OptimConfig(_Section):
-    lr: float = Field(0.01, gt=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False  # after momentum: its validator reads momentum
-    weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["constant", "step", "cosine"] = "constant"
-    step_size: int = Field(1, ge=1)
-    gamma: float = Field(0.1, gt=0, le=1)
-    warmup_epochs: int = Field(0, ge=0)
-    grad_clip: Optional[float] = Field(None, gt=0)
-    param_groups: list[ParamGroup] = Field(default_factory=list)
-    layer_lr_decay: Optional[float] = Field(None, gt=0, le=1)
-    no_decay_bn_bias: bool = False
+    lr: float = Field(0.01, gt=0, le=10, description="SGD learning rate (lr-find suggests one).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    # after momentum: its validator reads momentum
+    nesterov: bool = Field(False, description="Nesterov momentum (needs momentum > 0).")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
+    schedule: Literal["constant", "step", "cosine"] = Field("constant", description=(
+        "The learning-rate schedule, stepped every batch; it multiplies every param group's own base rate."))
+    step_size: int = Field(1, ge=1, description="step schedule: multiply the rate by gamma every step_size "
+                           "epochs.")
+    gamma: float = Field(0.1, gt=0, le=1, description="step schedule: the factor.")
+    warmup_epochs: int = Field(0, ge=0, description="Linear warm-up from lr/steps to lr over these epochs, then "
+                               "the schedule.")
+    grad_clip: Optional[float] = Field(None, gt=0, description="Clip the global gradient norm to this value; "
+                                       "null: no clipping.")
+    param_groups: list[ParamGroup] = Field(default_factory=list, description=(
+        "Learning rates by pattern: [{params: [patterns], lr: X}, ...]; the most specific pattern wins, and it "
+        "takes precedence over layer_lr_decay."))
+    layer_lr_decay: Optional[float] = Field(None, gt=0, le=1, description=(
+        "d: the head gets lr, each stage below it one more factor d (for ResNets fc lr, layer4 lr*d, ... the "
+        "stem lr*d^5)."))
+    no_decay_bn_bias: bool = Field(False, description="No weight decay on BatchNorm weights and biases or on any "
+                                   "bias.")
 
     @field_validator("nesterov")
     @classmethod
@@ -104,26 +152,46 @@ class OptimConfig(_Section):
 
 
 class EarlyStopping(_Section):
-    monitor: Literal["val_acc", "val_loss", "val_balanced_acc", "val_macro_f1"] = "val_acc"
-    patience: int = Field(3, ge=0)  # epochs without improvement before stopping
-    min_delta: float = Field(0.0, ge=0)  # a smaller change is no improvement
+    monitor: Literal["val_acc", "val_loss", "val_balanced_acc", "val_macro_f1"] = Field("val_acc", description=(
+        "The validation metric to watch (val_loss improves downwards, the others upwards)."))
+    patience: int = Field(3, ge=0, description=(
+        "Epochs without improvement before the run stops; 0: at the first epoch that does not improve."))
+    min_delta: float = Field(0.0, ge=0, description="A change of at most this much is no improvement.")
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(32, ge=1)
-    seed: int = 0
-    output_dir: str = "runs/default"
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    class_weights: Union[Literal["none", "balanced"], list[float]] = "none"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where native (finetune.utils.hardware)
-    cache_features: Literal["auto", "on", "off"] = "auto"
-    cache_max_gb: float = Field(2.0, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    sync_batchnorm: bool = False
-    dist_timeout_s: int = Field(600, ge=10)
-    early_stopping: Optional[EarlyStopping] = None
-    time_limit_min: Optional[float] = Field(None, gt=0)
+    epochs: int = Field(5, ge=1, description="Epochs to train.")
+    batch_size: int = Field(32, ge=1, description="The global batch: under DDP each of N processes takes "
+                            "batch_size / N images per step.")
+    seed: int = Field(0, description=(
+        "Seeds the head, the split, the data order and augmentation: the same config gives the same weights, "
+        "bit for bit, on the same machine."))
+    output_dir: str = Field("runs/default", description="The run directory (--output-dir overrides it).")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    class_weights: Union[Literal["none", "balanced"], list[float]] = Field("none", description=(
+        "Weights of the training loss per class: none; balanced (inverse class frequency, normalised to mean 1); "
+        "or a list of one positive weight per class, in the sorted order of the class folders."))
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=(  # auto: finetune.utils.hardware
+        "bf16 autocasts the forward pass; weights, gradients and the optimizer stay fp32. auto: bf16 only where "
+        "it is native (a CPU with avx512_bf16 or amx_bf16, a CUDA GPU with compute capability >= 8.0), else "
+        "fp32; an explicit bf16 elsewhere trains but warns: it is several times slower."))
+    cache_features: Literal["auto", "on", "off"] = Field("auto", description=(
+        "Compute the frozen prefix's outputs once, during the first epoch, and train later epochs from them. "
+        "auto: when the prefix is frozen, its BatchNorm layers run in eval mode and data.augment is off; on: an "
+        "error when that is not so."))
+    cache_max_gb: float = Field(2.0, ge=0, description=(
+        "Memory for the feature cache, and for the image cache; beyond it a cache goes to a file in the run "
+        "directory, deleted when the run ends."))
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else the CPU.")
+    sync_batchnorm: bool = Field(False, description=(
+        "Under DDP, sync trainable BatchNorm statistics across processes (CUDA only)."))
+    dist_timeout_s: int = Field(600, ge=10, description="Timeout in seconds of collective operations under DDP.")
+    early_stopping: Optional[EarlyStopping] = Field(None, description=(
+        "Stop when monitor has not improved by more than min_delta for patience epochs, e.g. {monitor: val_acc, "
+        "patience: 3, min_delta: 0.0}; null: train every epoch."))
+    time_limit_min: Optional[float] = Field(None, gt=0, description=(
+        "Stop cleanly after this many minutes of this invocation: after the current step, saving last.pt as on "
+        "SIGTERM, exit code 0."))
     calibrate: bool = Field(False, description=(
         "At the end of training, fit a temperature on best.pt's validation logits so that its probabilities are "
         "calibrated (as `finetune calibrate` does): stored in best.pt, used by evaluate, predict and export; "
@@ -146,11 +214,16 @@ class TrainConfig(_Section):
 
 
 class Config(_Section):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description=(
+        "The network: architecture, pretrained weights and the size of the new head."))
+    data: DataConfig = Field(default_factory=DataConfig, description=(
+        "The images: where they are, how they are decoded, augmented, sampled and cached."))
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig, description=(
+        "What trains and what stays frozen, BatchNorm modes, and gradual unfreezing."))
+    optim: OptimConfig = Field(default_factory=OptimConfig, description=(
+        "SGD with momentum over the trainable parameters only: learning rates, their schedule, weight decay."))
+    train: TrainConfig = Field(default_factory=TrainConfig, description=(
+        "The run: epochs, batches, seed, run directory, loss, precision, caches, devices and when to stop."))
 
     _source: Any = PrivateAttr(default=None)  # a config.loading._Source: where each key was set
 

@@ -23,6 +23,7 @@ from PIL import Image, ImageChops, ImageDraw
 from finetune.errors import FinetuneError
 
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring")
+DEFAULT_CLASSES = 4  # what data.demo: shapes generates
 
 SUPERSAMPLE = 4  # draw the shape mask larger, then downsample, for smooth edges
 NOISE = 24  # speckle amplitude: each channel of each pixel moves by up to +-NOISE
@@ -113,7 +114,12 @@ def class_sizes(per_class: int, classes: int, imbalance: float) -> list[int]:
     return [round(per_class * imbalance ** (-i / (classes - 1))) for i in range(classes)]
 
 
-def make_shapes(out_dir, *, classes: int = 4, train_per_class: int = 1000, val_per_class: int = 100,
+def demo_classes(count: int = DEFAULT_CLASSES) -> list[str]:
+    """The class names of a shapes set of ``count`` classes, in the order they are drawn."""
+    return list(SHAPES[:count])
+
+
+def make_shapes(out_dir, *, classes: int = DEFAULT_CLASSES, train_per_class: int = 1000, val_per_class: int = 100,
                 image_size: int = 64, seed: int = 0, imbalance: float = 1.0) -> dict:
     """Write out_dir/train/<class>/<i>.png and out_dir/val/<class>/<i>.png; return a summary dict
     {"root": str(out_dir), "classes": [names], "train": n_train_total, "val": n_val_total, "image_size": image_size,
@@ -145,7 +151,7 @@ def make_shapes(out_dir, *, classes: int = 4, train_per_class: int = 1000, val_p
     if out.is_dir() and any(out.iterdir()):
         raise FinetuneError(f"{out} exists and is not empty; choose a new folder or empty this one first.")
 
-    names = list(SHAPES[:classes])
+    names = demo_classes(classes)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build next to out_dir and rename at the end, so an interrupted run never
     # leaves a half-written out_dir behind.

@@ -22,7 +22,7 @@ from finetune.config.schema import Config
 from finetune.data.images import IMAGENET_MEAN, IMAGENET_STD
 from finetune.errors import FinetuneError, describe
 from finetune.training.calibration import check_temperature, stored_temperature
-from finetune.training.checkpoint import load_checkpoint, restore_model
+from finetune.training.checkpoint import TRAIN_STATE, load_checkpoint, restore_model
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Trained:
     classes: list[str]
     config: Config
     path: Path
-    progress: dict = field(default_factory=dict)  # the checkpoint's training state: epoch, history, ...
+    train_state: dict = field(default_factory=dict)  # the checkpoint's training state: epoch, history, ...
     calibration: Optional[dict] = None  # what `finetune calibrate` stored: the temperature and its report
 
     @property
@@ -49,7 +49,7 @@ def load_trained(path: Path) -> Trained:
         raise FinetuneError(f"{path} is not a usable finetune checkpoint: {describe(exc)}\n"
                             "Give last.pt or best.pt from a run directory of `finetune train`.") from None
     stored_temperature(checkpoint, Path(path))  # a damaged temperature is an error here, not a wrong answer later
-    return Trained(model, classes, config, Path(path), dict(checkpoint.get("progress") or {}),
+    return Trained(model, classes, config, Path(path), dict(checkpoint.get(TRAIN_STATE) or {}),
                    checkpoint.get("calibration"))
 
 # Format -> the suffix of its default output, which goes beside the checkpoint (best.pt -> best.onnx).

@@ -63,8 +63,8 @@ def metadata(trained: Trained, fmt: str) -> dict:
     size = trained.config.data.image_size
     inside = fmt != "state-dict"
     probabilities = inside and trained.temperature is not None
-    progress = trained.progress
-    history = progress.get("history") or [{}]
+    state = trained.train_state
+    history = state.get("history") or [{}]
     return {
         "classes": trained.classes,
         "image_size": size,
@@ -80,7 +80,7 @@ def metadata(trained: Trained, fmt: str) -> dict:
         "std": list(IMAGENET_STD),
         "arch": trained.config.model.arch,
         "finetune_version": __version__,
-        "source": {"checkpoint": str(trained.path.resolve()), "epoch": progress.get("epoch"),
+        "source": {"checkpoint": str(trained.path.resolve()), "epoch": state.get("epoch"),
                    "val_acc": history[-1].get("val_acc")},
         "config": trained.config.model_dump(mode="json"),
     }

@@ -17,7 +17,6 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from finetune.config.schema import Config
 from finetune.data.folders import (
     class_names,
-    drop_bad_images,
     eval_transform,
     image_folder,
     image_samples,
@@ -185,9 +184,8 @@ def labelled_images(config: Config, classes: list[str]):
         raise FinetuneError(f"{config.data.root} has classes the checkpoint does not know: {', '.join(unknown)} "
                             f"(it knows {', '.join(classes)}).")
     transform = eval_transform(config.data.image_size, config.data.fast_decode)
-    folder = image_folder(config, Path(config.data.root), classes, transform, allow_empty=True)
-    drop_bad_images(config, [folder])  # a clear error naming unreadable files, or skipped by data.skip_bad_images
-    return folder
+    # unreadable files: a clear error naming them, or skipped with data.skip_bad_images
+    return image_folder(config, Path(config.data.root), classes, transform)
 
 
 def predict(path: Path, inputs: list[Path], top_k: int = 3) -> list[dict]:

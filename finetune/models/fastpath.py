@@ -21,12 +21,13 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 from torch.utils.data import BatchSampler
 
+from finetune.data.imagecache import ImageCache, ImageCaches
 from finetune.data.loaders import (
     Indexed,
     SeededSamples,
@@ -37,9 +38,10 @@ from finetune.data.loaders import (
     make_loader,
     skipped_batch_error,
 )
+from finetune.errors import Problem
 from finetune.models.arch import Arch
 from finetune.models.freeze import Decision
-from finetune.training.distributed import Dist
+from finetune.utils.distributed import Dist
 
 ON_DISK_NAME = "feature-cache-{split}.bin"
 
@@ -70,13 +72,13 @@ class FastModel:
                  precision: str, device: torch.device = torch.device("cpu")):
         self.device = device
         self.model = model.to(device, memory_format=torch.channels_last)
+        self.bn_modes = bn_modes  # the mode ('train' or 'eval') of each BatchNorm layer while training
         chain = arch.stages(model)
-        self.split = frozen_prefix_length(chain, plan)
+        self.split, self.prefix_deterministic = _prefix(chain, plan, bn_modes)
         self.prefix, self.suffix = chain[:self.split], chain[self.split:]
         self.trainable_part: nn.Module = nn.Sequential(OrderedDict(
             (name.replace(".", "_"), module) for name, module in self.suffix))
         self.bf16 = precision == "bf16"
-        self.prefix_deterministic = prefix_is_deterministic(self.prefix_names, bn_modes)
 
     @classmethod
     def whole(cls, model: nn.Module, arch: Arch) -> "FastModel":
@@ -118,22 +120,49 @@ class FastModel:
         return self.head(self.features(images))
 
 
-def cache_decision(setting: str, fast: FastModel, augment: bool) -> tuple[bool, str]:
-    """Whether to cache prefix features (``train.cache_features``) and why, in words for the log."""
-    return _cache_decision(setting, fast.split, fast.prefix_deterministic, augment)
+class CachePlan(NamedTuple):
+    """Which splits the feature cache holds, and why, in words for the log."""
+    train: bool
+    val: bool
+    why: str
+
+    @property
+    def splits(self) -> list[str]:
+        return [split for split, cached in (("train", self.train), ("val", self.val)) if cached]
 
 
-def cache_problems(config, arch: Arch, model: nn.Module, plan: dict[str, Decision],
-                   bn_modes: dict[str, str]) -> list[tuple[str, str]]:
+def cache_plan(config, arch: Arch, model: nn.Module, plan: dict[str, Decision],
+               bn_modes: dict[str, str]) -> CachePlan:
+    """Where ``train.cache_features`` caches the frozen prefix's features for ``model`` frozen as ``plan`` says
+    (``model`` may be on the meta device): never for augmented training images; validation is never augmented."""
+    return _cache_plan(config, *_prefix(arch.stages(model), plan, bn_modes))
+
+
+def _cache_plan(config, split: int, deterministic: bool) -> CachePlan:
+    setting = config.train.cache_features
+    train, why = _cache_decision(setting, split, deterministic, config.data.augment)
+    val, _ = _cache_decision(setting, split, deterministic, augment=False)
+    if val and not train:
+        why += "; on for validation (its images are not augmented)"
+    return CachePlan(train, val, why)
+
+
+def problems(config, arch: Arch, model: nn.Module, plan: dict[str, Decision],
+             bn_modes: dict[str, str]) -> list[Problem]:
     """``train.cache_features: on`` where the cache cannot be used (``model`` may be on the meta device)."""
     if config.train.cache_features != "on":
         return []
-    chain = arch.stages(model)
+    split, deterministic = _prefix(arch.stages(model), plan, bn_modes)
+    usable, why = _cache_decision("on", split, deterministic, config.data.augment)
+    return [] if usable else [Problem("train.cache_features", f"is 'on' but the cache cannot be used: "
+                                                              f"{why.removeprefix('off (').rstrip(')')}; use auto "
+                                                              "or off")]
+
+
+def _prefix(chain: list[tuple[str, nn.Module]], plan: dict[str, Decision], bn_modes: dict[str, str]) -> tuple[int, bool]:
+    """The frozen prefix's length and whether it is deterministic (see :func:`prefix_is_deterministic`)."""
     split = frozen_prefix_length(chain, plan)
-    prefix = [name for name, _ in chain[:split]]
-    usable, why = _cache_decision("on", split, prefix_is_deterministic(prefix, bn_modes), config.data.augment)
-    return [] if usable else [("train.cache_features", f"is 'on' but the cache cannot be used: "
-                                                       f"{why.removeprefix('off (').rstrip(')')}; use auto or off")]
+    return split, prefix_is_deterministic([name for name, _ in chain[:split]], bn_modes)
 
 
 def _cache_decision(setting: str, split: int, deterministic: bool, augment: bool) -> tuple[bool, str]:
@@ -232,10 +261,12 @@ class FeatureSource:
 
     def __init__(self, fast: FastModel, dataset, batch_size: int, *, shuffle: bool, seed: int, workers: int,
                  cache_bytes: Optional[float] = None, folder: Optional[Path] = None, split: str = "train",
-                 dist: Dist = Dist(), weights: Optional[torch.Tensor] = None):
+                 dist: Dist = Dist(), weights: Optional[torch.Tensor] = None,
+                 image_cache: Optional[ImageCache] = None):
         self.fast, self.dataset, self.batch_size, self.weights = fast, dataset, batch_size, weights
         self.shuffle, self.seed, self.workers, self.dist = shuffle, seed, workers, dist
         self.cache_bytes, self.folder, self.split = cache_bytes, folder, split
+        self.image_cache = image_cache  # decoded images, read by the loaders (data.cache_images)
         self.cache: Optional[FeatureCache] = None
 
     @property
@@ -267,7 +298,7 @@ class FeatureSource:
     def _from_images(self, epoch: int, skip_batches: int):
         loader = make_loader(Indexed(self.dataset), self.batch_size, shuffle=self.shuffle, seed=self.seed,
                              epoch=epoch, skip_batches=skip_batches, workers=self.workers, rank=self.dist.rank,
-                             world=self.dist.world, weights=self.weights)
+                             world=self.dist.world, weights=self.weights, cache=self.image_cache)
         for images, targets, indices in loader:
             features = self.fast.features(images)
             if self.caching and epoch == 0:
@@ -284,8 +315,8 @@ class FeatureSource:
             return
         missing = [indices for indices in BatchSampler(self._sampler(0, weighted=False), self.batch_size, False)
                    if self.cache is None or not bool(self.cache.filled[indices].all())]
-        for indices, (images, targets, kept) in zip(missing, batch_loader(Indexed(self.dataset), missing,
-                                                                          self.workers)):
+        images_of = batch_loader(Indexed(self.dataset), missing, self.workers, self.image_cache)
+        for indices, (images, targets, kept) in zip(missing, images_of):
             self._store(kept, self.fast.features(images), targets)
             self.cache.skip(sorted(set(indices) - set(kept.tolist())))  # unreadable images, skipped
         if self.dist.active:
@@ -309,20 +340,20 @@ class FeatureSource:
 
 
 def feature_sources(config, fast: FastModel, data, folder: Path, *, weights: Optional[torch.Tensor] = None,
-                    dist: Dist = Dist()) -> tuple[FeatureSource, FeatureSource, str]:
+                    dist: Dist = Dist(), image_caches: Optional[ImageCaches] = None
+                    ) -> tuple[FeatureSource, FeatureSource, str]:
     """The train and val sources training reads, with the feature cache when ``train.cache_features`` allows it
-    (a spilled cache goes to ``folder``), and why the cache is on or off. ``weights``: the train sampling weights."""
-    setting, budget = config.train.cache_features, config.train.cache_max_gb * 2**30
-    use_cache, why = cache_decision(setting, fast, config.data.augment)
-    val_cache, _ = cache_decision(setting, fast, augment=False)  # validation is never augmented
-    if val_cache and not use_cache:
-        why += "; on for validation (its images are not augmented)"
+    (a spilled cache goes to ``folder``), and why the cache is on or off. ``weights``: the train sampling weights;
+    ``image_caches``: the run's image caches, which the loaders read through."""
+    images = image_caches or ImageCaches("off")
+    budget = config.train.cache_max_gb * 2**30
+    use_cache, val_cache, why = _cache_plan(config, fast.split, fast.prefix_deterministic)
     common = dict(seed=config.train.seed, dist=dist, folder=folder,
                   workers=config.data.workers if config.data.workers is not None else default_workers())
     batch = config.train.batch_size // dist.world
     rank = f"-rank{dist.rank}" if dist.active else ""  # spilled caches: one file per process
     train_set = SeededSamples(data.train, config.train.seed) if config.data.augment else data.train
     return (FeatureSource(fast, train_set, batch, shuffle=True, split=f"train{rank}", weights=weights,
-                          cache_bytes=budget if use_cache else None, **common),
+                          cache_bytes=budget if use_cache else None, image_cache=images.get("train"), **common),
             FeatureSource(fast, data.val, batch, shuffle=False, split=f"val{rank}",
-                          cache_bytes=budget if val_cache else None, **common), why)
+                          cache_bytes=budget if val_cache else None, image_cache=images.get("val"), **common), why)

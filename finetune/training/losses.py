@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from finetune.errors import Problem
+
 IMBALANCE_RATIO = 3  # warn when the largest class has at least this many times the images of the smallest
 
 
@@ -67,11 +69,11 @@ def imbalance_warning(targets: Sequence[int], classes: list[str]) -> Optional[st
             "and macro F1 (val_balanced_acc, val_macro_f1; finetune evaluate).")
 
 
-def problems(config, num_classes: int) -> list[tuple[str, str]]:
-    """Config problems ``[(key, message)]`` that need the number of classes: a ``train.class_weights``
-    list must hold one weight per class."""
+def problems(config, num_classes: int) -> list[Problem]:
+    """Config problems that need the number of classes: a ``train.class_weights`` list must hold one weight per
+    class."""
     weights = config.train.class_weights
     if isinstance(weights, list) and len(weights) != num_classes:
-        return [("train.class_weights", f"has {len(weights)} weights but there are {num_classes} classes; give "
+        return [Problem("train.class_weights", f"has {len(weights)} weights but there are {num_classes} classes; give "
                  f"one positive weight per class (in the sorted order of the class folders), or use balanced")]
     return []

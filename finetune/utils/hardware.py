@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, Problem
 
 # x86 instructions that compute in bf16 natively (dot products), not just convert to and from it.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -150,8 +150,15 @@ def precision_for_config(config, resumed: Optional[str] = None) -> PrecisionChoi
 
 def select_device(setting: str, cuda_available: bool) -> str:
     """``train.device``: auto means cuda when a GPU is there, else cpu; cuda without one is an error."""
+    for key, message in problems(setting, cuda_available):
+        raise FinetuneError(f"{key} {message}.")
     if setting == "auto":
         return "cuda" if cuda_available else "cpu"
-    if setting == "cuda" and not cuda_available:
-        raise FinetuneError("train.device is 'cuda' but no CUDA GPU is available; use train.device: auto or cpu.")
     return setting
+
+
+def problems(device: str, cuda_available: bool) -> list[Problem]:
+    """``train.device`` (``device``) set to cuda where there is no GPU."""
+    if device == "cuda" and not cuda_available:
+        return [Problem("train.device", "is 'cuda' but no CUDA GPU is available; use train.device: auto or cpu")]
+    return []
