@@ -29,8 +29,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from finetune.config.schema import Config
+from finetune.data import folders
 from finetune.data.loaders import default_workers, make_loader
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, Problem
 from finetune.models.arch import get_arch
 from finetune.models.fastpath import FastModel
 from finetune.training.checkpoint import load_checkpoint, restore_model, save_checkpoint
@@ -110,6 +112,19 @@ def stored_temperature(checkpoint: dict, path: Path) -> Optional[float]:
         raise FinetuneError(f"{path} holds a damaged calibration (no temperature); fit it again with "
                             f"`finetune calibrate {path} --overwrite`.")
     return check_temperature(calibration["temperature"], str(path))
+
+
+def problems(config: Config) -> list[Problem]:
+    """``train.calibrate`` on a validation split too small to fit and check a temperature (at least 2 images),
+    found before training rather than after it. ``data.root`` must be set and free of layout problems."""
+    if not config.train.calibrate or folders.demo_due(config):
+        return []
+    images = folders.val_images(config)
+    if images >= 2:
+        return []
+    return [Problem("train.calibrate", f"the validation split of {config.data.root} has {images} image(s); fitting "
+                                       "and checking a temperature needs at least 2 (a few hundred for a "
+                                       "trustworthy one): add validation images or set train.calibrate: false")]
 
 
 @dataclass
