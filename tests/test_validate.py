@@ -65,3 +65,15 @@ def test_train_needs_data(tmp_path):
     result = run_cli("train", "--set", "model.weights=none", "--set", "data.root=null", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "data.root: is not set; train trains on the training images" in result.stderr
+
+
+def test_calibrating_needs_two_validation_images_before_training(tmp_path):
+    """train.calibrate fits a temperature after training: a split too small for it is found before any epoch."""
+    data = make_colour_folder(tmp_path / "data", 1)  # one image a class: nothing held out
+    config = load_config(None, [f"data.root={data}", "model.weights=none", "train.calibrate=true"])
+    with pytest.raises(FinetuneError) as error:
+        validate(config)
+    assert f"train.calibrate: the validation split of {data} has 0 image(s)" in str(error.value)
+    validate(load_config(None, [f"data.root={data}", "model.weights=none"]))  # without calibrating: no problem
+    split = make_colour_folder(tmp_path / "more", 2)  # one of each class's two held out: 3 images
+    validate(load_config(None, [f"data.root={split}", "model.weights=none", "train.calibrate=true"]))

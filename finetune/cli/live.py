@@ -15,6 +15,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from finetune.cli.render import calibration_line
 from finetune.training.reporter import Reporter
 
 # The scores an epoch line and the summary table show, by task: (key in the metrics row, table heading).
@@ -53,8 +54,9 @@ def summary_line(summary: dict) -> str:
             if summary["best_epoch"] else "no epoch finished")
     stopped = (f"; {STOPPED[summary['stopped']]} after {summary['epochs_done']} of {summary['epochs']} epochs "
                "(resume to go on)" if summary["stopped"] else "")
+    calibrated = f"; {calibration_line(summary['calibration'])}" if summary.get("calibration") else ""
     return (f"done: {best}, {summary['total_seconds']:.1f}s in all; {summary['frozen_tensors']} frozen tensors "
-            f"unchanged; run directory {summary['run_dir']}{stopped}")
+            f"unchanged; run directory {summary['run_dir']}{stopped}{calibrated}")
 
 
 class PlainReporter(Reporter):

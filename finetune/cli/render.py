@@ -83,8 +83,10 @@ def print_evaluation(result: dict) -> None:
 
 def _print_classes(result: dict) -> None:
     console.print(f"loss {result['loss']:.4f}   accuracy (top-1) {result['top1']:.2%}   top-5 {result['top5']:.2%}   "
-                  f"balanced accuracy {_share(result['balanced_accuracy'])}   macro F1 {_share(result['macro_f1'])}",
-                  highlight=False)
+                  f"balanced accuracy {_share(result['balanced_accuracy'])}   macro F1 {_share(result['macro_f1'])}   "
+                  f"ECE {_share(result['ece'])} ({result['ece_bins']} bins)", highlight=False)
+    if result["temperature"] is not None:
+        console.print(f"calibrated: probabilities are softmax(logits / {result['temperature']:.4g})", highlight=False)
     table = Table(title="Per class", title_justify="left")
     table.add_column("class")
     for column in ("precision", "recall", "F1", "support"):
@@ -137,13 +139,93 @@ def print_predictions(results: list[dict]) -> None:
 
 def print_export(result: dict) -> None:
     detail = f", opset {result['opset']}" if "opset" in result else ""
+    detail += ", int8" if "quantization" in result else ""
     console.print(f"wrote {result['path']} ({result['format']}{detail}, {result['bytes'] / 2**20:.1f} MiB, "
                   f"{len(result['classes'])} classes)", highlight=False, soft_wrap=True)
     if "metadata_path" in result:
         console.print(f"wrote {result['metadata_path']} (classes, preprocessing, source run)", highlight=False,
                       soft_wrap=True)
-    console.print(f"verified on {result['verified_on']}: max |logit difference| {result['max_abs_diff']:.2g} "
-                  f"(tolerance {result['tolerance']:.0e})", highlight=False, soft_wrap=True)
+    compared = "logit" if result["compared"] == "logits" else "probability"
+    console.print(f"verified on {result['verified_on']}: max |{compared} difference| {result['max_abs_diff']:.2g} "
+                  f"(relative {result['max_rel_diff']:.2g}; tolerance {result['tolerance']}), top-1 agreement "
+                  f"{result['top1_agreement']:.0%}", highlight=False, soft_wrap=True)
+    if result["temperature"] is not None:
+        console.print(f"calibrated: outputs softmax(logits / {result['temperature']:.4g}), the checkpoint's "
+                      "temperature" if compared == "probability" else
+                      f"calibrated: apply the temperature {result['temperature']:.4g} (in the metadata) yourself: "
+                      "softmax(logits / temperature)", highlight=False, soft_wrap=True)
+    if "quantization" in result:
+        _print_quantization(result["quantization"])
+
+
+def _print_quantization(report: dict) -> None:
+    check, speed = report["verification"], report["speed"]
+    console.print(f"int8 calibrated on {report['calibration']['source']}", highlight=False, soft_wrap=True)
+    console.print(f"int8 checked on {check['images']} images of {check['data']}: top-1 {check['int8_top1']:.2%} "
+                  f"(fp32 {check['fp32_top1']:.2%}, drop {check['drop_points']:.2f} points, at most "
+                  f"{check['max_drop_points']:g}), agreement with fp32 {check['top1_agreement']:.2%}",
+                  highlight=False, soft_wrap=True)
+    table = Table(title=f"Speed on {speed['cpu_line']} ({speed['runtime']})", title_justify="left")
+    for column in ("model", "batch-1 latency (p50)", "batch-32 throughput", "size"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    sizes = {"fp32": report["fp32_bytes"], "int8": None}
+    for name in ("fp32", "int8"):
+        row = speed[name]
+        size = f"{sizes[name] / 2**20:.1f} MiB" if sizes[name] else ""
+        table.add_row(name, f"{row['batch1_ms']:.2f} ms", f"{row['batch32_images_per_s']:.1f} img/s", size)
+    table.add_row("int8 speed-up", f"{speed['speedup_batch1']:.2f}x", f"{speed['speedup_batch32']:.2f}x", "")
+    console.print(table)
+    slower = [f"batch {batch}" for batch, ratio in (("1", speed["speedup_batch1"]), ("32", speed["speedup_batch32"]))
+              if ratio < 1]
+    if slower:
+        console.print(f"[bold yellow]int8 is not faster than fp32 on this CPU[/] at {' and '.join(slower)}. The file "
+                      "is written all the same: on a CPU with VNNI (avx512_vnni, avx_vnni or amx_int8) it may well "
+                      "be; time it there with `finetune benchmark`.", highlight=False)
+
+
+def calibration_line(result: dict) -> str:
+    """One line on a calibration: the temperature and the held-out NLL and ECE before and after."""
+    before, after = result["before"], result["after"]
+    if not result["applied"]:
+        return (f"calibration kept temperature 1: the fitted {result['fitted_temperature']:.3g} would raise the "
+                f"held-out NLL ({before['nll']:.4f}); ECE {before['ece']:.2%}")
+    return (f"calibrated: temperature {result['temperature']:.4g}; held-out NLL {before['nll']:.4f} -> "
+            f"{after['nll']:.4f}, ECE {before['ece']:.2%} -> {after['ece']:.2%}")
+
+
+def print_calibration(result: dict) -> None:
+    console.print(f"{result['checkpoint']}: {calibration_line(result)}", highlight=False, soft_wrap=True)
+    console.print(f"held out: {result['held_out']}", highlight=False, soft_wrap=True)
+    table = Table()
+    for column in ("", "NLL", f"ECE ({result['bins']} bins)", "accuracy"):
+        table.add_column(column, justify="right" if column else "left")
+    for name in ("before", "after"):
+        row = result[name]
+        table.add_row(name, f"{row['nll']:.4f}", f"{row['ece']:.2%}", f"{row['accuracy']:.2%}")
+    console.print(table)
+    folds = ", ".join(f"{t:.3g}" for t in result["fold_temperatures"])
+    console.print(f"temperature {result['temperature']:.4g} stored in {result['checkpoint']} (fitted on all "
+                  f"{result['images']} images: {result['fitted_temperature']:.4g}; on each fold's others: {folds}); "
+                  f"reliability diagram: {result['reliability_png']}", highlight=False, soft_wrap=True)
+
+
+def print_benchmark(result: dict) -> None:
+    console.print(f"{result['model']}: {result['kind']}, {result['arch']}, {result['image_size']}x"
+                  f"{result['image_size']}, {result['classes']} classes{', calibrated' if result['calibrated'] else ''}"
+                  f"; {result['runtime']}, {result['threads']} threads", highlight=False, soft_wrap=True)
+    console.print(f"CPU: {result['cpu_line']}", highlight=False, soft_wrap=True)
+    table = Table(title="Benchmark", title_justify="left")
+    for column in ("measurement", "p50", "p95", "images/s", "runs"):
+        table.add_column(column, justify="left" if column == "measurement" else "right")
+    latency, throughput, decode = result["latency"], result["throughput"], result["preprocess"]
+    table.add_row("model, batch 1", f"{latency['p50_ms']:.2f} ms", f"{latency['p95_ms']:.2f} ms",
+                  f"{1000 / latency['p50_ms']:.1f}", str(latency["runs"]))
+    table.add_row(f"model, batch {throughput['batch_size']}", f"{throughput['p50_ms']:.1f} ms",
+                  f"{throughput['p95_ms']:.1f} ms", f"{throughput['images_per_s']:.1f}", str(throughput["runs"]))
+    table.add_row("decode + preprocess, 1 image", f"{decode['p50_ms']:.2f} ms", f"{decode['p95_ms']:.2f} ms",
+                  f"{decode['images_per_s']:.1f}", str(decode["runs"]))
+    console.print(table)
+    console.print(f"decode + preprocess timed on {decode['source']}", highlight=False, soft_wrap=True)
 
 
 def _fmt(value) -> str:

@@ -267,6 +267,10 @@ class TrainConfig(_Section):
                                  "this many optimizer steps (epoch metrics are recorded every epoch).")
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="Where train.loggers: [mlflow] records "
                                  "the run.")
+    calibrate: bool = Field(False, description=(
+        "At the end of training, fit a temperature on best.pt's validation logits so that its probabilities are "
+        "calibrated (as `finetune calibrate` does): stored in best.pt, used by evaluate, predict and export; "
+        "reliability.png in the run directory."))
 
     @field_validator("loggers")
     @classmethod

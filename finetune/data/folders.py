@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -257,6 +258,13 @@ def image_samples(dataset: Dataset) -> list[tuple]:
     return image_samples(dataset.dataset)
 
 
+def spread_indices(total: int, count: int) -> list[int]:
+    """Up to ``count`` indices evenly spread over ``range(total)``, first and last included: over a folder's images
+    (sorted by class) every class gets its share."""
+    count = min(count, total)
+    return sorted({round(i * (total - 1) / max(1, count - 1)) for i in range(count)})
+
+
 def stratified_split(targets: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Hold out ``val_fraction`` of each class (at least one image when a class has two or more)."""
     by_class: dict[int, list[int]] = {}
@@ -267,10 +275,26 @@ def stratified_split(targets: list[int], val_fraction: float, seed: int) -> tupl
     for target in sorted(by_class):
         indices = by_class[target]
         rng.shuffle(indices)
-        n_val = min(max(1, round(len(indices) * val_fraction)), len(indices) - 1) if len(indices) > 1 else 0
+        n_val = _held_out(len(indices), val_fraction)
         val += indices[:n_val]
         train += indices[n_val:]
     return sorted(train), sorted(val)
+
+
+def _held_out(images: int, val_fraction: float) -> int:
+    """How many of a class's ``images`` :func:`stratified_split` holds out."""
+    return min(max(1, round(images * val_fraction)), images - 1) if images > 1 else 0
+
+
+def val_images(config: Config) -> int:
+    """How many image files the validation split of ``data.root`` will hold, from the folder listings alone (an
+    unreadable file counts: it is found only when read). ``data.root`` must be free of :func:`problems`."""
+    root = Path(config.data.root)
+    classes = class_names(config)
+    if train_folder(root) != root:
+        return len(scan(root / "val", classes))
+    per_class = Counter(target for _, target in scan(root, classes))
+    return sum(_held_out(images, config.data.val_fraction) for images in per_class.values())
 
 
 def scan(folder: Path, classes: list[str]) -> list[tuple[str, int]]:

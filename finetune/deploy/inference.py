@@ -26,11 +26,19 @@ from finetune.data.folders import (
 )
 from finetune.data.labels import split_samples
 from finetune.data.loaders import default_workers, make_loader
-from finetune.deploy.artifacts import is_torchscript_export, load_onnx, load_torchscript, load_trained, to_pixels
+from finetune.deploy.artifacts import (
+    is_torchscript_export,
+    load_onnx,
+    load_torchscript,
+    load_trained,
+    outputs_probabilities,
+    to_pixels,
+)
 from finetune.errors import FinetuneError
 from finetune.models.arch import get_arch
 from finetune.models.fastpath import FastModel
 from finetune.training import metrics, multilabel
+from finetune.training.calibration import ECE_BINS, ece
 from finetune.training.multilabel import DEFAULT_THRESHOLD
 from finetune.utils.files import atomic_write_text
 
@@ -41,14 +49,26 @@ PREDICT_BATCH = 32
 class Loaded:
     """A model ready to classify: a checkpoint, or an ONNX or TorchScript file of `finetune export`.
 
-    ``fast(batch)`` (and ``fast.head(batch)``) gives the logits of a batch normalised as ``data.eval_transform``
-    makes it.
+    ``fast.head(batch)`` gives the model's output for a batch normalised as ``data.eval_transform`` makes it:
+    logits, or the calibrated probabilities of an export of a calibrated checkpoint. :meth:`logits` turns either
+    into the logits whose softmax is what finetune reports.
     """
 
     classes: list[str]
     config: Config  # the run's config: an export carries it in its metadata
     fast: Any  # a FastModel, or an _Exported
+    kind: str  # checkpoint, onnx, onnx int8 or torchscript
     thresholds: Optional[list[float]] = None  # multilabel: one per label, chosen on the validation split
+    temperature: Optional[float] = None  # of a calibrated checkpoint, or the one an export applies itself
+    probabilities: bool = False  # the export outputs softmax(logits / temperature)
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Calibrated logits of a normalised batch (plain logits without a temperature); softmax of them gives the
+        probabilities."""
+        out = self.fast.head(batch)
+        if self.probabilities:  # log of the probabilities: softmax gives them back; tiny keeps log(0) finite
+            return out.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+        return out if self.temperature is None else out / self.temperature
 
     @property
     def multilabel(self) -> bool:
@@ -76,17 +96,18 @@ class _Exported:
     __call__ = head
 
 
-def load_model(path: Path) -> Loaded:
+def load_model(path: Path, threads: Optional[int] = None) -> Loaded:
     """A checkpoint, or an exported ``.onnx`` (run by onnxruntime) or TorchScript file, ready to classify.
 
-    Classes, image size, thresholds and the run's config of an export come from its own metadata.
+    Classes, image size, thresholds and the run's config of an export come from its own metadata. ``threads``:
+    onnxruntime's threads for an ONNX file (torch's are set with ``torch.set_num_threads``).
     """
     path = Path(path)
     if path.suffix == ".onnx" or is_torchscript_export(path):
         if not path.is_file():
             raise FinetuneError(f"Exported model not found: {path}")
         kind = "onnx" if path.suffix == ".onnx" else "torchscript"
-        model, meta = load_onnx(path) if kind == "onnx" else load_torchscript(path)
+        model, meta = load_onnx(path, threads) if kind == "onnx" else load_torchscript(path)
         try:
             config = Config.model_validate(meta["config"])
             config.data.image_size = int(meta["image_size"])
@@ -95,18 +116,23 @@ def load_model(path: Path) -> Loaded:
         except Exception as exc:
             raise FinetuneError(f"{path} has finetune metadata this version cannot use "
                                 f"({type(exc).__name__}); export it again with this finetune.") from None
-        return Loaded(classes, config, _Exported(model), thresholds)
+        kind += " int8" if meta.get("quantization") else ""
+        return Loaded(classes, config, _Exported(model), kind, thresholds, meta.get("temperature"),
+                      outputs_probabilities(meta))
     trained = load_trained(path)
     fast = FastModel.whole(trained.model, get_arch(trained.config.model.arch))
-    return Loaded(trained.classes, trained.config, fast, trained.thresholds)
+    return Loaded(trained.classes, trained.config, fast, "checkpoint", trained.thresholds, trained.temperature)
 
 
 def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Optional[Path] = None,
                         top_losses: int = 0, split: str = "val", threshold: Optional[float] = None) -> dict:
-    """Loss, top-1, top-5, per-class precision/recall/F1/support, balanced accuracy and macro F1 of a checkpoint,
-    with confusion.png (counts, and normalised per true class). A multi-label model instead gets mAP, micro and
-    macro F1 and exact match at its thresholds (or ``threshold`` for every label), per-label precision, recall,
-    F1, AP and support, pr_curves.png, and predictions.csv.
+    """Loss, top-1, top-5, per-class precision/recall/F1/support, balanced accuracy, macro F1 and expected
+    calibration error of a checkpoint, with confusion.png (counts, and normalised per true class). A multi-label
+    model instead gets mAP, micro and macro F1 and exact match at its thresholds (or ``threshold`` for every
+    label), per-label precision, recall, F1, AP and support, pr_curves.png, and predictions.csv.
+
+    A calibrated checkpoint (or its export) is evaluated with its temperature: the loss and ECE are those of its
+    calibrated probabilities.
 
     ``data`` is an ImageFolder tree (its ``split/`` folder when it has one) or a label file (its rows of ``split``
     when it has a split column); by default the run's own ``split``, val or test. With ``top_losses`` K it also
@@ -120,7 +146,7 @@ def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Opt
     thresholds = trained.thresholds_for(threshold) if trained.multilabel else None
     config = trained.config.model_copy(deep=True)
     dataset, source = _eval_set(config, trained, data, split)
-    logits, targets = _logits(trained.fast, make_loader(dataset, config.train.batch_size, shuffle=False,
+    logits, targets = _logits(trained.logits, make_loader(dataset, config.train.batch_size, shuffle=False,
                                                        workers=default_workers()), trained)
     out = Path(output_dir) if output_dir else Path(path).parent
     out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +157,7 @@ def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Opt
         result.update(_multilabel_scores(logits, targets, trained.classes, thresholds, threshold, out))
     else:
         result.update(_multiclass_scores(logits, targets, trained.classes, out))
+        result.update(ece=ece(logits.softmax(1), targets), ece_bins=ECE_BINS, temperature=trained.temperature)
     if top_losses or trained.multilabel:
         rows = _by_loss(dataset, logits, targets, losses, trained, thresholds)
         _write_predictions(rows, trained.classes, out / "predictions.csv")
@@ -186,13 +213,14 @@ def _losses(logits: torch.Tensor, targets: torch.Tensor, multilabel_task: bool) 
 
 
 @torch.inference_mode()
-def _logits(fast, loader, loaded: Loaded) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 logits and targets (class indices, or multi-hot rows) of every image, in loader order."""
+def _logits(logits_of, loader, loaded: Loaded) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 logits (``logits_of`` each batch: calibrated when the model has a temperature) and targets
+    (class indices, or multi-hot rows) of every image, in loader order."""
     n = len(loaded.classes)
     logits = [torch.empty(0, n)]
     targets = [torch.empty(0, n) if loaded.multilabel else torch.empty(0, dtype=torch.long)]
     for images, labels in loader:
-        logits.append(fast.head(images).float().cpu())
+        logits.append(logits_of(images).float().cpu())
         targets.append(labels)
     return torch.cat(logits), torch.cat(targets)
 
@@ -246,6 +274,12 @@ def _eval_set(config: Config, loaded: Loaded, data: Optional[Path], split: str):
     return labelled_folder(config, folder, loaded.classes), str(folder)
 
 
+def labelled_images(config: Config, classes: list[str]):
+    """The images of the ImageFolder tree at ``data.root`` (root/<class>/<image>), labelled by ``classes``, as
+    ``data.eval_transform`` reads them; see :func:`~finetune.data.folders.labelled_folder`."""
+    return labelled_folder(config, Path(config.data.root), classes)
+
+
 def predict(path: Path, inputs: list[Path], top_k: int = 3, threshold: Optional[float] = None) -> list[dict]:
     """Top-k classes with probabilities for each image (directories are walked for images); for a multi-label
     model every label at or above its threshold (``threshold`` for all, when given), most probable first.
@@ -256,13 +290,13 @@ def predict(path: Path, inputs: list[Path], top_k: int = 3, threshold: Optional[
     thresholds = loaded.thresholds_for(threshold)
     transform = eval_transform(loaded.config.data.image_size, loaded.config.data.fast_decode)
     k = max(1, min(top_k, len(loaded.classes)))
-    images = _images(inputs)
+    images = image_paths(inputs)
     results = []
     for start in range(0, len(images), PREDICT_BATCH):
         chunk = images[start:start + PREDICT_BATCH]
         batch = torch.stack([load_image(str(image_path), transform, hint="") for image_path in chunk])
         with torch.inference_mode():
-            logits = loaded.fast(batch).float()
+            logits = loaded.logits(batch).float()
         for image_path, row in zip(chunk, logits):
             results.append({"image": str(image_path),
                             "predictions": _labels(row, loaded.classes, thresholds) if loaded.multilabel
@@ -281,7 +315,8 @@ def _labels(logits: torch.Tensor, classes: list[str], thresholds: list[float]) -
     return sorted(chosen, key=lambda guess: -guess["prob"])
 
 
-def _images(inputs: list[Path]) -> list[Path]:
+def image_paths(inputs: list[Path]) -> list[Path]:
+    """The image files among ``inputs``, with the folders among them walked (sorted); an error when none."""
     found = []
     for item in map(Path, inputs):
         if item.is_dir():

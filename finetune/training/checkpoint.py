@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from finetune.config.schema import Config
 from finetune.errors import FinetuneError
+from finetune.models.arch import get_arch
 from finetune.utils.files import atomic_write, safe_load
 
 FORMAT = 2
@@ -44,3 +47,15 @@ def _from_format_1(checkpoint: dict[str, Any]) -> dict[str, Any]:
     upgraded = {key: value for key, value in checkpoint.items() if key != "progress"}
     upgraded.update(format=FORMAT, **{TRAIN_STATE: checkpoint.get("progress")})
     return upgraded
+
+
+def restore_model(checkpoint: dict[str, Any]) -> tuple[nn.Module, list[str], Config]:
+    """The model of a loaded checkpoint with its weights, in eval mode, its class names and its run's config.
+
+    Raises what validating the config, building the model or loading its weights raises (a damaged or foreign file).
+    """
+    classes = [str(name) for name in checkpoint["classes"]]
+    config = Config.model_validate(checkpoint["config"])
+    model = get_arch(config.model.arch).build(len(classes))
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), classes, config

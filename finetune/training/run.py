@@ -21,6 +21,7 @@ from finetune.data.imagecache import ImageCaches
 from finetune.errors import FinetuneError
 from finetune.models.freeze import batchnorm_modes, frozen_tensors, plan_freeze, set_train_mode
 from finetune.training import multilabel, rundir
+from finetune.training.calibration import calibrate_checkpoint
 from finetune.training.checkpoint import TRAIN_STATE, load_checkpoint, save_checkpoint
 from finetune.training.epoch import TrainState, evaluate, train_one_epoch
 from finetune.training.reporter import EpochStart, Reporter
@@ -310,6 +311,9 @@ class Run:
         summary = run_summary(self.setup, self.state, self.run_dir, frozen=len(self.frozen), altered=altered,
                               seconds=time.perf_counter() - self.started)
         if self.dist.is_main:
+            if self.config.train.calibrate and self.state.best_epoch is not None:  # best.pt's probabilities
+                summary["calibration"] = calibrate_checkpoint(self.run_dir / "best.pt", self.setup.data.val,
+                                                              self.config.train.batch_size)
             rundir.write_summary(self.run_dir, summary)
         if altered:
             raise frozen_changed_error(altered)

@@ -17,13 +17,13 @@ from finetune.errors import FinetuneError
 from finetune.utils.files import atomic_write_text
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "summary.json", "status.json",
-             "tensorboard")
+             "tensorboard", "reliability.png")
 # Keys a resumed run may change; anything else would make the result differ from an uninterrupted run.
 # The caches and decode threads change speed only: their batches are bit-identical; trackers only record.
 RESUMABLE_CHANGES = {"train.epochs", "train.output_dir", "data.workers", "data.cache_images", "train.time_limit_min",
                      "train.early_stopping.patience", "train.loggers", "train.log_every_steps",
                      "train.mlflow.tracking_uri", "train.mlflow.experiment", "train.mlflow.run_name",
-                     "train.mlflow.log_checkpoint"}
+                     "train.mlflow.log_checkpoint", "train.calibrate"}
 
 
 def check_new(run_dir: Path, overwrite: bool) -> None:

@@ -3,7 +3,8 @@
 :func:`validate` asks each concern's checker (each is called ``problems`` and returns a list of
 :class:`~finetune.errors.Problem`): the data's root and layout, the head's size against the classes, the
 architecture and weights names, the freeze rules and stages, the param-group patterns, the feature cache's
-rules, the device, the global batch against the processes, the class weights, the keys that depend on
+rules, the device, the global batch against the processes, the class weights, a validation split big enough for
+``train.calibrate``, the keys that depend on
 ``model.task``, and the packages of the trackers ``train.loggers`` names. It reads folder listings, label files and
 the model's structure on the meta device, never an image or a weight, and raises one FinetuneError that names every
 key at fault with the file and line that set it. Schema problems (unknown keys, wrong types) come first, all
@@ -21,7 +22,7 @@ from finetune.config.schema import Config
 from finetune.data import folders
 from finetune.errors import Problem
 from finetune.models import arch, build, fastpath, freeze
-from finetune.training import losses, multilabel, optim, tracking
+from finetune.training import calibration, losses, multilabel, optim, tracking
 from finetune.utils import distributed, hardware
 
 
@@ -39,6 +40,8 @@ def problems(config: Config, data_needed_by: Optional[str] = None) -> list[Probl
     classes = None if found else folders.data_classes(config)
     if not found:
         found += build.problems(config, classes)
+        if classes is not None:
+            found += calibration.problems(config)
     num_classes = len(classes) if classes else config.model.num_classes
     arch_problems = arch.problems(config.model)
     found += arch_problems

@@ -208,3 +208,33 @@ def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], s
     ax.legend()
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_reliability(before: list[dict], after: list[dict], ece_before: float, ece_after: float, path: Path) -> None:
+    """Reliability diagrams before and after calibration, side by side, each above the histogram of its
+    confidences. ``before``/``after``: one dict per equal-width confidence bin (``low``, ``high``, ``count``,
+    ``confidence``, ``accuracy``), as ``training.calibration.reliability`` gives them."""
+    plt = load_pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    for column, (bins, ece, title) in enumerate(((before, ece_before, "before (temperature 1)"),
+                                                  (after, ece_after, "after (held-out temperatures)"))):
+        diagram, histogram = axes[0][column], axes[1][column]
+        width = bins[0]["high"] - bins[0]["low"]
+        filled = [row for row in bins if row["count"]]
+        diagram.bar([row["low"] for row in filled], [row["accuracy"] for row in filled], width=width, align="edge",
+                    color="tab:blue", edgecolor="white", label="accuracy")
+        diagram.bar([row["low"] for row in filled], [row["confidence"] - row["accuracy"] for row in filled],
+                    bottom=[row["accuracy"] for row in filled], width=width, align="edge", color="tab:red",
+                    alpha=0.3, edgecolor="tab:red", label="gap to confidence")
+        diagram.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label="perfect calibration")
+        diagram.set_ylim(0, 1)
+        diagram.set_ylabel("accuracy")
+        diagram.set_title(f"{title}: ECE {ece:.2%}")
+        diagram.legend(loc="upper left", fontsize=8)
+        histogram.bar([row["low"] for row in bins], [row["count"] for row in bins], width=width, align="edge",
+                      color="tab:gray", edgecolor="white")
+        histogram.set_xlim(0, 1)
+        histogram.set_xlabel("confidence (top probability)")
+        histogram.set_ylabel("images")
+    fig.tight_layout()
+    _save(fig, path)
