@@ -57,7 +57,7 @@ class Loaded:
     classes: list[str]
     config: Config  # the run's config: an export carries it in its metadata
     fast: Any  # a FastModel, or an _Exported
-    kind: str  # checkpoint, onnx, onnx int8 or torchscript
+    kind: str = "checkpoint"  # checkpoint, onnx, onnx int8 or torchscript
     thresholds: Optional[list[float]] = None  # multilabel: one per label, chosen on the validation split
     temperature: Optional[float] = None  # of a calibrated checkpoint, or the one an export applies itself
     probabilities: bool = False  # the export outputs softmax(logits / temperature)
