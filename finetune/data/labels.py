@@ -82,7 +82,7 @@ def read_label_file(config: Config) -> LabelTable:
         start, line = line + 1, reader.line_num
         if not any(cell.strip() for cell in record):
             continue
-        row = _row(config, file, columns, record, start, problems)
+        row = _row(config, columns, record, start, problems)
         if row is None:
             continue
         first = seen.setdefault(row.path, row)
@@ -125,8 +125,7 @@ def _columns(config: Config, file: Path, header: list[str]) -> dict[str, int]:
     return found
 
 
-def _row(config: Config, file: Path, columns: dict[str, int], record: list[str], line: int,
-         problems: list) -> Optional[Row]:
+def _row(config: Config, columns: dict[str, int], record: list[str], line: int, problems: list) -> Optional[Row]:
     """The row of ``record``, or None with its problem added to ``problems``."""
     if len(record) <= max(columns.values()):
         problems.append((line, f"has {len(record)} field(s), too few for the header's columns"))
@@ -157,8 +156,8 @@ def _inside_root(config: Config, written: str) -> Optional[str]:
 
 
 def _describe(row: Row) -> str:
-    labels = " ".join(row.labels) if row.labels else "no label"
-    return f"label {labels!r}" + (f" in split {row.split}" if row.split else "")
+    labels = f"label {' '.join(row.labels)!r}" if row.labels else "no label"
+    return labels + (f" in split {row.split}" if row.split else "")
 
 
 def _shown(path: str, config: Config) -> str:
