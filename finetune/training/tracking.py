@@ -167,6 +167,8 @@ class Tracking:
 
     def finish(self, summary: dict, history: list[dict]) -> None:
         """The run finished: final metrics against the hyperparameters, the confusion matrix and top losses."""
+        if self.run is None:  # Tracking(): another rank's, which records nothing
+            return
         self.status.update(status=summary["stopped"] or "finished", ended=_now())
         self._write_status()
         if not self.trackers:
