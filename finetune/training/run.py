@@ -303,12 +303,11 @@ class Run:
         reporter.start(run_dir=run_dir, config=config, weights=built.weights.source, layout=data.layout,
                        train_images=len(data.train), val_images=len(data.val), classes=data.classes,
                        steps_per_epoch=run.steps, resumed_at=run.state.epoch if resume else None)
-        state = run.state  # tracking: status.json, TensorBoard, MLflow (training/tracking.py)
-        run.tracking = Tracking.start(RunStart(
+        run.tracking = Tracking.start(RunStart(  # tracking: status.json, TensorBoard, MLflow (training/tracking.py)
             config, run_dir, data.classes, [path for path, _ in image_samples(data.val)],
             trained_params=sum(p.numel() for n, p in run.model.named_parameters() if n not in run.frozen),
-            resumed_step=state.epoch * run.steps + state.step if resume else None,
-            epoch_sums=(state.loss_sum, state.seen)), reporter, dist.is_main)
+            resumed_step=run.steps_done if resume else None, epoch_sums=(run.state.loss_sum, run.state.seen)),
+            reporter, dist.is_main)
         return run
 
     def restore(self, saved: dict) -> None:
@@ -372,8 +371,12 @@ class Run:
     def report_step(self, state: TrainState) -> None:
         self.reporter.step(state.epoch, state.step, self.steps, state.loss_sum / state.seen, state.correct / state.seen,
                            self.optimizer.param_groups[0]["lr"], state.seen / max(state.seconds, 1e-9))
-        self.tracking.step(state.epoch * self.steps + state.step, state.loss_sum, state.seen,  # tracking
-                           self.optimizer.param_groups[0]["lr"])
+        self.tracking.step(self.steps_done, state.loss_sum, state.seen, self.optimizer.param_groups[0]["lr"])
+
+    @property
+    def steps_done(self) -> int:
+        """Optimizer steps so far: the x axis of the trackers' curves."""
+        return self.state.epoch * self.steps + self.state.step
 
     def out_of_time(self) -> bool:
         limit = self.config.train.time_limit_min
@@ -390,7 +393,7 @@ class Run:
         if improved:
             state.best_epoch, state.best_val_acc = row["epoch"], row["val_acc"]
         self._early_stopping(row)
-        self.tracking.epoch(state.epoch * self.steps, row, val)  # tracking
+        self.tracking.epoch(self.steps_done, row, val)
         if self.dist.is_main:
             rundir.write_metrics(self.run_dir, state.history)
             self.checkpoint("last.pt")
@@ -501,7 +504,7 @@ class Run:
                                 f"{' ...' if len(changed) > 5 else ''}. They should be bit-identical; "
                                 "this is a bug, please report it with the run's config.yaml.", exit_code=1)
         self.reporter.finish(summary, state.history)
-        self.tracking.finish(summary, state.history)  # tracking
+        self.tracking.finish(summary, state.history)
         return summary
 
 
