@@ -325,8 +325,9 @@ def export(
 @app.command()
 @_user_errors
 def runs(
-    folders: Annotated[Optional[list[Path]], typer.Argument(help="Run directories, or folders that hold them "
-                                                            "(default: runs/).", show_default=False)] = None,
+    folders: Annotated[Optional[list[Path]], typer.Argument(metavar="DIR...", help="Run directories, or folders "
+                                                            "that hold them (default: runs/).",
+                                                            show_default=False)] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Compare the given run directories: overlay their "
                                           "validation curves in one plot and list the config keys that differ.")
                        ] = False,

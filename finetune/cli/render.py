@@ -310,7 +310,8 @@ def print_comparison(comparison: "Comparison") -> None:
         for run in comparison.runs:
             table.add_column(escape(run.name), overflow="fold")
         for key, values in comparison.differences.items():
-            table.add_row(key, *("-" if v is None else escape(str(v)) for v in values))
+            table.add_row(key, *("-" if v is None else escape(v if isinstance(v, str) else json.dumps(v))
+                                 for v in values))
         console.print(table)
     else:
         console.print("the runs' configs are the same (apart from train.output_dir)", highlight=False)

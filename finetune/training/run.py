@@ -145,12 +145,11 @@ class Run:
         reporter.start(run_dir=run_dir, config=config, weights=setup.built.weights.source, layout=data.layout,
                        train_images=len(data.train), val_images=len(data.val), classes=data.classes,
                        steps_per_epoch=setup.steps, resumed_at=run.state.epoch if resume else None)
-        state = run.state  # tracking: status.json, TensorBoard, MLflow (training/tracking.py)
-        run.tracking = Tracking.start(RunStart(
+        run.tracking = Tracking.start(RunStart(  # tracking: status.json, TensorBoard, MLflow (training/tracking.py)
             config, run_dir, data.classes, [path for path, _ in image_samples(data.val)],
             trained_params=sum(p.numel() for n, p in run.model.named_parameters() if n not in run.frozen),
-            resumed_step=state.epoch * setup.steps + state.step if resume else None,
-            epoch_sums=(state.loss_sum, state.seen)), reporter, dist.is_main)
+            resumed_step=run.steps_done if resume else None, epoch_sums=(run.state.loss_sum, run.state.seen)),
+            reporter, dist.is_main)
         return run
 
     def begin(self) -> None:
@@ -217,8 +216,12 @@ class Run:
         self.reporter.step(state.epoch, state.step, self.setup.steps, state.loss_sum / state.seen,
                            state.correct / state.seen, self.setup.optimizer.param_groups[0]["lr"],
                            state.seen / max(state.seconds, 1e-9))
-        self.tracking.step(state.epoch * self.setup.steps + state.step, state.loss_sum, state.seen,  # tracking
-                           self.setup.optimizer.param_groups[0]["lr"])
+        self.tracking.step(self.steps_done, state.loss_sum, state.seen, self.setup.optimizer.param_groups[0]["lr"])
+
+    @property
+    def steps_done(self) -> int:
+        """Optimizer steps so far: the x axis of the trackers' curves."""
+        return self.state.epoch * self.setup.steps + self.state.step
 
     def out_of_time(self) -> bool:
         return out_of_time(self.started, self.config.train.time_limit_min)
@@ -245,7 +248,7 @@ class Run:
         if improved:
             state.best_epoch, state.best_val_acc = row["epoch"], score
         early_stopping(self.config, state, row)
-        self.tracking.epoch(state.epoch * self.setup.steps, row, val)  # tracking
+        self.tracking.epoch(self.steps_done, row, val)
         if self.dist.is_main:
             rundir.write_metrics(self.run_dir, state.history)
             self.checkpoint("last.pt")
@@ -318,7 +321,7 @@ class Run:
         if altered:
             raise frozen_changed_error(altered)
         self.reporter.finish(summary, self.state.history)
-        self.tracking.finish(summary, self.state.history)  # tracking
+        self.tracking.finish(summary, self.state.history)
         return summary
 
 

@@ -167,6 +167,8 @@ class Tracking:
 
     def finish(self, summary: dict, history: list[dict]) -> None:
         """The run finished: final metrics against the hyperparameters, the confusion matrix and top losses."""
+        if self.run is None:  # Tracking(): another rank's, which records nothing
+            return
         self.status.update(status=summary["stopped"] or "finished", ended=_now())
         self._write_status()
         if not self.trackers:
@@ -342,7 +344,7 @@ class MlflowTracker(Tracker):
     def _send_params(self, values: dict) -> None:
         from mlflow.entities import Param
 
-        params = [Param(key, str(value)) for key, value in values.items()]
+        params = [Param(key, str(value)[:6000]) for key, value in values.items()]  # MLflow's longest value
         for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters a call
             self.client.log_batch(self.run_id, params=params[start:start + 100])
 
