@@ -10,6 +10,7 @@
 - ``losses``: the training loss, class weights and balanced sampling;
 - ``multilabel``: the binary loss, per-label thresholds, mAP, F1 and exact match of ``model.task: multilabel``;
 - ``metrics``: confusion matrix, top-k, balanced accuracy, macro F1;
+- ``calibration``: temperature scaling of the logits, fitted on validation (``train.calibrate``);
 - ``checkpoint``: last.pt / best.pt and their format; ``rundir``: the run directory and the files a run writes;
 - ``reporter``: the interface through which a run reports progress (the CLI implements it);
 - ``tracking``: status.json and the trackers ``train.loggers`` names (TensorBoard, MLflow), beside the reporter.
