@@ -45,13 +45,13 @@ def load_trained(path: Path) -> Trained:
     """The model of a finetune checkpoint, in eval mode, with its class names, config, (multi-label) thresholds and
     calibration."""
     checkpoint = load_checkpoint(path)
+    stored_temperature(checkpoint, Path(path))  # a damaged temperature is an error here, not a wrong answer later
     try:
         model, classes, config = restore_model(checkpoint)
         thresholds = [float(t) for t in checkpoint["thresholds"]] if checkpoint.get("thresholds") else None
     except Exception as exc:  # a damaged or foreign file that merely looks like a checkpoint
         raise FinetuneError(f"{path} is not a usable finetune checkpoint: {describe(exc)}\n"
                             "Give last.pt or best.pt from a run directory of `finetune train`.") from None
-    stored_temperature(checkpoint, Path(path))  # a damaged temperature is an error here, not a wrong answer later
     return Trained(model, classes, config, Path(path), dict(checkpoint.get(TRAIN_STATE) or {}), thresholds,
                    checkpoint.get("calibration"))
 
@@ -66,9 +66,12 @@ _TEXT_KEYS = ("arch", "finetune_version", "input", "output", "resize")
 Source = Union[Path, bytes]  # a file, or an artifact's bytes before they are written
 
 
-def onnx_metadata(meta: dict) -> dict[str, str]:
-    """``meta`` as ONNX ``metadata_props`` values: strings, JSON but for the text keys (read by :func:`load_onnx`)."""
-    return {key: value if key in _TEXT_KEYS else json.dumps(value) for key, value in meta.items()}
+def set_onnx_metadata(model, meta: dict) -> None:
+    """Make ``meta`` the ``metadata_props`` of an ONNX ModelProto, in place of any there: strings, JSON but for the
+    text keys (as :func:`load_onnx` reads them)."""
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value if key in _TEXT_KEYS else json.dumps(value))
 
 
 class Preprocessed(nn.Module):
@@ -143,6 +146,9 @@ def load_onnx(source: Source, threads: Optional[int] = None) -> tuple[OnnxModel,
         meta = {key: value if key in _TEXT_KEYS else json.loads(value) for key, value in props.items()}
     except json.JSONDecodeError as exc:
         raise FinetuneError(f"{_name(source)} has damaged finetune metadata: {exc}") from None
+    if names[1] != [meta.get("output", OUTPUT_NAME)]:
+        raise FinetuneError(f"{_name(source)} has damaged finetune metadata: its output is {names[1][0]}, its "
+                            f"metadata says {meta.get('output', OUTPUT_NAME)}.")
     return OnnxModel(session), _checked(meta, source)
 
 

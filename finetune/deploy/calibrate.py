@@ -27,4 +27,4 @@ def calibrate(checkpoint: Path, overwrite: bool = False) -> dict:
         raise FinetuneError(f"{checkpoint} is already calibrated (temperature {trained.temperature:.4g}); pass "
                             "--overwrite to fit it again.")
     val = load_datasets(trained.config).val
-    return calibrate_checkpoint(checkpoint, val, trained.config.train.batch_size)
+    return calibrate_checkpoint(checkpoint, val, trained.config.train.batch_size, trained.model)

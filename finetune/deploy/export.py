@@ -38,10 +38,10 @@ from finetune.deploy.artifacts import (
     load_onnx,
     load_torchscript,
     load_trained,
-    onnx_metadata,
+    set_onnx_metadata,
     to_pixels,
 )
-from finetune.deploy.quantize import Int8Options, quantize_export
+from finetune.deploy.quantize import Int8Options, calibration_pixels, quantize_export
 from finetune.errors import FinetuneError, describe
 from finetune.models.arch import get_arch
 from finetune.utils.files import atomic_write
@@ -121,6 +121,7 @@ def export_checkpoint(checkpoint: Path, fmt: str = "onnx", output: Optional[Path
     targets = [output] + ([sidecar(output)] if fmt == "state-dict" else [])
     _check_outputs(checkpoint, fmt, targets, overwrite)
     trained = load_trained(checkpoint)
+    calibration = calibration_pixels(trained, int8) if int8 is not None else None  # bad images fail before work
 
     meta = metadata(trained, fmt)
     data = _serialise(trained, fmt, meta, opset)
@@ -128,7 +129,7 @@ def export_checkpoint(checkpoint: Path, fmt: str = "onnx", output: Optional[Path
     check = _verify(trained, fmt, data, batch)
     quantization = None
     if int8 is not None:
-        data, quantization = quantize_export(trained, data, meta, int8)
+        data, quantization = quantize_export(trained, data, meta, int8, calibration)
     _write(output, data)
     if fmt == "state-dict":
         try:
@@ -200,24 +201,48 @@ def _serialise(trained: Trained, fmt: str, meta: dict, opset: Optional[int]) -> 
         buffer = io.BytesIO()
         torch.save({k: v.contiguous() for k, v in trained.model.state_dict().items()}, buffer)
         return buffer.getvalue()
-    module = Preprocessed(trained.model, trained.temperature).eval()
     if fmt == "torchscript":
         buffer = io.BytesIO()
         with _quiet_jit():
-            torch.jit.save(torch.jit.script(module), buffer, _extra_files={METADATA_FILE: json.dumps(meta)})
+            module = torch.jit.script(Preprocessed(trained.model, trained.temperature).eval())
+            torch.jit.save(module, buffer, _extra_files={METADATA_FILE: json.dumps(meta)})
         return buffer.getvalue()
+    model = _onnx_graph(trained, opset)
+    if trained.temperature is not None:
+        _append_probabilities(model, trained.temperature)
+    set_onnx_metadata(model, meta)
+    return model.SerializeToString()
+
+
+def _onnx_graph(trained: Trained, opset: int):
+    """The checkpoint's network behind its normalisation (:class:`Preprocessed`), traced by torch's exporter into
+    an ONNX ModelProto: pixels in, logits out, any batch size."""
     size = trained.config.data.image_size
     example = torch.rand(2, 3, size, size)  # batch 2: a batch of 1 would fix the batch dimension to 1
     try:
-        program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset,
+        program = torch.onnx.export(Preprocessed(trained.model).eval(), (example,), dynamo=True, opset_version=opset,
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
                                     verbose=False)
     except Exception as exc:
         raise FinetuneError(f"torch.onnx.export failed on {trained.path}: {type(exc).__name__}: {exc}",
                             exit_code=1) from None
-    program.model.metadata_props.update(onnx_metadata(meta))
-    return program.model_proto.SerializeToString()
+    return program.model_proto
+
+
+def _append_probabilities(model, temperature: float) -> None:
+    """Make the graph's output softmax(logits / temperature), named PROBABILITIES: what :class:`Preprocessed` with
+    a temperature computes (verification compares the two). Two nodes after the traced network, which stays as it
+    is without a temperature."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph, divided = model.graph, "logits_over_temperature"
+    graph.initializer.append(numpy_helper.from_array(np.array(temperature, dtype=np.float32), "temperature"))
+    graph.node.extend([
+        helper.make_node("Div", [OUTPUT_NAME, "temperature"], [divided], name="calibration_temperature"),
+        helper.make_node("Softmax", [divided], [PROBABILITIES], name="calibration_softmax", axis=1)])
+    graph.output[0].name = PROBABILITIES  # same type and shape as the logits
 
 
 def verification_batch(trained: Trained) -> tuple[torch.Tensor, str]:

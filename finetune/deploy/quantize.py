@@ -23,7 +23,14 @@ from typing import Optional
 import torch
 
 from finetune.data.folders import eval_transform, image_samples, load_datasets, load_image, spread_indices
-from finetune.deploy.artifacts import INPUT_NAME, OnnxModel, Trained, load_onnx, onnx_metadata, to_pixels
+from finetune.deploy.artifacts import (
+    INPUT_NAME,
+    OnnxModel,
+    Trained,
+    load_onnx,
+    set_onnx_metadata,
+    to_pixels,
+)
 from finetune.deploy.benchmark import cpu_description, model_speed, runtime
 from finetune.deploy.inference import labelled_images
 from finetune.errors import FinetuneError, describe
@@ -77,14 +84,16 @@ def int8_options(quantize: Optional[str], calibration_images: Optional[int] = No
                        MAX_ACCURACY_DROP if max_accuracy_drop is None else max_accuracy_drop)
 
 
-def quantize_export(trained: Trained, fp32: bytes, meta: dict, options: Int8Options) -> tuple[bytes, dict]:
-    """The int8 model of the verified fp32 ONNX bytes ``fp32``, with ``meta`` and its quantization report in its
-    metadata, and that report: calibration, verification, speed.
+def quantize_export(trained: Trained, fp32: bytes, meta: dict, options: Int8Options,
+                    calibration: tuple[torch.Tensor, str]) -> tuple[bytes, dict]:
+    """The int8 model of the verified fp32 ONNX bytes ``fp32``, calibrated on ``calibration`` (pixels and where
+    they come from, by :func:`calibration_pixels`), with ``meta`` and its quantization report in its metadata; and
+    that report: calibration, verification, speed.
 
-    Raises FinetuneError: exit code 2 for calibration or validation images that cannot be had, 1 when the
-    accuracy drop is above ``options.max_accuracy_drop`` or quantization fails.
+    Raises FinetuneError: exit code 2 for validation images that cannot be had, 1 when the accuracy drop is above
+    ``options.max_accuracy_drop`` or quantization fails.
     """
-    pixels, source = calibration_pixels(trained, options)
+    pixels, source = calibration
     int8 = _with_metadata(_quantize(trained, fp32, pixels), meta)
     models = {"fp32": load_onnx(fp32)[0], "int8": load_onnx(int8)[0]}
     verification = _verify_accuracy(trained, models, options)
@@ -162,9 +171,7 @@ def _with_metadata(data: bytes, meta: dict) -> bytes:
     import onnx
 
     model = onnx.load_from_string(data)
-    del model.metadata_props[:]  # the quantizer's own notes are not finetune metadata
-    for key, value in onnx_metadata(meta).items():
-        model.metadata_props.add(key=key, value=value)
+    set_onnx_metadata(model, meta)  # in place of the quantizer's own notes, which are not finetune metadata
     return model.SerializeToString()
 
 

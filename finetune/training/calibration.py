@@ -212,10 +212,11 @@ def logits_of(model: Callable[[torch.Tensor], torch.Tensor], dataset, batch_size
     return torch.cat(logits), torch.cat(targets)
 
 
-def calibrate_checkpoint(path: Path, dataset, batch_size: int) -> dict:
+def calibrate_checkpoint(path: Path, dataset, batch_size: int, model: Optional[nn.Module] = None) -> dict:
     """Fit the temperature of the checkpoint at ``path`` on ``dataset`` (its validation split), store it in the
     checkpoint (rewritten atomically; the weights are the same tensors) and draw reliability.png beside it.
 
+    ``model``: the checkpoint's model when the caller has built it already (else it is built here).
     Returns :meth:`Calibration.to_json` with ``checkpoint`` and ``reliability_png``.
     Raises FinetuneError when the split has fewer than 2 images or the model's logits are not finite.
     """
@@ -223,9 +224,10 @@ def calibrate_checkpoint(path: Path, dataset, batch_size: int) -> dict:
 
     path = Path(path)
     checkpoint = load_checkpoint(path)
-    model, classes, config = restore_model(checkpoint)
+    config = Config.model_validate(checkpoint["config"])
+    model = model if model is not None else restore_model(checkpoint)[0]
     fast = FastModel.whole(model, get_arch(config.model.arch))
-    logits, targets = logits_of(fast.head, dataset, batch_size, len(classes))
+    logits, targets = logits_of(fast.head, dataset, batch_size, len(checkpoint["classes"]))
     if len(targets) < 2:
         raise FinetuneError(f"Cannot calibrate {path}: its validation split ({config.data.root}) has {len(targets)} "
                             "image(s); fitting and checking a temperature needs at least 2 (a few hundred for a "
@@ -237,7 +239,9 @@ def calibrate_checkpoint(path: Path, dataset, batch_size: int) -> dict:
     plot = path.parent / PLOT_NAME
     report = result.to_json()
     try:
-        plot_reliability(result.bins_before, result.bins_after, result.before.ece, result.after.ece, plot)
+        plot_reliability(result.bins_before, result.bins_after, result.before.ece, result.after.ece,
+                         f"after (temperature {result.temperature:.3g}, held out)" if result.applied else
+                         "after: temperature kept at 1", plot)
         save_checkpoint(path, {**checkpoint, "calibration": {k: v for k, v in report.items()
                                                              if not k.startswith("reliability")}})
     except OSError as exc:  # atomic writes: the checkpoint is as it was
