@@ -155,25 +155,26 @@ def print_export(result: dict) -> None:
                       f"calibrated: apply the temperature {result['temperature']:.4g} (in the metadata) yourself: "
                       "softmax(logits / temperature)", highlight=False, soft_wrap=True)
     if "quantization" in result:
-        _print_quantization(result["quantization"])
+        _print_quantization(result["quantization"], result["bytes"])
 
 
-def _print_quantization(report: dict) -> None:
+def _print_quantization(report: dict, size: int) -> None:
     check, speed = report["verification"], report["speed"]
     console.print(f"int8 calibrated on {report['calibration']['source']}", highlight=False, soft_wrap=True)
     console.print(f"int8 checked on {check['images']} images of {check['data']}: top-1 {check['int8_top1']:.2%} "
                   f"(fp32 {check['fp32_top1']:.2%}, drop {check['drop_points']:.2f} points, at most "
                   f"{check['max_drop_points']:g}), agreement with fp32 {check['top1_agreement']:.2%}",
                   highlight=False, soft_wrap=True)
-    table = Table(title=f"Speed on {speed['cpu_line']} ({speed['runtime']})", title_justify="left")
+    console.print(f"timed on this CPU: {speed['cpu_line']}; {speed['runtime']}", highlight=False, soft_wrap=True)
+    table = Table()
     for column in ("model", "batch-1 latency (p50)", "batch-32 throughput", "size"):
         table.add_column(column, justify="left" if column == "model" else "right")
-    sizes = {"fp32": report["fp32_bytes"], "int8": None}
-    for name in ("fp32", "int8"):
+    for name, nbytes in (("fp32", report["fp32_bytes"]), ("int8", size)):
         row = speed[name]
-        size = f"{sizes[name] / 2**20:.1f} MiB" if sizes[name] else ""
-        table.add_row(name, f"{row['batch1_ms']:.2f} ms", f"{row['batch32_images_per_s']:.1f} img/s", size)
-    table.add_row("int8 speed-up", f"{speed['speedup_batch1']:.2f}x", f"{speed['speedup_batch32']:.2f}x", "")
+        table.add_row(name, f"{row['batch1_ms']:.2f} ms", f"{row['batch32_images_per_s']:.1f} img/s",
+                      f"{nbytes / 2**20:.1f} MiB")
+    table.add_row("int8 / fp32", f"{speed['speedup_batch1']:.2f}x faster", f"{speed['speedup_batch32']:.2f}x faster",
+                  f"{size / report['fp32_bytes']:.2f}x")
     console.print(table)
     slower = [f"batch {batch}" for batch, ratio in (("1", speed["speedup_batch1"]), ("32", speed["speedup_batch32"]))
               if ratio < 1]

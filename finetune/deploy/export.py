@@ -139,7 +139,7 @@ def export_checkpoint(checkpoint: Path, fmt: str = "onnx", output: Optional[Path
             raise
     result = {"path": str(output), "format": fmt, "bytes": len(data), **check, "images": len(batch),
               "classes": trained.classes, "verified_on": verified_on, "temperature": trained.temperature,
-              "tolerance": f"{TOLERANCE:g} + {RELATIVE_TOLERANCE:g} x the image's largest |{check['compared']}|"}
+              "tolerance": tolerance_text(check["compared"])}
     if fmt == "onnx":
         result["opset"] = opset
     if fmt == "state-dict":
@@ -292,7 +292,7 @@ def _verify(trained: Trained, fmt: str, data: bytes, batch: torch.Tensor) -> dic
         raise FinetuneError(f"Verification failed: {what} does not load back and run: {problem}\n"
                             "Nothing was written.", exit_code=1) from None
     expected = (trained.model if fmt == "state-dict" else Preprocessed(trained.model, trained.temperature))(inputs)
-    compared = "logits" if fmt == "state-dict" or trained.temperature is None else "probabilities"
+    compared = OUTPUT_NAME if fmt == "state-dict" or trained.temperature is None else PROBABILITIES
     if got.shape != expected.shape:
         raise FinetuneError(f"Verification failed: {what} gives {compared} of shape {tuple(got.shape)}, the "
                             f"checkpoint {tuple(expected.shape)}.\nNothing was written.", exit_code=1)
@@ -301,12 +301,18 @@ def _verify(trained: Trained, fmt: str, data: bytes, batch: torch.Tensor) -> dic
     if check["over"]:
         raise FinetuneError(f"Verification failed: {what} differs from the checkpoint by up to "
                             f"{check['max_abs_diff']:.3g} in the {compared} of {len(batch)} images, beyond the "
-                            f"tolerance ({TOLERANCE:g} + {RELATIVE_TOLERANCE:g} x the image's largest |{compared}|) "
+                            f"tolerance ({tolerance_text(compared)}) "
                             f"on {check['over']} of them.\nNothing was written.", exit_code=1)
     if check["flipped"]:
         raise FinetuneError(f"Verification failed: {what} picks another top-1 class than the checkpoint on "
                             f"{check['flipped']} of {len(batch)} images.\nNothing was written.", exit_code=1)
     return {key: value for key, value in check.items() if key not in ("over", "flipped")}
+
+
+def tolerance_text(compared: str) -> str:
+    """The verification tolerance in words, for ``compared`` outputs (logits or probabilities)."""
+    one = {OUTPUT_NAME: "logit", PROBABILITIES: "probability"}[compared]
+    return f"{TOLERANCE:g} + {RELATIVE_TOLERANCE:g} x the image's largest |{one}|"
 
 
 def compare_outputs(got: torch.Tensor, expected: torch.Tensor) -> dict:

@@ -9,7 +9,7 @@ What the fit is worth is measured on images the fit did not see: **cross-fitting
 validation split. Each fold is scored with the temperature fitted on the other folds, so every image gets a
 calibrated probability from a fit that never saw it; NLL, expected calibration error (ECE) and accuracy are computed
 on those, against the uncalibrated probabilities of the same images. The temperature stored is then fitted on the
-whole split.
+whole split, unless the held-out NLL would rise: then it is 1, so calibration never makes held-out NLL worse.
 
 ECE: the predictions binned by confidence (the top probability) in ``ECE_BINS`` equal-width bins; the mean over
 images of |accuracy - mean confidence| of their bin.
@@ -185,9 +185,12 @@ def cross_fit(logits: torch.Tensor, targets: torch.Tensor, folds: int = FOLDS, s
         fold_temperatures.append(temperature)
     (before, bins_before), (after, bins_after) = _scores(logits.double(), targets), _scores(held_out, targets)
     fitted = fit_temperature(logits, targets)
-    if after.nll > before.nll:
-        return Calibration(1.0, False, n, folds, fold_temperatures, fitted, before, before, bins_before, bins_before)
-    return Calibration(fitted, True, n, folds, fold_temperatures, fitted, before, after, bins_before, bins_after)
+    applied = after.nll <= before.nll
+    if not applied:
+        after, bins_after = before, bins_before
+    return Calibration(temperature=fitted if applied else 1.0, applied=applied, images=n, folds=folds,
+                       fold_temperatures=fold_temperatures, fitted=fitted, before=before, after=after,
+                       bins_before=bins_before, bins_after=bins_after)
 
 
 def _scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[Scores, list[dict]]:
