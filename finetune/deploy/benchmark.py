@@ -27,16 +27,19 @@ from finetune.utils.hardware import INT8_FLAGS, SHOWN_FLAGS, read_cpu
 
 WARMUP = 3
 LATENCY_RUNS = 30  # timed batch-1 calls at least: the 95th percentile needs a tail to be read from
+LATENCY_BLOCK = 10  # batch-1 calls per turn when models take turns (batches are long enough to take one each)
 THROUGHPUT_RUNS = 3
 SECONDS = 3.0  # each measurement runs at least this long
 SYNTHETIC_PHOTO = (1024, 768)  # width, height of the JPEG timed when no --images are given
 CPU_FLAGS = tuple(dict.fromkeys(SHOWN_FLAGS + INT8_FLAGS))
 
 
-def time_calls(calls: dict[str, Callable[[], object]], runs: int, seconds: float,
-               warmup: int = WARMUP) -> dict[str, list[float]]:
-    """Seconds per call of each of ``calls``, run in turn (interleaved) after ``warmup`` calls each, until every
-    one ran ``runs`` times and ``seconds`` have passed."""
+def time_calls(calls: dict[str, Callable[[], object]], runs: int, seconds: float, warmup: int = WARMUP,
+               block: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each of ``calls`` after ``warmup`` calls each, until every one ran ``runs`` timed calls
+    and ``seconds`` have passed. They take turns, ``block`` calls at a time; with a block of more than one, its
+    first call is not timed: the runtime that ran before may still have threads spinning for work (ONNX Runtime's
+    do, by default), which would slow that call but no call of a model served alone."""
     for call in calls.values():
         for _ in range(warmup):
             call()
@@ -44,9 +47,11 @@ def time_calls(calls: dict[str, Callable[[], object]], runs: int, seconds: float
     start = time.perf_counter()
     while min(map(len, times.values())) < runs or time.perf_counter() - start < seconds:
         for name, call in calls.items():
-            tick = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - tick)
+            for turn in range(block):
+                tick = time.perf_counter()
+                call()
+                if turn or block == 1:
+                    times[name].append(time.perf_counter() - tick)
     return times
 
 
@@ -65,7 +70,8 @@ def model_speed(models: dict[str, Callable[[torch.Tensor], torch.Tensor]], image
     generator = torch.Generator().manual_seed(0)
     batch = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
     single = batch[:1].clone()
-    latency = time_calls({name: lambda m=model: m(single) for name, model in models.items()}, LATENCY_RUNS, seconds)
+    latency = time_calls({name: lambda m=model: m(single) for name, model in models.items()}, LATENCY_RUNS, seconds,
+                         block=LATENCY_BLOCK if len(models) > 1 else 1)
     full = time_calls({name: lambda m=model: m(batch) for name, model in models.items()}, THROUGHPUT_RUNS, seconds,
                       warmup=1)
     return {name: {"latency": summary(latency[name]),
