@@ -190,13 +190,15 @@ def train(
 
     Example:  finetune train --config configs/quickstart.yaml --set train.epochs=3
     """
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from finetune.utils.distributed import launch
-
-        raise typer.Exit(launch(nproc, _without_option(sys.argv[1:], "--nproc")))
     if resume is not None and config is None:
         config = resume / "config.yaml"
     cfg = _load(config, set_)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from finetune.training.validate import validate
+        from finetune.utils.distributed import launch
+
+        validate(cfg, data_needed_by="train", processes=nproc)  # once, here: not once per process after the launch
+        raise typer.Exit(launch(nproc, _without_option(sys.argv[1:], "--nproc")))
     from finetune.cli.live import make_reporter
     from finetune.training.run import train as run_training
 

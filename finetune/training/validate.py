@@ -26,15 +26,17 @@ from finetune.training import calibration, losses, multilabel, optim, tracking
 from finetune.utils import distributed, hardware
 
 
-def validate(config: Config, *, data_needed_by: Optional[str] = None) -> None:
+def validate(config: Config, *, data_needed_by: Optional[str] = None, processes: Optional[int] = None) -> None:
     """Raise one FinetuneError (exit code 2) listing every problem of ``config``; see the module docstring.
 
     ``data_needed_by``: the command that trains on ``data.root`` (e.g. ``lr-find``), which must then be set.
+    ``processes``: the number of training processes about to be launched (default: this process's world size).
     """
-    raise_problems(config, problems(config, data_needed_by))
+    raise_problems(config, problems(config, data_needed_by, processes))
 
 
-def problems(config: Config, data_needed_by: Optional[str] = None) -> list[Problem]:
+def problems(config: Config, data_needed_by: Optional[str] = None,
+             processes: Optional[int] = None) -> list[Problem]:
     """Every problem :func:`validate` reports, in the order of the config's sections."""
     found = _data_problems(config, data_needed_by)
     classes = None if found else folders.data_classes(config)
@@ -54,7 +56,7 @@ def problems(config: Config, data_needed_by: Optional[str] = None) -> list[Probl
     found += device_problems
     if not device_problems:
         device = hardware.select_device(config.train.device, torch.cuda.is_available())
-        found += distributed.problems(config.train.batch_size, config.train.sync_batchnorm, device)
+        found += distributed.problems(config.train.batch_size, config.train.sync_batchnorm, device, processes)
     return found + tracking.problems(config)
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as torch_dist
@@ -80,10 +81,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def problems(batch_size: int, sync_batchnorm: bool, device_type: str) -> list[Problem]:
+def problems(batch_size: int, sync_batchnorm: bool, device_type: str,
+             processes: Optional[int] = None) -> list[Problem]:
     """A global ``train.batch_size`` that does not divide among the processes, and ``train.sync_batchnorm`` where
-    torch cannot sync BatchNorm (``device_type`` is where training runs)."""
-    found, world = [], world_size()
+    torch cannot sync BatchNorm (``device_type`` is where training runs; ``processes``: default the world size)."""
+    found, world = [], processes or world_size()
     if batch_size % world:
         found.append(Problem("train.batch_size", f"{batch_size} is the global batch and must divide evenly among "
                                                  f"{world} processes"))
