@@ -22,7 +22,7 @@ def counts(arch: str, trainable: list[str]) -> tuple[int, int]:
     config = load_config(None, [f"model.arch={arch}", f"freeze.trainable={trainable}"])
     with torch.device("meta"):
         model = get_arch(arch).build(10)
-    plan = plan_freeze([n for n, _ in model.named_parameters()], config.freeze)
+    plan = plan_freeze([n for n, _ in model.named_parameters()], config.freeze, head=get_arch(arch).head)
     params = dict(model.named_parameters())
     return sum(p.numel() for p in params.values()), sum(params[n].numel() for n, d in plan.items() if d.trainable)
 
@@ -38,7 +38,7 @@ def test_known_parameter_counts(arch, total, head, layer4_fc):
     assert counts(arch, ["layer4", "fc"]) == (total, layer4_fc)
 
 
-@pytest.mark.parametrize("name", list(ARCHS))
+@pytest.mark.parametrize("name", [name for name, arch in ARCHS.items() if arch.family.name == "ResNet"])
 def test_every_arch_builds_and_its_stage_chain_equals_the_model(name):
     arch = get_arch(name)
     with torch.device("meta"):

@@ -34,7 +34,7 @@ def test_defaults_without_file():
     assert config.model_dump() == defaults_with_absolute_paths()
     assert (config.model.weights, config.model.num_classes) == ("DEFAULT", None)
     assert config.optim.lr == 0.01 and config.optim.momentum == 0.9
-    assert config.freeze.trainable == ["fc"] and config.freeze.batchnorm == "eval"
+    assert config.freeze.trainable == ["head"] and config.freeze.batchnorm == "eval"
     assert config.train.epochs == 5 and config.data.image_size == 224
 
 

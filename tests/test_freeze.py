@@ -35,7 +35,7 @@ def numel() -> dict[str, int]:
 
 
 def plan(names, **freeze):
-    return plan_freeze(names, FreezeConfig(**freeze))
+    return plan_freeze(names, FreezeConfig(**freeze), head="fc")
 
 
 def trainable_count(decisions, numel) -> int:
@@ -101,7 +101,7 @@ def test_unmatched_takes_default(names, default):
 # --- pattern errors --------------------------------------------------------------------------------------------
 
 def problems(names, **freeze) -> dict[str, str]:
-    return dict(check_patterns(names, FreezeConfig(**freeze)))
+    return dict(check_patterns(names, FreezeConfig(**freeze), head="fc"))
 
 
 def test_pattern_matching_nothing_names_key_and_closest(names):

@@ -25,7 +25,8 @@ from finetune.errors import FinetuneError
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 app = typer.Typer(
-    help="Fine-tune a pretrained torchvision ResNet (ResNet-18 by default) on your own images, on a CPU.",
+    help="Fine-tune a pretrained torchvision image classifier (ResNet-18 by default; `finetune models` lists them) "
+         "on your own images, on a CPU.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -51,7 +52,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _app(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                help="Show the version and exit.")] = False) -> None:
-    """Fine-tune a pretrained torchvision ResNet (ResNet-18 by default) on your own images, on a CPU."""
+    """Fine-tune a pretrained torchvision image classifier (ResNet-18 by default) on your own images, on a CPU."""
 
 
 def _user_errors(command):
@@ -88,7 +89,15 @@ def _without_option(argv: list[str], option: str) -> list[str]:
 def _load(config: Optional[Path], overrides: Optional[list[str]]):
     from finetune.config.loading import load_config
 
-    return load_config(config, overrides or [])
+    loaded = load_config(config, overrides or [])
+    if loaded.warnings:
+        from rich.markup import escape
+
+        from finetune.cli.render import err_console
+
+        for warning in loaded.warnings:
+            err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    return loaded
 
 
 EpochOption = Annotated[int, typer.Option("--epoch", "-e", min=1, help="The (1-based) epoch whose freeze stage "
@@ -186,7 +195,7 @@ def train(
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Train in this many processes on this machine "
                                        "(launches torchrun; train.batch_size is the global batch).")] = 1,
 ) -> None:
-    """Fine-tune a ResNet (model.arch) on an ImageFolder tree and write a run directory.
+    """Fine-tune a model (model.arch) on an ImageFolder tree and write a run directory.
 
     Example:  finetune train --config configs/quickstart.yaml --set train.epochs=3
     """

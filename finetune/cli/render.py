@@ -34,16 +34,19 @@ def print_freeze_report(report: "FreezeReport") -> None:
     table.add_column("params", justify="right", no_wrap=True)
     table.add_column("trainable", justify="right", no_wrap=True)
     table.add_column("state")
+    table.add_column("norm")
     table.add_column("BatchNorm")
+    table.add_column("dropout")
     table.add_column("lr", justify="right")
     table.add_column("rule", overflow="fold")
     colour = {"trainable": "green", "frozen": "blue", "mixed": "yellow"}
     for row in report.groups:
         table.add_row(row.module, f"{row.params:,}", f"{row.trainable_params:,}",
-                      f"[{colour[row.state]}]{row.state}[/]", row.batchnorm, row.lr, row.rule)
+                      f"[{colour[row.state]}]{row.state}[/]", row.norm, row.batchnorm, row.random, row.lr, row.rule)
     table.add_section()
-    table.add_row("total", f"{report.total_params:,}", f"{report.trainable_params:,}", "", "", "", "")
-    console.print(f"weights: {report.weights}   head: {report.num_classes} classes   epoch: {report.epoch}")
+    table.add_row("total", f"{report.total_params:,}", f"{report.trainable_params:,}", "", "", "", "", "", "")
+    console.print(f"model: {report.arch} ({report.norm})   weights: {report.weights}   head: {report.num_classes} "
+                  f"classes   epoch: {report.epoch}", highlight=False)
     console.print(f"precision: {report.precision} ({report.precision_reason})", highlight=False)
     console.print(table)
     console.print(f"trainable {report.trainable_params:,} ({_pct(report.trainable_params, report.total_params)})"
@@ -54,8 +57,12 @@ def print_freeze_report(report: "FreezeReport") -> None:
     console.print(f"optimizer receives {report.optimizer_params:,} parameters in {report.optimizer_tensors} tensors "
                   f"(trainable set: {report.trainable_params:,} in {report.trainable_tensors}) {mark}")
     eval_bn = sum(1 for b in report.batchnorm if b["mode"] == "eval")
-    console.print(f"BatchNorm: {eval_bn} of {len(report.batchnorm)} layers run in eval mode while training "
-                  "(frozen statistics)")
+    if report.batchnorm:
+        console.print(f"BatchNorm: {eval_bn} of {len(report.batchnorm)} layers run in eval mode while training "
+                      "(frozen statistics)")
+    else:
+        console.print(f"No BatchNorm: {report.norm} keeps no running statistics; frozen blocks run in eval mode "
+                      "(no dropout or stochastic depth)")
 
 
 def print_evaluation(result: dict) -> None:

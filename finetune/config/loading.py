@@ -14,9 +14,9 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from finetune.config.schema import Config
+from finetune.config.schema import RENAMED, Config, problems
 from finetune.errors import FinetuneError
-from finetune.models.arch import WEIGHT_NAMES
+from finetune.models.arch import WEIGHT_NAMES, looks_like_weights_name
 
 # Keys holding paths; in a config file they are relative to the file's folder.
 PATH_KEYS = ("model.weights", "data.root", "train.output_dir")
@@ -75,6 +75,11 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         raise FinetuneError(_format_problems(path, [_describe(e, source) for e in exc.errors()])) from None
     _resolve_paths_of(config)
     config._source = source
+    found = problems(config)
+    if found:
+        raise config_error(config, found)
+    config._warnings = [f"{source.where(old)}  {old} is now {new}; the old name still works, but rename it"
+                        for old, new in RENAMED.items() if _has_key(raw, old)]
     return config
 
 
@@ -144,7 +149,13 @@ def _expand_user(value: str) -> Path:
 
 
 def _is_path(value) -> bool:
-    return isinstance(value, str) and value not in WEIGHT_NAMES and value != "none"
+    return isinstance(value, str) and value not in WEIGHT_NAMES and value != "none" and \
+        not looks_like_weights_name(value)
+
+
+def _has_key(raw: dict, key: str) -> bool:
+    section, name = key.split(".")
+    return isinstance(raw.get(section), dict) and name in raw[section]
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

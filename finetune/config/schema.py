@@ -5,6 +5,7 @@ This module must not import torch, so that config errors are reported instantly.
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -17,9 +18,23 @@ from pydantic import (
     PrivateAttr,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
-from finetune.models.arch import ARCH_NAMES, ARCHS, DEFAULT_ARCH, WEIGHT_NAMES
+from finetune.models.arch import (
+    ARCH_NAMES,
+    ARCHS,
+    DEFAULT_ARCH,
+    HEAD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INTERPOLATIONS,
+    WEIGHT_NAMES,
+    looks_like_weights_name,
+)
+
+# Keys renamed since: the old name keeps working (load_config warns); old run directories and checkpoints load.
+RENAMED = {"optim.no_decay_bn_bias": "optim.no_decay_norm_bias"}
 
 
 class _Section(BaseModel):
@@ -27,16 +42,28 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    arch: Literal[ARCH_NAMES] = DEFAULT_ARCH
+    arch: str = Field(DEFAULT_ARCH, description="The torchvision model: `finetune models` lists them all "
+                      "(ResNet, MobileNetV3, EfficientNet, RegNetY, ConvNeXt, ViT, Swin).")
     weights: str = "DEFAULT"  # after arch: its validator reads arch
     weights_fallback: Literal["error", "random"] = "error"
     num_classes: Optional[int] = Field(None, ge=2)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        if arch not in ARCHS:
+            close = difflib.get_close_matches(arch, ARCH_NAMES, n=3, cutoff=0.4)
+            hint = f"closest: {', '.join(close)}; " if close else ""
+            raise ValueError(f"unknown architecture {arch!r}; {hint}`finetune models` lists all "
+                             f"{len(ARCH_NAMES)}")
+        return arch
 
     @field_validator("weights")
     @classmethod
     def _weights_of_arch(cls, weights: str, info: ValidationInfo) -> str:
         arch = ARCHS.get(info.data.get("arch"))
-        if arch and weights in WEIGHT_NAMES and weights != "DEFAULT" and weights not in arch.weight_names:
+        named = weights in WEIGHT_NAMES or looks_like_weights_name(weights)
+        if arch and named and weights != "DEFAULT" and weights not in arch.weight_names:
             raise ValueError(f"torchvision has no {weights} weights for {arch.name}; use DEFAULT or "
                              f"{' or '.join(arch.weight_names)}, a state-dict file, or none")
         return weights
@@ -44,7 +71,19 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     root: Optional[str] = None
-    image_size: int = Field(224, ge=32, le=1024)
+    image_size: Optional[int] = Field(None, ge=32, le=1024, description=(
+        "Width and height of the crop the model sees. null: what the weights were trained at (224 for most "
+        "models, 300 for efficientnet_b3, 384 for efficientnet_v2_s)."))
+    resize_size: Optional[int] = Field(None, ge=32, le=2048, description=(
+        "The shorter side images are resized to before the centre crop. null: data.image_size times the "
+        "weights' own ratio (256/224 for resnet18)."))
+    interpolation: Optional[Literal[INTERPOLATIONS]] = Field(None, description=(
+        "Resampling of the resize (and of augmentation's random resized crop). null: the weights' own "
+        "(bicubic for EfficientNet and Swin, bilinear for most)."))
+    mean: Optional[tuple[float, float, float]] = Field(None, description=(
+        "Per-channel RGB mean of the normalisation. null: the weights' own (ImageNet's)."))
+    std: Optional[tuple[float, float, float]] = Field(None, description=(
+        "Per-channel RGB standard deviation of the normalisation. null: the weights' own (ImageNet's)."))
     val_fraction: float = Field(0.2, gt=0, lt=1)
     augment: bool = False
     sampler: Literal["shuffle", "balanced"] = "shuffle"
@@ -62,7 +101,7 @@ class Stage(_Section):
 
 class FreezeConfig(_Section):
     default: Literal["frozen", "trainable"] = "frozen"
-    trainable: list[str] = Field(default_factory=lambda: ["fc"])
+    trainable: list[str] = Field(default_factory=lambda: [HEAD])
     frozen: list[str] = Field(default_factory=list)
     batchnorm: Literal["eval", "train"] = "eval"
     stages: list[Stage] = Field(default_factory=list)
@@ -82,6 +121,9 @@ class ParamGroup(_Section):
 
 
 class OptimConfig(_Section):
+    name: Literal["sgd", "adamw"] = Field("sgd", description=(
+        "sgd: SGD with optim.momentum (and optim.nesterov); adamw: AdamW (the usual choice for ConvNeXt, ViT and "
+        "Swin; momentum and nesterov do not apply)."))
     lr: float = Field(0.01, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False  # after momentum: its validator reads momentum
@@ -93,7 +135,14 @@ class OptimConfig(_Section):
     grad_clip: Optional[float] = Field(None, gt=0)
     param_groups: list[ParamGroup] = Field(default_factory=list)
     layer_lr_decay: Optional[float] = Field(None, gt=0, le=1)
-    no_decay_bn_bias: bool = False
+    no_decay_norm_bias: bool = Field(False, description=(
+        "Keep weight decay off normalisation layers (BatchNorm, LayerNorm, GroupNorm) and every bias. Formerly "
+        "optim.no_decay_bn_bias, which still works."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        return _renamed(data, "optim")
 
     @field_validator("nesterov")
     @classmethod
@@ -149,6 +198,20 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     _source: Any = PrivateAttr(default=None)  # a config.loading._Source: where each key was set
+    _warnings: list[str] = PrivateAttr(default_factory=list)  # e.g. a renamed key still in use
+
+    @model_validator(mode="after")
+    def _preprocessing_of_weights(self) -> "Config":
+        """Fill the preprocessing the config leaves null from the weights' own (see :func:`preprocessing`)."""
+        for key, value in preprocessing(self.model.arch, self.model.weights, self.data).items():
+            if getattr(self.data, key) is None:
+                setattr(self.data, key, value)
+        return self
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the config still accepts but should change (renamed keys), for the user."""
+        return self._warnings
 
     def where(self, key: str) -> str:
         """Where ``key`` was set, for messages: ``file:line``, ``--set key`` or the file."""
@@ -160,3 +223,40 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def preprocessing(arch: str, weights: str, data: DataConfig) -> dict[str, Any]:
+    """The eval preprocessing of ``arch``'s ``weights`` (its default weights for a file or none), scaled to
+    ``data.image_size`` when that is set: crop, resize (the weights' resize/crop ratio), interpolation, mean/std."""
+    own = ARCHS[arch].weights_named(weights)
+    crop = data.image_size or own.crop
+    return {"image_size": crop, "resize_size": max(crop, math.floor(crop * own.resize / own.crop)),
+            "interpolation": own.interpolation, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+
+def problems(config: Config) -> list[tuple[str, str]]:
+    """``(key, message)`` problems between sections that field checks cannot see: an image size the model cannot
+    take, a resize smaller than the crop, a zero standard deviation."""
+    found = []
+    size_problem = ARCHS[config.model.arch].size_problem(config.data.image_size)
+    if size_problem:
+        found.append(("data.image_size", f"is {config.data.image_size}, but {size_problem}"))
+    if config.data.resize_size < config.data.image_size:
+        found.append(("data.resize_size", f"is {config.data.resize_size}, smaller than data.image_size "
+                      f"({config.data.image_size}): the centre crop would not fit; make it at least "
+                      f"{config.data.image_size} or null"))
+    if not all(s > 0 for s in config.data.std):
+        found.append(("data.std", f"is {list(config.data.std)}; every standard deviation must be positive"))
+    return found
+
+
+def _renamed(data, section: str):
+    """A section's mapping with renamed keys under their new names (the new name wins when both are there)."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for old, new in RENAMED.items():
+        old_section, old_key = old.split(".")
+        if old_section == section and old_key in data:
+            data.setdefault(new.split(".")[1], data.pop(old_key))
+    return data

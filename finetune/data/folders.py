@@ -66,11 +66,6 @@ def eval_transform(image_size: int, fast_decode: bool = True) -> ImagePipeline:
     return ImagePipeline(image_size, augment=False, fast_decode=fast_decode)
 
 
-def train_transform(image_size: int, augment: bool, fast_decode: bool = True) -> ImagePipeline:
-    """:func:`eval_transform`, or with ``augment`` a random resized crop and horizontal flip."""
-    return ImagePipeline(image_size, augment=augment, fast_decode=fast_decode)
-
-
 def ensure_demo_data(config: Config) -> Optional[dict]:
     """Generate the shapes demo set at data.root when data.demo is set and the folder is missing."""
     if config.data.demo != "shapes" or config.data.root is None or Path(config.data.root).exists():
@@ -84,8 +79,8 @@ def load_datasets(config: Config) -> Datasets:
     """The train and val sets of ``data.root``, with their transforms; class names from the folders."""
     classes = class_names(config)
     root = Path(config.data.root)
-    train_tf = train_transform(config.data.image_size, config.data.augment, config.data.fast_decode)
-    val_tf = eval_transform(config.data.image_size, config.data.fast_decode)
+    train_tf = ImagePipeline.of(config.data, augment=config.data.augment)
+    val_tf = ImagePipeline.of(config.data)
     if (root / "train").is_dir():
         train = image_folder(config, root / "train", classes, train_tf)
         val_root = root / "val"

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from finetune.config.schema import Config
-from finetune.data.images import IMAGENET_MEAN, IMAGENET_STD
 from finetune.errors import FinetuneError, describe
 from finetune.models.arch import get_arch
 from finetune.training.checkpoint import load_checkpoint
@@ -39,13 +38,22 @@ def load_trained(path: Path) -> Trained:
     checkpoint = load_checkpoint(path)
     try:
         classes = [str(name) for name in checkpoint["classes"]]
-        config = Config.model_validate(checkpoint["config"])
-        model = get_arch(config.model.arch).build(len(classes))
+        config = saved_config(checkpoint["config"])
+        model = get_arch(config.model.arch).build(len(classes), config.data.image_size)
         model.load_state_dict(checkpoint["model"])
     except Exception as exc:  # a damaged or foreign file that merely looks like a checkpoint
         raise FinetuneError(f"{path} is not a usable finetune checkpoint: {describe(exc)}\n"
                             "Give last.pt or best.pt from a run directory of `finetune train`.") from None
     return Trained(model.eval(), classes, config, Path(path), dict(checkpoint.get("progress") or {}))
+
+
+def saved_config(saved: dict) -> Config:
+    """The config a checkpoint or export carries. One saved before ``data.resize_size`` existed resized images
+    to the crop size itself (no margin): it keeps doing so; its other preprocessing was ResNet's, as now."""
+    data = saved.get("data") or {}
+    if "resize_size" not in data:
+        saved = {**saved, "data": {**data, "resize_size": data.get("image_size")}}
+    return Config.model_validate(saved)
 
 # Format -> the suffix of its default output, which goes beside the checkpoint (best.pt -> best.onnx).
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -58,12 +66,13 @@ Source = Union[Path, bytes]  # a file, or an artifact's bytes before they are wr
 
 
 class Preprocessed(nn.Module):
-    """The trained network behind ImageNet normalisation: float32 RGB in [0, 1], N x 3 x S x S, in; logits out."""
+    """The trained network behind its normalisation (the config's ``data.mean`` and ``data.std``): float32 RGB in
+    [0, 1], N x 3 x S x S, in; logits out."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, config: Config):
         super().__init__()
         self.model = model
-        mean, std = _normalisation()
+        mean, std = _normalisation(config)
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
 
@@ -71,14 +80,15 @@ class Preprocessed(nn.Module):
         return self.model((images - self.mean) / self.std)
 
 
-def _normalisation() -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std as (1, 3, 1, 1) tensors, to broadcast over a batch."""
-    return torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+def _normalisation(config: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The config's mean and std as (1, 3, 1, 1) tensors, to broadcast over a batch."""
+    return torch.tensor(config.data.mean).view(1, 3, 1, 1), torch.tensor(config.data.std).view(1, 3, 1, 1)
 
 
-def to_pixels(batch: torch.Tensor) -> torch.Tensor:
-    """Undo ``data.eval_transform``'s normalisation: what an exported model takes, RGB in [0, 1]."""
-    mean, std = _normalisation()
+def to_pixels(batch: torch.Tensor, config: Config) -> torch.Tensor:
+    """Undo the data pipeline's normalisation (``config``'s mean and std): what an exported model takes, RGB in
+    [0, 1]."""
+    mean, std = _normalisation(config)
     return (batch * std + mean).contiguous()
 
 

@@ -24,7 +24,6 @@ from torch import nn
 
 from finetune import __version__
 from finetune.data.folders import load_datasets
-from finetune.data.images import IMAGENET_MEAN, IMAGENET_STD
 from finetune.deploy.artifacts import (
     _TEXT_KEYS,
     INPUT_NAME,
@@ -51,20 +50,21 @@ VERIFY_IMAGES = 32
 
 def metadata(trained: Trained, fmt: str) -> dict:
     """What an artifact says about itself: classes, preprocessing, architecture, version and source run."""
-    size = trained.config.data.image_size
+    data = trained.config.data
+    size = data.image_size
     inside = fmt != "state-dict"
     progress = trained.progress
     history = progress.get("history") or [{}]
     return {
         "classes": trained.classes,
         "image_size": size,
-        "resize": (f"turn upright by the EXIF orientation, resize the shorter side to {size} px (bilinear), "
-                   f"then center-crop {size}x{size}"),
+        "resize": (f"turn upright by the EXIF orientation, resize the shorter side to {data.resize_size} px "
+                   f"({data.interpolation}), then center-crop {size}x{size}"),
         "input": (f"float32 RGB in [0, 1], N x 3 x {size} x {size}; "
                   + ("the model normalises it with mean and std itself" if inside
                      else "normalise it with (x - mean) / std before the model")),
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": list(data.mean),
+        "std": list(data.std),
         "arch": trained.config.model.arch,
         "finetune_version": __version__,
         "source": {"checkpoint": str(trained.path.resolve()), "epoch": progress.get("epoch"),
@@ -174,7 +174,7 @@ def _serialise(trained: Trained, fmt: str, meta: dict, opset: Optional[int]) -> 
         buffer = io.BytesIO()
         torch.save({k: v.contiguous() for k, v in trained.model.state_dict().items()}, buffer)
         return buffer.getvalue()
-    module = Preprocessed(trained.model).eval()
+    module = Preprocessed(trained.model, trained.config).eval()
     if fmt == "torchscript":
         buffer = io.BytesIO()
         with _quiet_jit():
@@ -199,26 +199,26 @@ def verification_batch(trained: Trained) -> tuple[torch.Tensor, str]:
     """Up to VERIFY_IMAGES images of the run's validation split, evenly spread over it (so every class
     shows up), normalised as finetune feeds them to the checkpoint; seeded random ones when the data are
     gone. Also says which it is."""
-    size = trained.config.data.image_size
     try:
         val = load_datasets(trained.config).val
     except FinetuneError as exc:
         reason = str(exc).splitlines()[-1].strip()
-        return _random_batch(size), f"random inputs (the run's data cannot be read: {reason})"
+        return _random_batch(trained.config), f"random inputs (the run's data cannot be read: {reason})"
     if len(val) == 0:
-        return _random_batch(size), "random inputs (the run's validation split is empty)"
+        return _random_batch(trained.config), "random inputs (the run's validation split is empty)"
     count = min(VERIFY_IMAGES, len(val))
     indices = sorted({round(i * (len(val) - 1) / max(1, count - 1)) for i in range(count)})
     items = [item for item in map(val.__getitem__, indices) if item is not None]  # None: skipped as unreadable
     if not items:
-        return _random_batch(size), "random inputs (no readable image in the run's validation split)"
+        return _random_batch(trained.config), "random inputs (no readable image in the run's validation split)"
     images = torch.stack([image for image, _ in items]).contiguous()
     return images, f"{len(items)} images of the run's validation split ({trained.config.data.root})"
 
 
-def _random_batch(size: int) -> torch.Tensor:
+def _random_batch(config) -> torch.Tensor:
+    size = config.data.image_size
     pixels = torch.rand(VERIFY_IMAGES, 3, size, size, generator=torch.Generator().manual_seed(0))
-    mean, std = _normalisation()
+    mean, std = _normalisation(config)
     return (pixels - mean) / std
 
 
@@ -234,7 +234,7 @@ def _verify(trained: Trained, fmt: str, data: bytes, batch: torch.Tensor) -> flo
             runner, inputs = _fresh_torchvision(trained, data), batch
         else:
             runner, _ = (load_onnx if fmt == "onnx" else load_torchscript)(data)
-            inputs = to_pixels(batch)
+            inputs = to_pixels(batch, trained.config)
         got = torch.cat([runner(inputs[:1]), runner(inputs[1:])] if len(inputs) > 1 else [runner(inputs)])
     except Exception as exc:
         problem = str(exc) if isinstance(exc, FinetuneError) else describe(exc)
@@ -253,7 +253,7 @@ def _verify(trained: Trained, fmt: str, data: bytes, batch: torch.Tensor) -> flo
 
 
 def _fresh_torchvision(trained: Trained, data: bytes) -> nn.Module:
-    model = get_arch(trained.config.model.arch).build(len(trained.classes))
+    model = get_arch(trained.config.model.arch).build(len(trained.classes), trained.config.data.image_size)
     try:
         model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
     except Exception as exc:

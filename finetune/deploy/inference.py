@@ -18,14 +18,21 @@ from finetune.config.schema import Config
 from finetune.data.folders import (
     class_names,
     drop_bad_images,
-    eval_transform,
     image_folder,
     image_samples,
     load_datasets,
     load_image,
 )
+from finetune.data.images import ImagePipeline
 from finetune.data.loaders import default_workers, make_loader
-from finetune.deploy.artifacts import is_torchscript_export, load_onnx, load_torchscript, load_trained, to_pixels
+from finetune.deploy.artifacts import (
+    is_torchscript_export,
+    load_onnx,
+    load_torchscript,
+    load_trained,
+    saved_config,
+    to_pixels,
+)
 from finetune.errors import FinetuneError
 from finetune.models.arch import get_arch
 from finetune.models.fastpath import FastModel
@@ -39,7 +46,7 @@ PREDICT_BATCH = 32
 class Loaded:
     """A model ready to classify: a checkpoint, or an ONNX or TorchScript file of `finetune export`.
 
-    ``fast(batch)`` (and ``fast.head(batch)``) gives the logits of a batch normalised as ``data.eval_transform``
+    ``fast(batch)`` (and ``fast.head(batch)``) gives the logits of a batch normalised as the run's data pipeline
     makes it.
     """
 
@@ -51,11 +58,12 @@ class Loaded:
 class _Exported:
     """An exported model as evaluate and predict call a model: normalised batches in, logits out."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, config: Config):
         self.model = model  # takes RGB in [0, 1] and normalises it itself
+        self.config = config
 
     def head(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model(to_pixels(batch))
+        return self.model(to_pixels(batch, self.config))
 
     __call__ = head
 
@@ -72,13 +80,13 @@ def load_model(path: Path) -> Loaded:
         kind = "onnx" if path.suffix == ".onnx" else "torchscript"
         model, meta = load_onnx(path) if kind == "onnx" else load_torchscript(path)
         try:
-            config = Config.model_validate(meta["config"])
+            config = saved_config(meta["config"])
             config.data.image_size = int(meta["image_size"])
             classes = [str(name) for name in meta["classes"]]
         except Exception as exc:
             raise FinetuneError(f"{path} has finetune metadata this version cannot use "
                                 f"({type(exc).__name__}); export it again with this finetune.") from None
-        return Loaded(classes, config, _Exported(model))
+        return Loaded(classes, config, _Exported(model, config))
     trained = load_trained(path)
     fast = FastModel.whole(trained.model, get_arch(trained.config.model.arch))
     return Loaded(trained.classes, trained.config, fast)
@@ -169,7 +177,7 @@ def _eval_set(config: Config, classes: list[str], whole: bool):
     if unknown:
         raise FinetuneError(f"{config.data.root} has classes the checkpoint does not know: {', '.join(unknown)} "
                             f"(it knows {', '.join(classes)}).")
-    transform = eval_transform(config.data.image_size, config.data.fast_decode)
+    transform = ImagePipeline.of(config.data)
     folder = image_folder(config, Path(config.data.root), classes, transform, allow_empty=True)
     drop_bad_images(config, [folder])  # a clear error naming unreadable files, or skipped by data.skip_bad_images
     return folder
@@ -181,7 +189,7 @@ def predict(path: Path, inputs: list[Path], top_k: int = 3) -> list[dict]:
     ``path`` is a checkpoint or an exported .onnx / TorchScript file.
     """
     loaded = load_model(path)
-    transform = eval_transform(loaded.config.data.image_size, loaded.config.data.fast_decode)
+    transform = ImagePipeline.of(loaded.config.data)
     k = max(1, min(top_k, len(loaded.classes)))
     images = _images(inputs)
     results = []

@@ -68,11 +68,11 @@ def build(config: Config, class_names: Optional[list[str]] = None, progress: boo
     """
     num_classes = resolve_num_classes(config, class_names)
     arch = get_arch(config.model.arch)
-    skeleton = arch.skeleton(num_classes)
+    skeleton = arch.skeleton(num_classes, config.data.image_size)
     problems = config_problems(config, arch, skeleton, num_classes)
     if problems:
         raise config_error(config, problems)
-    plan = plan_freeze([name for name, _ in skeleton.named_parameters()], config.freeze, epoch)
+    plan = plan_freeze([name for name, _ in skeleton.named_parameters()], config.freeze, epoch, head=arch.head)
     if not any(decision.trainable for decision in plan.values()):
         raise _nothing_to_train(config)
     model, weights = build_model(config, num_classes, progress=progress)
@@ -85,7 +85,9 @@ def config_problems(config: Config, arch: Arch, skeleton: nn.Module, num_classes
     start, a global batch that does not divide among the processes (WORLD_SIZE), class weights of the wrong
     length, and rules that depend on the freeze plan. ``skeleton`` is the model on the meta device."""
     names = [name for name, _ in skeleton.named_parameters()]
-    problems = check_patterns(names, config.freeze) + check_lr_patterns(names, config.optim)
+    stages = f"; {arch.title} has {', '.join(arch.stage_names)} (and `head` for {arch.head})"
+    problems = check_patterns(names, config.freeze, head=arch.head, stages=stages)
+    problems += check_lr_patterns(names, config.optim, arch.head)
     problems += imbalance_problems(config, num_classes)
     problems += [(f"freeze.stages[{i}].epoch", f"is {stage.epoch} but train.epochs is {config.train.epochs}: "
                   "the stage would never start") for i, stage in enumerate(config.freeze.stages)
@@ -98,7 +100,7 @@ def config_problems(config: Config, arch: Arch, skeleton: nn.Module, num_classes
                                                                     torch.cuda.is_available()) != "cuda":
         problems.append(("train.sync_batchnorm", "needs CUDA (torch's SyncBatchNorm has no CPU implementation); "
                          "keep BatchNorm layers frozen in eval mode instead"))
-    plan = plan_freeze(names, config.freeze, epoch=1)  # patterns that match nothing simply decide nothing here
+    plan = plan_freeze(names, config.freeze, epoch=1, head=arch.head)  # patterns that match nothing decide nothing
     problems += cache_problems(config, arch, skeleton, plan, batchnorm_modes(skeleton, plan, config.freeze.batchnorm))
     return problems
 
@@ -110,5 +112,5 @@ def _nothing_to_train(config: Config):
         rules += f", freeze.frozen is {freeze.frozen}"
     return config_error(config, [("freeze.trainable", f"no parameter is trainable ({rules} and freeze.default is "
                                   f"{freeze.default!r}), so there is nothing to train. Add patterns to "
-                                  "freeze.trainable (e.g. [fc] for the head only) or set freeze.default: "
+                                  "freeze.trainable (e.g. [head] for the head only) or set freeze.default: "
                                   "trainable")])

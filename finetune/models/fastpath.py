@@ -3,9 +3,10 @@
 A model is a chain of stages (for a ResNet: stem layers, residual blocks, pooling,
 fc; ``arch`` describes the chain). The stages before the first trainable parameter form the *frozen prefix*: it runs
 under ``torch.no_grad()``, so autograd builds no graph and keeps no activations
-for it; only the trainable suffix builds a graph. When the prefix is also
-deterministic (its BatchNorm layers in eval mode) and the training transform has
-no randomness, its outputs are the same every epoch: the *feature cache* computes
+for it; only the trainable suffix builds a graph. A parameterless stage that draws random numbers in training
+(the dropout before MobileNetV3's or EfficientNet's head) goes to the suffix, where it keeps doing so. When the
+prefix is also deterministic (BatchNorm in eval mode, no dropout or stochastic depth in train mode) and the training
+transform has no randomness, its outputs are the same every epoch: the *feature cache* computes
 them once, during the first epoch, and later epochs train the suffix from it.
 
 A cache belongs to one process and one prefix: it is never read back from disk, so
@@ -37,7 +38,7 @@ from finetune.data.loaders import (
     make_loader,
     skipped_batch_error,
 )
-from finetune.models.arch import Arch
+from finetune.models.arch import Arch, unit_parameters
 from finetune.models.freeze import Decision
 from finetune.training.distributed import Dist
 
@@ -48,16 +49,36 @@ def frozen_prefix_length(chain: list[tuple[str, nn.Module]], plan: dict[str, Dec
     """How many leading stages of ``chain`` hold no trainable parameter."""
     count = 0
     for name, module in chain:
-        if any(plan[f"{name}.{p}"].trainable for p, _ in module.named_parameters()):
+        if any(plan[p].trainable for p in unit_parameters(name, module)):
             break
         count += 1
     return count
 
 
-def prefix_is_deterministic(prefix: list[str], bn_modes: dict[str, str]) -> bool:
-    """Eval-mode BatchNorm makes the prefix (stage names) a fixed function of the image: its outputs can be cached."""
-    inside = [m for m in bn_modes if any(m == n or m.startswith(n + ".") for n in prefix)]
-    return all(bn_modes[m] == "eval" for m in inside)
+def split_point(chain: list[tuple[str, nn.Module]], plan: dict[str, Decision], model: nn.Module,
+                bn_modes: dict[str, str]) -> int:
+    """The frozen prefix's length, less the parameterless stages at its end that run in train mode (a dropout
+    before the head): they belong with the suffix, which runs them as training does."""
+    split = frozen_prefix_length(chain, plan)
+    training = _training_modules(model, bn_modes)
+    while split and not unit_parameters(*chain[split - 1]) and _runs_in(chain[split - 1][1], training):
+        split -= 1
+    return split
+
+
+def prefix_is_deterministic(prefix: list[nn.Module], model: nn.Module, bn_modes: dict[str, str]) -> bool:
+    """Eval-mode BatchNorm (and no dropout or stochastic depth in train mode) makes the prefix (its stages'
+    modules) a fixed function of the image: its outputs can be cached."""
+    training = _training_modules(model, bn_modes)
+    return not any(_runs_in(module, training) for module in prefix)
+
+
+def _training_modules(model: nn.Module, bn_modes: dict[str, str]) -> set[int]:
+    return {id(model.get_submodule(name)) for name, mode in bn_modes.items() if mode == "train"}
+
+
+def _runs_in(module: nn.Module, training: set[int]) -> bool:
+    return any(id(m) in training for m in module.modules())
 
 
 class FastModel:
@@ -71,12 +92,12 @@ class FastModel:
         self.device = device
         self.model = model.to(device, memory_format=torch.channels_last)
         chain = arch.stages(model)
-        self.split = frozen_prefix_length(chain, plan)
+        self.split = split_point(chain, plan, model, bn_modes)
         self.prefix, self.suffix = chain[:self.split], chain[self.split:]
         self.trainable_part: nn.Module = nn.Sequential(OrderedDict(
             (name.replace(".", "_"), module) for name, module in self.suffix))
         self.bf16 = precision == "bf16"
-        self.prefix_deterministic = prefix_is_deterministic(self.prefix_names, bn_modes)
+        self.prefix_deterministic = prefix_is_deterministic([m for _, m in self.prefix], model, bn_modes)
 
     @classmethod
     def whole(cls, model: nn.Module, arch: Arch) -> "FastModel":
@@ -129,9 +150,10 @@ def cache_problems(config, arch: Arch, model: nn.Module, plan: dict[str, Decisio
     if config.train.cache_features != "on":
         return []
     chain = arch.stages(model)
-    split = frozen_prefix_length(chain, plan)
-    prefix = [name for name, _ in chain[:split]]
-    usable, why = _cache_decision("on", split, prefix_is_deterministic(prefix, bn_modes), config.data.augment)
+    split = split_point(chain, plan, model, bn_modes)
+    prefix = [module for _, module in chain[:split]]
+    usable, why = _cache_decision("on", split, prefix_is_deterministic(prefix, model, bn_modes),
+                                  config.data.augment)
     return [] if usable else [("train.cache_features", f"is 'on' but the cache cannot be used: "
                                                        f"{why.removeprefix('off (').rstrip(')')}; use auto or off")]
 
@@ -145,7 +167,7 @@ def _cache_decision(setting: str, split: int, deterministic: bool, augment: bool
     if augment:
         reasons.append("data.augment is on: random transforms change the features every epoch")
     if not deterministic:
-        reasons.append("frozen BatchNorm layers run in train mode (freeze.batchnorm: train)")
+        reasons.append("frozen BatchNorm (or dropout) layers run in train mode (freeze.batchnorm: train)")
     if reasons:
         return False, "off (" + "; ".join(reasons) + ")"
     return True, "on (the frozen prefix is a fixed function of each image: BatchNorm in eval mode, no augmentation)"

@@ -2,10 +2,15 @@
 
 Rules are glob patterns over parameter names (``layer4.*``, ``fc.weight``). A
 pattern also matches everything below a module name, so ``layer4`` means
-``layer4.*``. Precedence: the most specific matching pattern wins, where
-specificity is the number of literal (non-wildcard) characters; on a tie,
-``freeze.frozen`` wins over ``freeze.trainable``. A parameter no pattern
-matches takes ``freeze.default``.
+``layer4.*``; ``head`` names the model's new head in every family (``fc``,
+``classifier.3``, ``heads.head``...). Precedence: the most specific matching pattern
+wins, where specificity is the number of literal (non-wildcard) characters of the
+pattern as resolved; on a tie, ``freeze.frozen`` wins over ``freeze.trainable``. A
+parameter no pattern matches takes ``freeze.default``.
+
+Frozen means inference mode: a frozen BatchNorm layer keeps its running statistics,
+and dropout and stochastic depth are off inside frozen blocks, so a frozen block is
+a fixed function of its input (what the feature cache relies on).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Iterable
+
+from finetune.models.arch import HEAD
 
 
 @dataclass(frozen=True)
@@ -27,18 +34,25 @@ def matches(pattern: str, name: str) -> bool:
     return fnmatchcase(name, pattern) or fnmatchcase(name, pattern + ".*")
 
 
+def resolve(pattern: str, head: str) -> str:
+    """``head`` (and ``head.weight``, ``head.*``...) stands for the model's head module ``head``."""
+    if pattern == HEAD or pattern.startswith(HEAD + "."):
+        return head + pattern[len(HEAD):]
+    return pattern
+
+
 def specificity(pattern: str) -> int:
     """Literal characters in a pattern: ``layer4`` and ``layer4.*`` score 6; ``[34]`` counts as a wildcard."""
     pattern = re.sub(r"\[[^\]]*\]", "", pattern.removesuffix(".*"))
     return sum(ch not in "*?" for ch in pattern)
 
 
-def plan_freeze(names: Iterable[str], freeze, epoch: int = 1) -> dict[str, Decision]:
+def plan_freeze(names: Iterable[str], freeze, epoch: int = 1, *, head: str) -> dict[str, Decision]:
     """Decide, for each parameter name, whether it trains in (1-based) ``epoch`` and which rule decided.
 
     ``freeze`` is the ``freeze`` section of the config; its stages that start by
-    ``epoch`` add their patterns to ``freeze.trainable``. Patterns are checked by
-    :func:`check_patterns`.
+    ``epoch`` add their patterns to ``freeze.trainable``. ``head`` is the model's head
+    module (what the pattern ``head`` means). Patterns are checked by :func:`check_patterns`.
     """
     rules = [(p, False, "frozen") for p in freeze.frozen] + [(p, True, "trainable") for p in freeze.trainable]
     rules += [(p, True, f"stage@{stage.epoch}") for stage in freeze.stages if stage.epoch <= epoch
@@ -47,16 +61,18 @@ def plan_freeze(names: Iterable[str], freeze, epoch: int = 1) -> dict[str, Decis
     for name in names:
         best = None
         for pattern, trainable, kind in rules:
-            if matches(pattern, name):
-                rank = (specificity(pattern), not trainable)  # ties go to frozen
+            resolved = resolve(pattern, head)
+            if matches(resolved, name):
+                rank = (specificity(resolved), not trainable)  # ties go to frozen
                 if best is None or rank > best[0]:
                     best = (rank, Decision(trainable, f"{kind}: {pattern}"))
         plan[name] = best[1] if best else Decision(freeze.default == "trainable", f"default: {freeze.default}")
     return plan
 
 
-def check_patterns(names: list[str], freeze) -> list[tuple[str, str]]:
-    """Problems ``[(key, message)]`` for freeze patterns that match no parameter, with the closest names."""
+def check_patterns(names: list[str], freeze, *, head: str, stages: str = "") -> list[tuple[str, str]]:
+    """Problems ``[(key, message)]`` for freeze patterns that match no parameter, with the closest names and
+    ``stages`` (what the model's parts are called, e.g. for a pattern made for another family)."""
     candidates = sorted(set(names) | {n.rsplit(".", i)[0] for n in names for i in range(1, n.count(".") + 1)})
     keyed = [(f"freeze.{kind}[{i}]", p) for kind in ("trainable", "frozen")
              for i, p in enumerate(getattr(freeze, kind))]
@@ -64,10 +80,10 @@ def check_patterns(names: list[str], freeze) -> list[tuple[str, str]]:
               for i, p in enumerate(stage.trainable)]
     problems = []
     for key, pattern in keyed:
-        if not any(matches(pattern, n) for n in names):
+        if not any(matches(resolve(pattern, head), n) for n in names):
             close = difflib.get_close_matches(pattern.rstrip(".*"), candidates, n=3, cutoff=0.5)
             hint = f"closest names: {', '.join(close)}" if close else "run `finetune freeze-report` to list names"
-            problems.append((key, f"pattern {pattern!r} matches no parameter; {hint}"))
+            problems.append((key, f"pattern {pattern!r} matches no parameter; {hint}{stages}"))
     return problems
 
 
@@ -78,20 +94,49 @@ def apply_plan(model, plan: dict[str, Decision]) -> None:
 
 
 def batchnorm_modes(model, plan: dict[str, Decision], policy: str) -> dict[str, str]:
-    """The mode ('train' or 'eval') each BatchNorm layer runs in while training.
+    """The mode ('train' or 'eval') each BatchNorm layer, and each dropout and stochastic depth layer, runs in
+    while training.
 
-    With policy 'eval', a BatchNorm layer whose parameters are all frozen runs in
-    eval mode, so its running statistics never change; with 'train' every
-    BatchNorm layer updates its statistics, as in the usual tutorials.
+    With policy 'eval' (``freeze.batchnorm``), a BatchNorm layer whose parameters are all frozen runs in eval
+    mode, so its running statistics never change; a dropout or stochastic depth layer runs in eval mode (off)
+    when the block it sits in (its nearest enclosing module with parameters) is all frozen. With 'train' every
+    such layer runs in train mode, as in the usual tutorials.
     """
-    from torch import nn
-
     modes = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            frozen = all(not plan[f"{name}.{p}"].trainable for p, _ in module.named_parameters())
-            modes[name] = "eval" if policy == "eval" and frozen else "train"
+        if is_batchnorm(module):
+            owner = name
+        elif is_random(module):
+            owner = _enclosing_with_parameters(model, name)
+        else:
+            continue
+        params = [f"{owner}.{p}" if owner else p for p, _ in model.get_submodule(owner).named_parameters()]
+        frozen = all(not plan[p].trainable for p in params)
+        modes[name] = "eval" if policy == "eval" and frozen else "train"
     return modes
+
+
+def is_batchnorm(module) -> bool:
+    from torch import nn
+
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def is_random(module) -> bool:
+    """A layer that draws random numbers in train mode: dropout (p > 0) or stochastic depth (p > 0)."""
+    from torch import nn
+    from torchvision.ops import StochasticDepth
+
+    return isinstance(module, (nn.modules.dropout._DropoutNd, StochasticDepth)) and module.p > 0
+
+
+def _enclosing_with_parameters(model, name: str) -> str:
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        owner = ".".join(parts[:end])
+        if any(True for _ in model.get_submodule(owner).parameters()):
+            return owner
+    return ""
 
 
 def set_train_mode(model, bn_modes: dict[str, str]) -> None:
@@ -106,7 +151,7 @@ def frozen_tensors(model, plan: dict[str, Decision], bn_modes: dict[str, str]) -
     """Every tensor training must leave bit-identical: frozen parameters and the buffers of eval-mode BatchNorm."""
     tensors = {name: p for name, p in model.named_parameters() if not plan[name].trainable}
     for module_name, mode in bn_modes.items():
-        if mode == "eval":
+        if mode == "eval":  # dropout and stochastic depth have no buffers
             module = model.get_submodule(module_name)
             tensors.update({f"{module_name}.{b}": t for b, t in module.named_buffers()})
     return tensors

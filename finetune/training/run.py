@@ -229,7 +229,7 @@ class Run:
         self.loss_fn = training_loss(config, self.targets, built.num_classes, dist.device)
         self.val_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing)  # unweighted: comparable
         # Tensors frozen for the whole run (after the last stage) must end bit-identical.
-        final_plan = plan_freeze(built.plan, config.freeze, config.train.epochs)
+        final_plan = plan_freeze(built.plan, config.freeze, config.train.epochs, head=built.arch.head)
         self.frozen = frozen_tensors(self.model, final_plan,
                                      batchnorm_modes(self.model, final_plan, config.freeze.batchnorm))
         self.state = TrainState()
@@ -335,7 +335,7 @@ class Run:
         for stage in config.freeze.stages:
             if not self.phase.epoch < stage.epoch <= epoch:
                 continue
-            plan = plan_freeze(self.phase.plan, config.freeze, stage.epoch)
+            plan = plan_freeze(self.phase.plan, config.freeze, stage.epoch, head=self.built.arch.head)
             newly = [n for n, decision in plan.items() if decision.trainable and not self.phase.plan[n].trainable]
             apply_plan(self.model, plan)
             add_trainable(self.optimizer, self.model, newly, config.optim, self.built.arch)
