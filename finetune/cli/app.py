@@ -291,6 +291,43 @@ def export(
     print_json(result) if json else print_export(result)
 
 
+@app.command()
+@_user_errors
+def models(
+    bench: Annotated[bool, typer.Option("--bench", help="Measure each model on this machine: feature extraction, "
+                                        "a training step and inference, in images/s (a few seconds per model).")] = False,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", min=32, max=1024, help="--bench: the image "
+                                                      "size (default: each model's own).", show_default=False)] = None,
+    freeze: Annotated[str, typer.Option("--freeze", help="--bench: the training step measured: full (everything "
+                                        "trains) or head (the head only).")] = "full",
+    only: Annotated[Optional[str], typer.Option("--only", help="Only these models, comma-separated, e.g. "
+                                                "resnet18,mobilenet_v3_large.", show_default=False)] = None,
+    json: JsonOption = False,
+) -> None:
+    """List the supported models: parameters, GFLOPs, ImageNet accuracy, default image size (no download).
+
+    With --bench, measure them on this machine, sorted by training speed, the Pareto front marked.
+
+    Example:  finetune models --bench --image-size 128 --only resnet18,mobilenet_v3_large,regnet_y_400mf
+    """
+    from finetune.cli.render import print_json, print_models
+    from finetune.models.catalog import model_names, model_rows
+
+    if freeze not in ("full", "head"):
+        raise FinetuneError(f"--freeze {freeze!r}: use full or head.")
+    names = model_names(only)
+    if not bench:
+        rows = model_rows(names)
+        print_json(rows) if json else print_models(rows)
+        return
+    from finetune.analysis.model_bench import bench_models
+    from finetune.cli.render import err_console, print_model_bench
+
+    result = bench_models(names, image_size, freeze,
+                          on_model=lambda name: err_console.print(f"measuring {name} ...", highlight=False))
+    print_json(result.to_json()) if json else print_model_bench(result)
+
+
 @app.command("make-dataset")
 @_user_errors
 def make_dataset(

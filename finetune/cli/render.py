@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from finetune.analysis.freeze_report import FreezeReport
     from finetune.analysis.gradcheck import GradReport
     from finetune.analysis.lr_find import LRFind
+    from finetune.analysis.model_bench import ModelBench
 
 console = Console()
 err_console = Console(stderr=True)
@@ -161,3 +162,39 @@ def print_lr_find(result: "LRFind") -> None:
                       highlight=False)
         console.print(f"use it:  {escape(result.command)}", highlight=False, soft_wrap=True)
     console.print(f"plot: {escape(result.plot)}", highlight=False, soft_wrap=True)
+
+
+def print_models(rows: list[dict]) -> None:
+    table = Table(title="Models (ImageNet figures: torchvision's metadata of the default weights)", title_justify="left")
+    for column in ("model", "params", "GFLOPs", "acc@1", "size", "resize", "weights"):
+        table.add_column(column, justify="right" if column in ("params", "GFLOPs", "acc@1", "size") else "left",
+                         no_wrap=column != "weights")
+    family = None
+    for row in rows:
+        if family is not None and row["family"] != family:
+            table.add_section()
+        family = row["family"]
+        name = f"{row['model']} (default)" if row["default"] else row["model"]
+        table.add_row(name, f"{row['params_m']:.1f} M", f"{row['gflops']:.2f}", f"{row['acc1']:.1f}",
+                      str(row["image_size"]), f"{row['resize']} {row['interpolation']}", " ".join(row["weights"]))
+    console.print(table)
+    console.print("size: the crop the weights were trained at (data.image_size: null); resize: the shorter side "
+                  "before it; weights: the first is DEFAULT. Which to pick: docs/models.md; speed on this machine: "
+                  "finetune models --bench", highlight=False)
+
+
+def print_model_bench(bench: "ModelBench") -> None:
+    console.print(f"CPU: {bench.cpu}; {bench.threads} threads; precision {bench.precision}; batch {bench.batch}; "
+                  f"random weights, 10 classes, synthetic images", highlight=False)
+    table = Table(title=f"Images per second on this machine, by training speed (train: --freeze {bench.freeze})",
+                  title_justify="left")
+    for column in ("model", "acc@1", "GFLOPs", "size", "layout", "features/s", "train/s", "inference/s", "Pareto"):
+        table.add_column(column, justify="left" if column in ("model", "layout") else "right")
+    for row in bench.rows:
+        table.add_row(row.model, f"{row.acc1:.1f}", f"{row.gflops:.2f}", str(row.image_size), row.memory_format,
+                      f"{row.features_per_s:.1f}", f"{row.train_per_s:.1f}", f"{row.inference_per_s:.1f}",
+                      "[green]*[/]" if row.pareto else "")
+    console.print(table)
+    console.print("features: the frozen backbone, what each image of a head-only fine-tune costs (once: later epochs "
+                  "train from the feature cache); Pareto *: no faster model is more accurate on ImageNet",
+                  highlight=False)

@@ -88,7 +88,7 @@ def load_model(path: Path) -> Loaded:
                                 f"({type(exc).__name__}); export it again with this finetune.") from None
         return Loaded(classes, config, _Exported(model, config))
     trained = load_trained(path)
-    fast = FastModel.whole(trained.model, get_arch(trained.config.model.arch))
+    fast = FastModel.whole(trained.model, get_arch(trained.config.model.arch), trained.config.data.image_size)
     return Loaded(trained.classes, trained.config, fast)
 
 

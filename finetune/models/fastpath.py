@@ -43,6 +43,32 @@ from finetune.models.freeze import Decision
 from finetune.training.distributed import Dist
 
 ON_DISK_NAME = "feature-cache-{split}.bin"
+# fp32: the smallest image size from which channels-last is never slower than the default layout, per family (None:
+# never), measured with scripts/bench_memory_format.py (see docs/models.md). Below it the default layout is faster:
+# ResNet-18 at 32 px trained 20% slower channels-last.
+CHANNELS_LAST_FROM: dict[str, Optional[int]] = {"ResNet": 96, "MobileNetV3": 96, "EfficientNet": 96, "RegNet": 96,
+                                                "ConvNeXt": 96, "Swin": 96, "ViT": None}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The memory format the fast path runs a model in, and why (for the start line)."""
+
+    channels_last: bool
+    why: str
+
+
+def memory_layout(arch: Arch, image_size: int, precision: str) -> Layout:
+    """Channels-last or the default layout for ``arch`` at ``image_size`` px in ``precision``: the measured rule
+    (``CHANNELS_LAST_FROM``) in fp32; channels-last in bf16, which oneDNN's bf16 kernels are made for."""
+    if precision == "bf16":
+        return Layout(True, "channels-last (bf16)")
+    family = arch.family.name
+    start = CHANNELS_LAST_FROM[family]
+    if start is not None and image_size >= start:
+        return Layout(True, f"channels-last ({family} at {image_size} px: faster from {start} px in fp32)")
+    where = f"below {start} px" if start is not None else "at every size"
+    return Layout(False, f"default layout ({family} at {image_size} px: channels-last is slower {where} in fp32)")
 
 
 def frozen_prefix_length(chain: list[tuple[str, nn.Module]], plan: dict[str, Decision]) -> int:
@@ -82,15 +108,17 @@ def _runs_in(module: nn.Module, training: set[int]) -> bool:
 
 
 class FastModel:
-    """Runs a ResNet as frozen prefix (no autograd) + trainable suffix, in channels-last and optional bf16.
+    """Runs a model as frozen prefix (no autograd) + trainable suffix, in channels-last (or the default layout:
+    :func:`memory_layout`) and optional bf16.
 
     ``model`` is shared, not copied: its state dict, checkpoints and optimizer are untouched.
     """
 
     def __init__(self, model: nn.Module, arch: Arch, plan: dict[str, Decision], bn_modes: dict[str, str],
-                 precision: str, device: torch.device = torch.device("cpu")):
+                 precision: str, device: torch.device = torch.device("cpu"), *, channels_last: bool = True):
         self.device = device
-        self.model = model.to(device, memory_format=torch.channels_last)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(device, memory_format=self.memory_format)
         chain = arch.stages(model)
         self.split = split_point(chain, plan, model, bn_modes)
         self.prefix, self.suffix = chain[:self.split], chain[self.split:]
@@ -100,9 +128,10 @@ class FastModel:
         self.prefix_deterministic = prefix_is_deterministic([m for _, m in self.prefix], model, bn_modes)
 
     @classmethod
-    def whole(cls, model: nn.Module, arch: Arch) -> "FastModel":
-        """No prefix: ``head`` runs the whole model (for evaluating a checkpoint)."""
-        return cls(model, arch, {name: Decision(True, "whole") for name, _ in model.named_parameters()}, {}, "fp32")
+    def whole(cls, model: nn.Module, arch: Arch, image_size: int) -> "FastModel":
+        """No prefix: ``head`` runs the whole model (for evaluating a checkpoint of ``image_size`` px images)."""
+        return cls(model, arch, {name: Decision(True, "whole") for name, _ in model.named_parameters()}, {}, "fp32",
+                   channels_last=memory_layout(arch, image_size, "fp32").channels_last)
 
     @property
     def prefix_names(self) -> list[str]:
@@ -122,7 +151,7 @@ class FastModel:
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The frozen prefix's output, computed without autograd."""
         x = images.to(self.device, non_blocking=True)
-        x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+        x = x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
         with torch.no_grad(), self.autocast():
             for _, module in self.prefix:
                 x = module(x)
