@@ -32,31 +32,34 @@ MODELS = ("resnet18", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf",
 SIZES = (32, 64, 96, 128, 160, 224)
 
 
-def runners(name: str, size: int, channels_last: bool):
-    """(features, full step) callables of one model in one layout, on one fixed batch."""
+def runner(kind: str, name: str, size: int, channels_last: bool):
+    """The ``features`` or full ``step`` callable of one model in one layout, on one fixed batch."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
     arch = get_arch(name)
-    frozen = arch.build(10, size).eval().to(memory_format=fmt)
-    backbone = nn.Sequential(*[module for unit, module in arch.stages(frozen) if unit != arch.head])
-    model = arch.build(10, size).train().to(memory_format=fmt)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     x = torch.randn(BATCH, 3, size, size).contiguous(memory_format=fmt)
     y = torch.randint(10, (BATCH,))
+    if kind == "features":
+        frozen = arch.build(10, size).eval().to(memory_format=fmt)
+        backbone = nn.Sequential(*[module for unit, module in arch.stages(frozen) if unit != arch.head])
 
-    def features():
-        with torch.no_grad():
-            backbone(x)
+        def features():
+            with torch.no_grad():
+                backbone(x)
+
+        return features
+    model = arch.build(10, size).train().to(memory_format=fmt)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
 
     def step():
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
 
-    return features, step
+    return step
 
 
-def median_seconds(fn, steps: int) -> list[float]:
+def seconds_per_call(fn, steps: int) -> list[float]:
     fn()  # warm-up
     times = []
     for _ in range(steps):
@@ -80,14 +83,14 @@ def main() -> None:
     for name in models:
         wins_from = None
         for size in sizes:
-            cases = {(kind, cl): fn for cl in (True, False)
-                     for kind, fn in zip(("features", "step"), runners(name, size, cl))}
-            times = {case: [] for case in cases}
-            for _ in range(args.rounds):
-                for case, fn in cases.items():
-                    times[case] += median_seconds(fn, args.steps)
-            ratio = {kind: statistics.median(times[(kind, False)]) / statistics.median(times[(kind, True)])
-                     for kind in ("features", "step")}
+            ratio = {}
+            for kind in ("features", "step"):  # one kind at a time: the peak memory of two models, not four
+                cases = {cl: runner(kind, name, size, cl) for cl in (True, False)}
+                times = {cl: [] for cl in cases}
+                for _ in range(args.rounds):
+                    for cl, fn in cases.items():
+                        times[cl] += seconds_per_call(fn, args.steps)
+                ratio[kind] = statistics.median(times[False]) / statistics.median(times[True])
             wins = min(ratio.values()) >= 1.0
             wins_from = (wins_from or size) if wins else None
             print(f"{name:<20} {size:>5} {ratio['features']:>18.2f}x {ratio['step']:>19.2f}x", flush=True)

@@ -96,8 +96,7 @@ def test_chain_is_the_model_and_a_head_only_step_leaves_frozen_blocks_bit_identi
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
     # Head-only: everything before the head is a frozen prefix that runs deterministically (eval mode), so the
     # feature cache applies; a dropout right before the head stays in train mode, in the suffix.
-    fast = FastModel(model, arch, built.plan, built.bn_modes, "fp32",
-                     channels_last=memory_layout(arch, 32, "fp32").channels_last)
+    fast = FastModel(model, arch, built.plan, built.bn_modes, "fp32", image_size=32)
     assert fast.prefix_deterministic and fast.suffix[-1][0] == arch.head
     assert frozen_prefix_length(chain, built.plan) >= fast.split >= len(chain) - 3
     frozen = {n: t.clone() for n, t in frozen_tensors(model, built.plan, built.bn_modes).items()}
@@ -187,6 +186,20 @@ def test_bad_model_input_is_a_clear_error(tmp_path, sets, fragments):
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("name, size, precision, whole, channels_last", [
+    ("resnet18", 32, "fp32", True, False),  # a full fine-tune of ResNet-18 on small images: 20% slower channels-last
+    ("resnet18", 32, "fp32", False, True),  # ... but its frozen layers run faster so
+    ("resnet18", 224, "fp32", True, True),
+    ("convnext_tiny", 224, "fp32", True, False),
+    ("mobilenet_v3_large", 32, "fp32", True, True),
+    ("convnext_tiny", 32, "bf16", True, True),
+])
+def test_the_memory_format_rule(name, size, precision, whole, channels_last):
+    layout = memory_layout(get_arch(name), size, precision, whole)
+    assert layout.channels_last == channels_last
+    assert layout.why.startswith("channels-last" if channels_last else "default layout")
+
+
 def test_models_lists_every_model_without_importing_torch():
     code = ("import sys\nsys.modules['torch'] = None  # any import of torch fails\n"
             "sys.argv = ['finetune', 'models', '--json']\nfrom finetune.cli.app import main\nmain()")
@@ -210,7 +223,7 @@ def test_mobilenet_end_to_end_with_adamw(tmp_path, colour_data):
     result = run_cli("train", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert "frozen prefix: features.0 .. features.10 (no autograd)" in result.stdout
-    assert "memory format default layout (MobileNetV3 at 32 px" in result.stdout
+    assert "memory format channels-last (MobileNetV3 at 32 px, its frozen layers" in result.stdout
     assert "feature cache on" in result.stdout
     run_dir = tmp_path / "run"
     resumed = run_cli("train", "--resume", str(run_dir), "--set", "train.epochs=2")
@@ -228,3 +241,18 @@ def test_mobilenet_end_to_end_with_adamw(tmp_path, colour_data):
     checks = {c["name"]: c["detail"] for c in report["checks"]}
     assert "gradcheck(classifier.3): ok" in checks["float64 finite differences agree with autograd"]
     assert "on 2 module group(s)" in checks["float64 finite differences agree with autograd"]
+
+
+def test_models_bench_measures_and_marks_the_pareto_front():
+    from finetune.analysis.model_bench import BenchRow, bench_models, mark_pareto
+
+    bench = bench_models(["mobilenet_v3_small", "regnet_y_400mf"], image_size=32, freeze="head", batch=4, seconds=0)
+    assert [row.image_size for row in bench.rows] == [32, 32] and bench.freeze == "head"
+    assert all(row.features_per_s > 0 and row.train_per_s > 0 and row.inference_per_s > 0 for row in bench.rows)
+    assert bench.rows[0].train_per_s >= bench.rows[1].train_per_s  # sorted by training speed
+    rows = [BenchRow(name, acc, 1.0, 32, "default", 1.0, speed, 1.0)
+            for name, acc, speed in (("fast", 70.0, 300.0), ("dominated", 69.0, 200.0), ("accurate", 80.0, 100.0))]
+    mark_pareto(rows)
+    assert [row.pareto for row in rows] == [True, False, True]
+    with pytest.raises(FinetuneError, match="--image-size 40 does not fit every model:\n  vit_b_16: ViT-B/16 cuts"):
+        bench_models(["resnet18", "vit_b_16"], image_size=40)

@@ -35,7 +35,7 @@ from finetune.config.schema import Config
 from finetune.data.folders import ensure_demo_data, image_samples, load_datasets
 from finetune.errors import FinetuneError
 from finetune.models.build import build
-from finetune.models.fastpath import FastModel, feature_sources, memory_layout
+from finetune.models.fastpath import FastModel, feature_sources
 from finetune.models.freeze import set_train_mode
 from finetune.training.losses import sampling_weights, training_loss
 from finetune.training.optim import build_optimizer
@@ -248,7 +248,7 @@ def lr_find(config: Config, start: float = 1e-6, end: float = 1.0, steps: int = 
     device = torch.device(select_device(config.train.device, torch.cuda.is_available()))
     precision = precision_for_config(config).precision  # train.precision: auto resolves as in training
     fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, precision, device,
-                     channels_last=memory_layout(built.arch, config.data.image_size, precision).channels_last)
+                     image_size=config.data.image_size)
     set_train_mode(built.model, built.bn_modes)
     optimizer = build_optimizer(built.model, config.optim, built.arch)
     criterion = training_loss(config, targets, built.num_classes, device)

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from finetune.config.loading import load_config
+from finetune.errors import FinetuneError
 from finetune.models.arch import get_arch
 from finetune.models.build import build
-from finetune.models.fastpath import FastModel, memory_layout
+from finetune.models.fastpath import FastModel
 from finetune.models.freeze import set_train_mode
 from finetune.training.optim import Schedule, build_optimizer
 from finetune.training.run import TrainState, train_one_epoch
@@ -44,7 +45,7 @@ class BenchRow:
     acc1: float
     gflops: float  # at the weights' own size (torchvision's metadata)
     image_size: int
-    memory_format: str
+    memory_format: str  # of the training step
     features_per_s: float
     train_per_s: float
     inference_per_s: float
@@ -67,7 +68,13 @@ class ModelBench:
 def bench_models(names: list[str], image_size: Optional[int] = None, freeze: str = "full", batch: int = BATCH,
                  seconds: float = 1.0, on_model: Callable[[str], None] = lambda name: None) -> ModelBench:
     """Measure ``names`` (see the module docstring); ``image_size`` None: each model's own. ``on_model`` is told
-    the model about to be measured (for progress)."""
+    the model about to be measured (for progress). Raises FinetuneError, before measuring any, for an image size a
+    model cannot take."""
+    problems = [f"{name}: {get_arch(name).size_problem(image_size)}" for name in names
+                if image_size and get_arch(name).size_problem(image_size)]
+    if problems:
+        raise FinetuneError(f"--image-size {image_size} does not fit every model:\n  " + "\n  ".join(problems)
+                            + "\nChoose another size, or leave those models out with --only.")
     precision = precision_for("auto", "cpu").precision
     result = ModelBench(read_cpu().describe(), torch.get_num_threads(), precision, freeze, batch)
     for name in names:
@@ -91,10 +98,9 @@ def _bench_one(name: str, image_size: Optional[int], freeze: str, precision: str
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=generator)
     y = torch.randint(CLASSES, (batch,), generator=generator)
-    layout = memory_layout(arch, size, precision)
-    head_only, _, _ = _trainer(name, size, "head", precision, layout.channels_last)
+    head_only, _, _ = _trainer(name, size, "head", precision)
     features = _per_second(lambda: head_only.features(x), batch, seconds)
-    fast, optimizer, schedule = _trainer(name, size, freeze, precision, layout.channels_last)
+    fast, optimizer, schedule = _trainer(name, size, freeze, precision)
     loss = nn.CrossEntropyLoss()
     train = _per_second(lambda: train_one_epoch(fast, [(fast.features(x), y)], loss, optimizer, schedule,
                                                 TrainState()), batch, seconds)
@@ -105,18 +111,18 @@ def _bench_one(name: str, image_size: Optional[int], freeze: str, precision: str
             whole(x)
 
     return BenchRow(name, arch.weights[0].acc1, arch.weights[0].gflops, size,
-                    "channels-last" if layout.channels_last else "default", features,
+                    "channels-last" if fast.layout.channels_last else "default", features,
                     train, _per_second(infer, batch, seconds))
 
 
-def _trainer(name: str, size: int, freeze: str, precision: str, channels_last: bool):
+def _trainer(name: str, size: int, freeze: str, precision: str):
     """The model built as ``train`` builds it (random weights, ``freeze``), its fast path, optimizer and schedule."""
     config = load_config(None, [f"model.arch={name}", "model.weights=none", f"model.num_classes={CLASSES}",
                                 f"data.image_size={size}", f"freeze.trainable={FREEZES[freeze]}",
                                 f"train.precision={precision}"])
     built = build(config, None, progress=False)
     set_train_mode(built.model, built.bn_modes)
-    fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, precision, channels_last=channels_last)
+    fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, precision, image_size=size)
     optimizer = build_optimizer(built.model, config.optim, built.arch)
     return fast, optimizer, Schedule(optimizer, config.optim, 1, 10**9)
 

@@ -85,7 +85,8 @@ def config_problems(config: Config, arch: Arch, skeleton: nn.Module, num_classes
     start, a global batch that does not divide among the processes (WORLD_SIZE), class weights of the wrong
     length, and rules that depend on the freeze plan. ``skeleton`` is the model on the meta device."""
     names = [name for name, _ in skeleton.named_parameters()]
-    stages = f"; {arch.title} has {', '.join(arch.stage_names)} (and `head` for {arch.head})"
+    alias = f" (and `head` for {arch.head})" if arch.head != "head" else ""
+    stages = f"; {arch.title} has {', '.join(arch.stage_names)}{alias}"
     problems = check_patterns(names, config.freeze, head=arch.head, stages=stages)
     problems += check_lr_patterns(names, config.optim, arch.head)
     problems += imbalance_problems(config, num_classes)

@@ -43,11 +43,15 @@ from finetune.models.freeze import Decision
 from finetune.training.distributed import Dist
 
 ON_DISK_NAME = "feature-cache-{split}.bin"
-# fp32: the smallest image size from which channels-last is never slower than the default layout, per family (None:
-# never), measured with scripts/bench_memory_format.py (see docs/models.md). Below it the default layout is faster:
-# ResNet-18 at 32 px trained 20% slower channels-last.
-CHANNELS_LAST_FROM: dict[str, Optional[int]] = {"ResNet": 96, "MobileNetV3": 96, "EfficientNet": 96, "RegNet": 96,
-                                                "ConvNeXt": 96, "Swin": 96, "ViT": None}
+# fp32: the smallest image size from which channels-last is faster than the default layout, per family, for the
+# forward pass of a frozen prefix (and inference) and for training the whole model; None: at no size. Measured with
+# scripts/bench_memory_format.py on a 2-core AVX2 AMD EPYC (docs/models.md; a shared machine: where the two layouts
+# came out within the noise, the default layout, which needs no conversion, is kept). It agrees with what the
+# AVX-512 EPYC of issue #20 measured for ResNet-18: channels-last 20% slower for a full fine-tune at 32 px, faster
+# at 224 px.
+CHANNELS_LAST_FROM: dict[str, tuple[Optional[int], Optional[int]]] = {
+    "ResNet": (32, 224), "MobileNetV3": (32, 32), "EfficientNet": (32, 32), "RegNet": (128, 128),
+    "ConvNeXt": (None, None), "Swin": (None, None), "ViT": (None, None)}
 
 
 @dataclass(frozen=True)
@@ -58,17 +62,19 @@ class Layout:
     why: str
 
 
-def memory_layout(arch: Arch, image_size: int, precision: str) -> Layout:
-    """Channels-last or the default layout for ``arch`` at ``image_size`` px in ``precision``: the measured rule
-    (``CHANNELS_LAST_FROM``) in fp32; channels-last in bf16, which oneDNN's bf16 kernels are made for."""
+def memory_layout(arch: Arch, image_size: int, precision: str, whole: bool) -> Layout:
+    """Channels-last or the default layout for ``arch`` at ``image_size`` px in ``precision``, when training the
+    ``whole`` model or else running a frozen prefix (or inference): the measured rule (``CHANNELS_LAST_FROM``) in
+    fp32; channels-last in bf16, which oneDNN's bf16 kernels are made for."""
     if precision == "bf16":
         return Layout(True, "channels-last (bf16)")
-    family = arch.family.name
-    start = CHANNELS_LAST_FROM[family]
+    family, what = arch.family.name, "training it whole" if whole else "its frozen layers"
+    start = CHANNELS_LAST_FROM[family][whole]
     if start is not None and image_size >= start:
-        return Layout(True, f"channels-last ({family} at {image_size} px: faster from {start} px in fp32)")
-    where = f"below {start} px" if start is not None else "at every size"
-    return Layout(False, f"default layout ({family} at {image_size} px: channels-last is slower {where} in fp32)")
+        return Layout(True, f"channels-last ({family} at {image_size} px, {what}: faster from {start} px in fp32)")
+    where = f"below {start} px" if start is not None else "at every size measured"
+    return Layout(False, f"default layout ({family} at {image_size} px, {what}: channels-last is no faster {where} "
+                         "in fp32)")
 
 
 def frozen_prefix_length(chain: list[tuple[str, nn.Module]], plan: dict[str, Decision]) -> int:
@@ -115,12 +121,17 @@ class FastModel:
     """
 
     def __init__(self, model: nn.Module, arch: Arch, plan: dict[str, Decision], bn_modes: dict[str, str],
-                 precision: str, device: torch.device = torch.device("cpu"), *, channels_last: bool = True):
+                 precision: str, device: torch.device = torch.device("cpu"), *, image_size: Optional[int] = None,
+                 inference: bool = False):
+        """``image_size`` picks the memory format by :func:`memory_layout` (None: channels-last); ``inference``:
+        the model only runs forward."""
         self.device = device
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.to(device, memory_format=self.memory_format)
         chain = arch.stages(model)
         self.split = split_point(chain, plan, model, bn_modes)
+        self.layout = (memory_layout(arch, image_size, precision, whole=self.split == 0 and not inference)
+                       if image_size else Layout(True, "channels-last"))
+        self.memory_format = torch.channels_last if self.layout.channels_last else torch.contiguous_format
+        self.model = model.to(device, memory_format=self.memory_format)
         self.prefix, self.suffix = chain[:self.split], chain[self.split:]
         self.trainable_part: nn.Module = nn.Sequential(OrderedDict(
             (name.replace(".", "_"), module) for name, module in self.suffix))
@@ -131,7 +142,7 @@ class FastModel:
     def whole(cls, model: nn.Module, arch: Arch, image_size: int) -> "FastModel":
         """No prefix: ``head`` runs the whole model (for evaluating a checkpoint of ``image_size`` px images)."""
         return cls(model, arch, {name: Decision(True, "whole") for name, _ in model.named_parameters()}, {}, "fp32",
-                   channels_last=memory_layout(arch, image_size, "fp32").channels_last)
+                   image_size=image_size, inference=True)
 
     @property
     def prefix_names(self) -> list[str]:

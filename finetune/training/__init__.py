@@ -1,7 +1,7 @@
 """Training: the run and its epoch loop, and what it needs and writes.
 
 - ``run``: a run's setup, state and epoch loop (``train``, ``fit``, ``train_one_epoch``, ``evaluate``);
-- ``optim``: SGD param groups, per-layer learning rates, the schedule;
+- ``optim``: SGD or AdamW param groups, per-layer learning rates, the schedule;
 - ``losses``: the training loss, class weights and balanced sampling;
 - ``metrics``: confusion matrix, top-k, balanced accuracy, macro F1;
 - ``checkpoint``: last.pt / best.pt and RNG states;

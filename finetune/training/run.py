@@ -27,7 +27,7 @@ from finetune.data.imagecache import ImageCaches, plan_image_caches
 from finetune.data.loaders import steps_per_epoch
 from finetune.errors import FinetuneError
 from finetune.models.build import Built, build
-from finetune.models.fastpath import FastModel, FeatureSource, feature_sources, memory_layout
+from finetune.models.fastpath import FastModel, FeatureSource, feature_sources
 from finetune.models.freeze import (
     apply_plan,
     batchnorm_modes,
@@ -485,9 +485,8 @@ class Phase:
         config, dist = run.config, run.dist
         self.plan, self.epoch = plan, epoch
         self.bn_modes = batchnorm_modes(run.model, plan, config.freeze.batchnorm)
-        layout = memory_layout(run.built.arch, config.data.image_size, run.precision.precision)
         self.fast = FastModel(run.model, run.built.arch, plan, self.bn_modes, run.precision.precision, dist.device,
-                              channels_last=layout.channels_last)
+                              image_size=config.data.image_size)
         if dist.active:
             self.fast.distribute()
         self.train_source, self.val_source, why = feature_sources(config, self.fast, run.data, run.run_dir,
@@ -495,7 +494,7 @@ class Phase:
         names = self.fast.prefix_names
         prefix = f"{names[0]} .. {names[-1]} (no autograd)" if names else "none"
         run.reporter.message(f"frozen prefix: {prefix}; precision {run.precision.precision} "
-                             f"({run.precision.reason}); memory format {layout.why}; feature cache {why}")
+                             f"({run.precision.reason}); memory format {self.fast.layout.why}; feature cache {why}")
 
     def sources(self) -> list[tuple[str, FeatureSource]]:
         return [("train", self.train_source), ("val", self.val_source)]
