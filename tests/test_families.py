@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, tiny_config
+from helpers import REPO, run_cli, tiny_config
 
 from finetune.config.loading import load_config
+from finetune.config.schema import IMAGENET_MEAN, IMAGENET_STD
 from finetune.errors import FinetuneError
-from finetune.models.arch import ARCHS, IMAGENET_MEAN, IMAGENET_STD, get_arch, unit_parameters
+from finetune.models.arch import ARCHS, fill_preprocessing, get_arch, unit_parameters
 from finetune.models.build import build
 from finetune.models.fastpath import FastModel, frozen_prefix_length, memory_layout
 from finetune.models.freeze import batchnorm_modes, frozen_tensors, plan_freeze, set_train_mode
@@ -58,7 +59,8 @@ def test_the_catalogue_matches_torchvision_metadata(offline):
 ])
 def test_head_only_counts(arch, image_size, total, head, head_module):
     """``head`` trains the new 10-class head only, whatever its module is called; what stands before it stays."""
-    config = load_config(None, [f"model.arch={arch}", "model.weights=none", "model.num_classes=10"])
+    config = fill_preprocessing(load_config(None, [f"model.arch={arch}", "model.weights=none",
+                                                   "model.num_classes=10"]))
     assert config.freeze.trainable == ["head"] and config.data.image_size == image_size
     skeleton = get_arch(arch).skeleton(10, image_size)
     params = dict(skeleton.named_parameters())
@@ -76,7 +78,7 @@ def small(tmp_path_factory, colour_data):
     built = {}
     for name in SMALLEST:
         config = load_config(tiny_config(folder / name, colour_data, model={"arch": name}, freeze={"trainable": ["head"]}))
-        built[name] = (config, build(config, ["blue", "green", "red"], progress=False))
+        built[name] = (config, build(config, ["blue", "green", "red"], show_download=False))
     return built
 
 
@@ -150,7 +152,7 @@ def test_default_weights_load_offline_from_the_models_own_cache_file(offline, mo
     target.parent.mkdir(parents=True)
     target.write_bytes(mobilenet_state.read_bytes())
     config = load_config(None, ["model.arch=mobilenet_v3_small", "model.num_classes=3", "data.image_size=32"])
-    built = build(config, progress=False)
+    built = build(config, show_download=False)
     state = torch.load(mobilenet_state, weights_only=True)
     assert built.weights.source == "torchvision MobileNet_V3_Small_Weights.DEFAULT"
     assert torch.equal(built.model.classifier[0].weight, state["classifier.0.weight"])  # the hidden layer stays
@@ -161,14 +163,14 @@ def test_a_state_dict_of_another_architecture_names_it(mobilenet_state):
     config = load_config(None, ["model.arch=efficientnet_b0", "model.num_classes=3", "data.image_size=32",
                                 f"model.weights={mobilenet_state}"])
     with pytest.raises(FinetuneError) as info:
-        build(config, progress=False)
+        build(config, show_download=False)
     assert "do not fit EfficientNet-B0" in str(info.value)
     assert "look like MobileNetV3-Small weights: set model.arch: mobilenet_v3_small" in str(info.value)
 
 
 @pytest.mark.parametrize("sets, fragments", [
-    (["model.arch=mobilenet_v3_smal"], ["model.arch: unknown architecture 'mobilenet_v3_smal'",
-                                         "closest: mobilenet_v3_small"]),
+    (["model.arch=mobilenet_v3_smal"], ["model.arch: 'mobilenet_v3_smal' is not an architecture finetune knows; "
+                                         "did you mean mobilenet_v3_small"]),
     (["model.arch=vit_b_16", "data.image_size=100"], ["data.image_size: is 100", "multiple of 16",
                                                        "e.g. 96 or 112"]),
     (["model.arch=swin_t", "model.weights=IMAGENET1K_V2"], ["no IMAGENET1K_V2 weights for swin_t",

@@ -22,16 +22,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
-from torch import nn
 
 from finetune.config.loading import load_config
 from finetune.errors import FinetuneError
 from finetune.models.arch import get_arch
-from finetune.models.build import build
 from finetune.models.fastpath import FastModel
-from finetune.models.freeze import set_train_mode
-from finetune.training.optim import Schedule, build_optimizer
-from finetune.training.run import TrainState, train_one_epoch
+from finetune.training.epoch import TrainState, train_one_epoch
+from finetune.training.setup import Setup, prepare
+from finetune.training.validate import validate
 from finetune.utils.hardware import precision_for, read_cpu
 
 CLASSES = 10
@@ -98,12 +96,11 @@ def _bench_one(name: str, image_size: Optional[int], freeze: str, precision: str
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=generator)
     y = torch.randint(CLASSES, (batch,), generator=generator)
-    head_only, _, _ = _trainer(name, size, "head", precision)
+    _, head_only = _trainer(name, size, "head", precision)
     features = _per_second(lambda: head_only.features(x), batch, seconds)
-    fast, optimizer, schedule = _trainer(name, size, freeze, precision)
-    loss = nn.CrossEntropyLoss()
-    train = _per_second(lambda: train_one_epoch(fast, [(fast.features(x), y)], loss, optimizer, schedule,
-                                                TrainState()), batch, seconds)
+    setup, fast = _trainer(name, size, freeze, precision)
+    train = _per_second(lambda: train_one_epoch(fast, [(fast.features(x), y)], setup.loss_fn, setup.optimizer,
+                                                setup.schedule, TrainState()), batch, seconds)
     whole = FastModel.whole(arch.build(CLASSES, size).eval(), arch, size)
 
     def infer():
@@ -115,16 +112,14 @@ def _bench_one(name: str, image_size: Optional[int], freeze: str, precision: str
                     train, _per_second(infer, batch, seconds))
 
 
-def _trainer(name: str, size: int, freeze: str, precision: str):
-    """The model built as ``train`` builds it (random weights, ``freeze``), its fast path, optimizer and schedule."""
+def _trainer(name: str, size: int, freeze: str, precision: str) -> tuple[Setup, FastModel]:
+    """The model prepared as ``train`` prepares it (random weights, ``freeze``, no data) and its fast path."""
     config = load_config(None, [f"model.arch={name}", "model.weights=none", f"model.num_classes={CLASSES}",
                                 f"data.image_size={size}", f"freeze.trainable={FREEZES[freeze]}",
                                 f"train.precision={precision}"])
-    built = build(config, None, progress=False)
-    set_train_mode(built.model, built.bn_modes)
-    fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, precision, image_size=size)
-    optimizer = build_optimizer(built.model, config.optim, built.arch)
-    return fast, optimizer, Schedule(optimizer, config.optim, 1, 10**9)
+    validate(config)
+    setup = prepare(config)
+    return setup, setup.fast_model(setup.built.plan)
 
 
 def _per_second(step: Callable, batch: int, seconds: float) -> float:

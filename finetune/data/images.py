@@ -63,7 +63,8 @@ class ImagePipeline:
     def of(cls, data, augment: bool = False) -> "ImagePipeline":
         """The pipeline the config's ``data`` section describes (``augment`` for the training split)."""
         return cls(data.image_size, augment=augment, fast_decode=data.fast_decode, resize_size=data.resize_size,
-                   interpolation=data.interpolation, mean=tuple(data.mean), std=tuple(data.std))
+                   interpolation=data.interpolation or "bilinear", mean=tuple(data.mean or IMAGENET_MEAN),
+                   std=tuple(data.std or IMAGENET_STD))
 
     @property
     def resize_side(self) -> int:

@@ -25,6 +25,7 @@ This module imports torch only inside its methods, so the config can check names
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 import os
@@ -34,15 +35,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 from urllib.parse import urlparse
 
+from finetune.config.schema import IMAGENET_MEAN, IMAGENET_STD, Config, is_weights_name
+from finetune.errors import Problem
+
 if TYPE_CHECKING:
     from torch import nn
 
-DEFAULT_ARCH = "resnet18"
-HEAD = "head"  # the freeze (and param_groups) pattern that names the new head in every family
 FLATTEN = "flatten"  # the chain's name for the flatten a model's forward() does without a module
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # every torchvision classification weights' normalisation
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 @dataclass(frozen=True)
@@ -381,6 +380,49 @@ def get_arch(name: str) -> Arch:
     return ARCHS[name]
 
 
-def looks_like_weights_name(value: str) -> bool:
-    """``IMAGENET1K_V3`` and the like: a torchvision weights name (perhaps mistyped), not a file path."""
-    return bool(re.fullmatch(r"[A-Z][A-Z0-9_]*", value)) and value != "DEFAULT"
+def problems(config: Config) -> list[Problem]:
+    """``model.arch`` that names no architecture finetune knows (with the closest names), ``model.weights`` naming
+    torchvision weights the architecture lacks (with those it has), and an image size it cannot take (with the
+    sizes it can), or a resize smaller than the crop. The preprocessing must have been filled
+    (:func:`fill_preprocessing`)."""
+    arch = ARCHS.get(config.model.arch)
+    if arch is None:
+        close = difflib.get_close_matches(config.model.arch, ARCH_NAMES, n=3, cutoff=0.4)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        return [Problem("model.arch", f"{config.model.arch!r} is not an architecture finetune knows; {hint}"
+                                      f"`finetune models` lists all {len(ARCH_NAMES)}")]
+    found = []
+    weights = config.model.weights
+    if is_weights_name(weights) and weights != "DEFAULT" and weights not in arch.weight_names:
+        found.append(Problem("model.weights", f"torchvision has no {weights} weights for {arch.name}; use DEFAULT or "
+                                              f"{' or '.join(arch.weight_names)}, a state-dict file, or none"))
+    data = config.data
+    size_problem = arch.size_problem(data.image_size)
+    if size_problem:
+        found.append(Problem("data.image_size", f"is {data.image_size}, but {size_problem}"))
+    if data.resize_size < data.image_size:
+        found.append(Problem("data.resize_size", f"is {data.resize_size}, smaller than data.image_size "
+                                                 f"({data.image_size}): the centre crop would not fit; make it at "
+                                                 f"least {data.image_size} or null"))
+    return found
+
+
+def preprocessing(config: Config) -> dict:
+    """The eval preprocessing of ``model.weights`` (the architecture's default weights for a file or none), scaled
+    to ``data.image_size`` when that is set: crop, resize (the weights' resize/crop ratio), interpolation and
+    mean/std, as ``data`` keys."""
+    own = ARCHS[config.model.arch].weights_named(config.model.weights)
+    crop = config.data.image_size or own.crop
+    return {"image_size": crop, "resize_size": max(crop, math.floor(crop * own.resize / own.crop)),
+            "interpolation": own.interpolation, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+
+def fill_preprocessing(config: Config) -> Config:
+    """Set the ``data`` preprocessing keys the config leaves null to the weights' own (:func:`preprocessing`), in
+    place, so that the run directory, checkpoints and exports record what was used; an unknown architecture is left
+    to :func:`problems`. Returns ``config``."""
+    if config.model.arch in ARCHS:
+        for key, value in preprocessing(config).items():
+            if getattr(config.data, key) is None:
+                setattr(config.data, key, value)
+    return config

@@ -6,8 +6,9 @@ from __future__ import annotations
 import difflib
 from typing import Optional
 
+from finetune.config.schema import DEFAULT_ARCH
 from finetune.errors import FinetuneError
-from finetune.models.arch import ARCH_NAMES, ARCHS, DEFAULT_ARCH
+from finetune.models.arch import ARCH_NAMES, ARCHS
 
 
 def model_names(only: Optional[str] = None) -> list[str]:

@@ -22,12 +22,13 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 from torch.utils.data import BatchSampler
 
+from finetune.data.imagecache import ImageCache, ImageCaches
 from finetune.data.loaders import (
     Indexed,
     SeededSamples,
@@ -38,9 +39,10 @@ from finetune.data.loaders import (
     make_loader,
     skipped_batch_error,
 )
+from finetune.errors import Problem
 from finetune.models.arch import Arch, unit_parameters
 from finetune.models.freeze import Decision
-from finetune.training.distributed import Dist
+from finetune.utils.distributed import Dist
 
 ON_DISK_NAME = "feature-cache-{split}.bin"
 # fp32: the smallest image size from which channels-last is faster than the default layout, per family, for the
@@ -127,16 +129,16 @@ class FastModel:
         the model only runs forward."""
         self.device = device
         chain = arch.stages(model)
-        self.split = split_point(chain, plan, model, bn_modes)
+        self.split, self.prefix_deterministic = _prefix(chain, plan, model, bn_modes)
         self.layout = (memory_layout(arch, image_size, precision, whole=self.split == 0 and not inference)
                        if image_size else Layout(True, "channels-last"))
         self.memory_format = torch.channels_last if self.layout.channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format)
+        self.bn_modes = bn_modes  # the mode ('train' or 'eval') of each BatchNorm (and dropout) layer while training
         self.prefix, self.suffix = chain[:self.split], chain[self.split:]
         self.trainable_part: nn.Module = nn.Sequential(OrderedDict(
             (name.replace(".", "_"), module) for name, module in self.suffix))
         self.bf16 = precision == "bf16"
-        self.prefix_deterministic = prefix_is_deterministic([m for _, m in self.prefix], model, bn_modes)
 
     @classmethod
     def whole(cls, model: nn.Module, arch: Arch, image_size: int) -> "FastModel":
@@ -179,23 +181,51 @@ class FastModel:
         return self.head(self.features(images))
 
 
-def cache_decision(setting: str, fast: FastModel, augment: bool) -> tuple[bool, str]:
-    """Whether to cache prefix features (``train.cache_features``) and why, in words for the log."""
-    return _cache_decision(setting, fast.split, fast.prefix_deterministic, augment)
+class CachePlan(NamedTuple):
+    """Which splits the feature cache holds, and why, in words for the log."""
+    train: bool
+    val: bool
+    why: str
+
+    @property
+    def splits(self) -> list[str]:
+        return [split for split, cached in (("train", self.train), ("val", self.val)) if cached]
 
 
-def cache_problems(config, arch: Arch, model: nn.Module, plan: dict[str, Decision],
-                   bn_modes: dict[str, str]) -> list[tuple[str, str]]:
+def cache_plan(config, arch: Arch, model: nn.Module, plan: dict[str, Decision],
+               bn_modes: dict[str, str]) -> CachePlan:
+    """Where ``train.cache_features`` caches the frozen prefix's features for ``model`` frozen as ``plan`` says
+    (``model`` may be on the meta device): never for augmented training images; validation is never augmented."""
+    return _cache_plan(config, *_prefix(arch.stages(model), plan, model, bn_modes))
+
+
+def _cache_plan(config, split: int, deterministic: bool) -> CachePlan:
+    setting = config.train.cache_features
+    train, why = _cache_decision(setting, split, deterministic, config.data.augment)
+    val, _ = _cache_decision(setting, split, deterministic, augment=False)
+    if val and not train:
+        why += "; on for validation (its images are not augmented)"
+    return CachePlan(train, val, why)
+
+
+def problems(config, arch: Arch, model: nn.Module, plan: dict[str, Decision],
+             bn_modes: dict[str, str]) -> list[Problem]:
     """``train.cache_features: on`` where the cache cannot be used (``model`` may be on the meta device)."""
     if config.train.cache_features != "on":
         return []
-    chain = arch.stages(model)
+    split, deterministic = _prefix(arch.stages(model), plan, model, bn_modes)
+    usable, why = _cache_decision("on", split, deterministic, config.data.augment)
+    return [] if usable else [Problem("train.cache_features", f"is 'on' but the cache cannot be used: "
+                                                              f"{why.removeprefix('off (').rstrip(')')}; use auto "
+                                                              "or off")]
+
+
+def _prefix(chain: list[tuple[str, nn.Module]], plan: dict[str, Decision], model: nn.Module,
+            bn_modes: dict[str, str]) -> tuple[int, bool]:
+    """The frozen prefix's length (:func:`split_point`) and whether it is deterministic
+    (:func:`prefix_is_deterministic`)."""
     split = split_point(chain, plan, model, bn_modes)
-    prefix = [module for _, module in chain[:split]]
-    usable, why = _cache_decision("on", split, prefix_is_deterministic(prefix, model, bn_modes),
-                                  config.data.augment)
-    return [] if usable else [("train.cache_features", f"is 'on' but the cache cannot be used: "
-                                                       f"{why.removeprefix('off (').rstrip(')')}; use auto or off")]
+    return split, prefix_is_deterministic([module for _, module in chain[:split]], model, bn_modes)
 
 
 def _cache_decision(setting: str, split: int, deterministic: bool, augment: bool) -> tuple[bool, str]:
@@ -218,13 +248,15 @@ class FeatureCache:
     """Prefix outputs of one data split, by sample index: in memory, or memory-mapped in the run directory."""
 
     features: torch.Tensor
-    targets: torch.Tensor
+    targets: torch.Tensor  # class indices, or multi-hot rows (multi-label)
     filled: torch.Tensor  # bool per sample
     skipped: torch.Tensor  # bool per sample: an unreadable image left out (data.skip_bad_images), found when decoded
     path: Optional[Path] = None
 
     @classmethod
-    def create(cls, size: int, shape: tuple, max_bytes: float, folder: Path, split: str) -> "FeatureCache":
+    def create(cls, size: int, shape: tuple, max_bytes: float, folder: Path, split: str,
+               targets: torch.Tensor) -> "FeatureCache":
+        """Room for ``size`` samples of features of ``shape``, and targets shaped as a batch of ``targets``."""
         numel = size * math.prod(shape)
         path = None
         if numel * 4 <= max_bytes:
@@ -234,7 +266,8 @@ class FeatureCache:
             with open(path, "wb") as f:
                 f.truncate(numel * 4)
             features = torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32).view(size, *shape)
-        return cls(features, torch.zeros(size, dtype=torch.long), torch.zeros(size, dtype=torch.bool),
+        return cls(features, torch.zeros((size, *targets.shape[1:]), dtype=targets.dtype),
+                   torch.zeros(size, dtype=torch.bool),
                    torch.zeros(size, dtype=torch.bool), path)
 
     @property
@@ -259,18 +292,22 @@ class FeatureCache:
         count = dist.sum_tensor(self.filled.float()).clamp(min=1)
         per_sample = count.view(-1, *[1] * (self.features.dim() - 1))
         self.features.copy_(dist.sum_tensor(self.features.clone()) / per_sample)
-        self.targets.copy_((dist.sum_tensor((self.targets * self.filled).double()) / count).round().long())
+        per_target = count.view(-1, *[1] * (self.targets.dim() - 1))
+        filled = self.filled.view_as(per_target)
+        targets = dist.sum_tensor((self.targets * filled).double()) / per_target
+        self.targets.copy_(targets.round().to(self.targets.dtype))
         self.filled.copy_(dist.sum_tensor(self.filled.float()) > 0)
         self.skipped.copy_(dist.sum_tensor(self.skipped.float()) > 0)
 
     def batches(self, sampler, batch_size: int, drop_last: bool):
-        """(features, targets) batches in the sampler's order: the same batches the image loader would give."""
+        """(features, targets, sample indices) batches in the sampler's order: the same batches the image loader
+        would give."""
         for indices in BatchSampler(sampler, batch_size, drop_last):
             index = torch.as_tensor(indices)
             index = index[~self.skipped[index]]  # unreadable images skipped: left out, as the image loader does
             if not len(index):
                 raise skipped_batch_error()
-            yield self.features[index], self.targets[index]
+            yield self.features[index], self.targets[index], index
 
     def close(self) -> None:
         if self.path is not None:
@@ -294,10 +331,12 @@ class FeatureSource:
 
     def __init__(self, fast: FastModel, dataset, batch_size: int, *, shuffle: bool, seed: int, workers: int,
                  cache_bytes: Optional[float] = None, folder: Optional[Path] = None, split: str = "train",
-                 dist: Dist = Dist(), weights: Optional[torch.Tensor] = None):
+                 dist: Dist = Dist(), weights: Optional[torch.Tensor] = None,
+                 image_cache: Optional[ImageCache] = None):
         self.fast, self.dataset, self.batch_size, self.weights = fast, dataset, batch_size, weights
         self.shuffle, self.seed, self.workers, self.dist = shuffle, seed, workers, dist
         self.cache_bytes, self.folder, self.split = cache_bytes, folder, split
+        self.image_cache = image_cache  # decoded images, read by the loaders (data.cache_images)
         self.cache: Optional[FeatureCache] = None
 
     @property
@@ -305,6 +344,12 @@ class FeatureSource:
         return self.cache_bytes is not None
 
     def epoch(self, epoch: int, skip_batches: int = 0):
+        """(features, targets) batches of (0-based) ``epoch``, less its first ``skip_batches``."""
+        for features, targets, _ in self.indexed_epoch(epoch, skip_batches):
+            yield features, targets
+
+    def indexed_epoch(self, epoch: int, skip_batches: int = 0):
+        """:meth:`epoch`'s batches with the dataset index of each sample: (features, targets, indices)."""
         if self.caching and (self.cache_complete or epoch > 0 or self.weights is not None):
             self.complete_cache()
             yield from self.cache.batches(self._sampler(epoch, skip_batches * self.batch_size), self.batch_size,
@@ -329,12 +374,12 @@ class FeatureSource:
     def _from_images(self, epoch: int, skip_batches: int):
         loader = make_loader(Indexed(self.dataset), self.batch_size, shuffle=self.shuffle, seed=self.seed,
                              epoch=epoch, skip_batches=skip_batches, workers=self.workers, rank=self.dist.rank,
-                             world=self.dist.world, weights=self.weights)
+                             world=self.dist.world, weights=self.weights, cache=self.image_cache)
         for images, targets, indices in loader:
             features = self.fast.features(images)
             if self.caching and epoch == 0:
                 self._store(indices, features, targets)
-            yield features, targets
+            yield features, targets, indices
 
     def complete_cache(self) -> None:
         """Compute what the cache lacks, batch by batch in the first epoch's order (the last partial batch too).
@@ -346,8 +391,8 @@ class FeatureSource:
             return
         missing = [indices for indices in BatchSampler(self._sampler(0, weighted=False), self.batch_size, False)
                    if self.cache is None or not bool(self.cache.filled[indices].all())]
-        for indices, (images, targets, kept) in zip(missing, batch_loader(Indexed(self.dataset), missing,
-                                                                          self.workers)):
+        images_of = batch_loader(Indexed(self.dataset), missing, self.workers, self.image_cache)
+        for indices, (images, targets, kept) in zip(missing, images_of):
             self._store(kept, self.fast.features(images), targets)
             self.cache.skip(sorted(set(indices) - set(kept.tolist())))  # unreadable images, skipped
         if self.dist.active:
@@ -356,7 +401,7 @@ class FeatureSource:
     def _store(self, indices, features, targets) -> None:
         if self.cache is None:
             self.cache = FeatureCache.create(len(self.dataset), tuple(features.shape[1:]), self.cache_bytes,
-                                             self.folder, self.split)
+                                             self.folder, self.split, targets)
         self.cache.put(indices, features, targets)
 
     def describe(self) -> str:
@@ -371,20 +416,20 @@ class FeatureSource:
 
 
 def feature_sources(config, fast: FastModel, data, folder: Path, *, weights: Optional[torch.Tensor] = None,
-                    dist: Dist = Dist()) -> tuple[FeatureSource, FeatureSource, str]:
+                    dist: Dist = Dist(), image_caches: Optional[ImageCaches] = None
+                    ) -> tuple[FeatureSource, FeatureSource, str]:
     """The train and val sources training reads, with the feature cache when ``train.cache_features`` allows it
-    (a spilled cache goes to ``folder``), and why the cache is on or off. ``weights``: the train sampling weights."""
-    setting, budget = config.train.cache_features, config.train.cache_max_gb * 2**30
-    use_cache, why = cache_decision(setting, fast, config.data.augment)
-    val_cache, _ = cache_decision(setting, fast, augment=False)  # validation is never augmented
-    if val_cache and not use_cache:
-        why += "; on for validation (its images are not augmented)"
+    (a spilled cache goes to ``folder``), and why the cache is on or off. ``weights``: the train sampling weights;
+    ``image_caches``: the run's image caches, which the loaders read through."""
+    images = image_caches or ImageCaches("off")
+    budget = config.train.cache_max_gb * 2**30
+    use_cache, val_cache, why = _cache_plan(config, fast.split, fast.prefix_deterministic)
     common = dict(seed=config.train.seed, dist=dist, folder=folder,
                   workers=config.data.workers if config.data.workers is not None else default_workers())
     batch = config.train.batch_size // dist.world
     rank = f"-rank{dist.rank}" if dist.active else ""  # spilled caches: one file per process
     train_set = SeededSamples(data.train, config.train.seed) if config.data.augment else data.train
     return (FeatureSource(fast, train_set, batch, shuffle=True, split=f"train{rank}", weights=weights,
-                          cache_bytes=budget if use_cache else None, **common),
+                          cache_bytes=budget if use_cache else None, image_cache=images.get("train"), **common),
             FeatureSource(fast, data.val, batch, shuffle=False, split=f"val{rank}",
-                          cache_bytes=budget if val_cache else None, **common), why)
+                          cache_bytes=budget if val_cache else None, image_cache=images.get("val"), **common), why)

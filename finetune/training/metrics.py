@@ -33,6 +33,14 @@ def top_k_hits(logits, targets, k: int = 5):
     return (logits.topk(min(k, logits.shape[1]), dim=1).indices == targets[:, None]).any(1)
 
 
+def correct_count(logits, targets) -> int:
+    """Top-1 hits of class-index targets; of multi-hot targets (multi-label), the images whose every label is right
+    at probability 0.5. Training's running accuracy."""
+    if targets.dim() == 2:
+        return ((logits > 0) == (targets > 0.5)).all(1).sum().item()
+    return (logits.argmax(1) == targets).sum().item()
+
+
 def _rows(confusion) -> list[list[int]]:
     """A square matrix of ints from a list of lists or anything with ``tolist()`` (a tensor, an array)."""
     rows = confusion.tolist() if hasattr(confusion, "tolist") else [list(row) for row in confusion]
