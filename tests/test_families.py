@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, run_cli, tiny_config
+from helpers import REPO, run_cli, tiny_config, write_config
 
 from finetune.config.loading import load_config
 from finetune.config.schema import IMAGENET_MEAN, IMAGENET_STD
@@ -258,3 +258,20 @@ def test_models_bench_measures_and_marks_the_pareto_front():
     assert [row.pareto for row in rows] == [True, False, True]
     with pytest.raises(FinetuneError, match="--image-size 40 does not fit every model:\n  vit_b_16: ViT-B/16 cuts"):
         bench_models(["resnet18", "vit_b_16"], image_size=40)
+
+
+def test_no_decay_keeps_every_norm_layer_out_and_the_old_key_warns(tmp_path):
+    """ConvNeXt's LayerNorm (not only BatchNorm) and every bias get no weight decay; optim.no_decay_bn_bias, the
+    old name, still works and the config says where to rename it."""
+    path = write_config(tmp_path / "config.yaml", "optim:\n  weight_decay: 0.05\n  no_decay_bn_bias: true\n")
+    config = load_config(path, ["model.arch=convnext_tiny", "model.weights=none", "model.num_classes=3",
+                                "data.image_size=32", 'freeze.trainable=["features.7", "head"]'])
+    assert config.optim.no_decay_norm_bias
+    assert config.warnings == [f"{path}:3  optim.no_decay_bn_bias is now optim.no_decay_norm_bias; the old name "
+                               "still works, but rename it"]
+    built = build(config, show_download=False)
+    decay = {name: group["weight_decay"] for group in build_optimizer(built.model, config.optim, built.arch).param_groups
+             for name in group["names"]}
+    assert decay["features.7.0.block.0.weight"] == 0.05 and decay["classifier.2.weight"] == 0.05  # conv, head
+    assert decay["features.7.0.block.2.weight"] == 0 and decay["features.7.0.block.2.bias"] == 0  # LayerNorm
+    assert decay["features.7.0.block.0.bias"] == 0 and decay["classifier.2.bias"] == 0

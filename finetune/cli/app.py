@@ -366,6 +366,10 @@ def models(
     result = bench_models(names, image_size, freeze,
                           on_model=lambda name: err_console.print(f"measuring {name} ...", highlight=False))
     print_json(result.to_json()) if json else print_model_bench(result)
+
+
+@app.command()
+@_user_errors
 def runs(
     folders: Annotated[Optional[list[Path]], typer.Argument(metavar="DIR...", help="Run directories, or folders "
                                                             "that hold them (default: runs/).",

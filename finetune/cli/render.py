@@ -315,6 +315,8 @@ def print_model_bench(bench: "ModelBench") -> None:
     console.print("features: the frozen backbone, what each image of a head-only fine-tune costs (once: later epochs "
                   "train from the feature cache); Pareto *: no faster model is more accurate on ImageNet",
                   highlight=False)
+
+
 ENDED_STYLE = {"finished": "green", "early stop": "green", "time limit": "yellow", "running": "cyan",
                "interrupted": "yellow", "failed": "red", "killed": "red", "partial": "yellow", "broken": "bold red"}
 
