@@ -1,12 +1,15 @@
 """Benchmark: finetune's training engine against the plain loop of the PyTorch fine-tuning tutorial.
 
-    .venv/bin/python scripts/bench.py            # about 4 minutes on 2 cores
+    .venv/bin/python scripts/bench.py            # about 15 minutes on 2 cores
     .venv/bin/python scripts/bench.py --rounds 1 --steps 2 --size 64   # a quick smoke run
+    .venv/bin/python scripts/bench.py --only resnet18,mobilenet_v3_large   # the rows of these models
     .venv/bin/python scripts/bench.py --all-precisions   # bf16 cases even where bf16 is emulated (slow)
 
-Everything runs in this one process (peak memory: the median of three child processes each), 224x224, batch 32,
-ResNet-18 (and ResNet-50 for two rows) with a 10-class head, on synthetic batches so that image decoding is left out (each side
-gets its batch as its own DataLoader delivers it: finetune's collate makes it channels-last).
+Everything runs in this one process (peak memory: the median of three child processes each), 224x224 (or the
+row's own size), batch 32, ResNet-18 (ResNet-50, MobileNetV3-Large, EfficientNet-B0, RegNetY-400MF and ConvNeXt-Tiny
+for a head-only and a full row each, ResNet-18 at 32 px for two more) with a 10-class head, on synthetic batches
+so that image decoding is left out (each side gets its batch as its own DataLoader delivers it: finetune's collate
+makes it channels-last; finetune's fast path converts it when its memory-format rule picks the default layout).
 The cases run interleaved, round after round, each after a warm-up step; the figures are
 medians of the per-step times over all rounds.
 
@@ -17,8 +20,8 @@ bf16 is emulated, several times slower than fp32, and they are skipped with the 
 The plain loop: the model in train mode, every parameter handed to the optimizer,
 ``requires_grad=False`` on the frozen ones, fp32, the default memory format.
 finetune: the same model and freeze prepared as `finetune train` prepares them (training.setup.prepare), trained
-by finetune's own epoch loop (frozen prefix without autograd and in eval mode, channels-last, optional bf16
-autocast).
+by finetune's own epoch loop (frozen prefix without autograd and in eval mode, the memory format its rule picks,
+optional bf16 autocast).
 """
 
 from __future__ import annotations
@@ -33,13 +36,13 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision.models
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune.config.loading import load_config  # noqa: E402
-from finetune.models.fastpath import FeatureSource  # noqa: E402
+from finetune.models.arch import get_arch  # noqa: E402
+from finetune.models.fastpath import FeatureSource, memory_layout  # noqa: E402
 from finetune.models.freeze import set_train_mode  # noqa: E402
 from finetune.training.epoch import TrainState, train_one_epoch  # noqa: E402
 from finetune.training.setup import prepare  # noqa: E402
@@ -49,18 +52,28 @@ from finetune.utils.hardware import precision_for, read_cpu  # noqa: E402
 CLASSES = 10
 BATCH = 32
 FREEZES = {
-    "head-only": ["fc"],
-    "layer4+head": ["layer4", "fc"],
+    "head-only": ["head"],
+    "layer4+head": ["layer4", "head"],
     "full": ["*"],
 }
-CASES = [  # (name, freeze, precision, target ratio, architecture)
-    ("head-only fp32", "head-only", "fp32", 1.7, "resnet18"),
-    ("head-only bf16", "head-only", "bf16", 3.0, "resnet18"),
-    ("layer4+head fp32", "layer4+head", "fp32", None, "resnet18"),
-    ("full fp32", "full", "fp32", 1.25, "resnet18"),
-    ("full bf16", "full", "bf16", 2.4, "resnet18"),
-    ("r50 head-only fp32", "head-only", "fp32", None, "resnet50"),
-    ("r50 full fp32", "full", "fp32", None, "resnet50"),
+CASES = [  # (name, freeze, precision, target ratio, architecture, image size: None = --size)
+    ("head-only fp32", "head-only", "fp32", 1.7, "resnet18", None),
+    ("head-only bf16", "head-only", "bf16", 3.0, "resnet18", None),
+    ("layer4+head fp32", "layer4+head", "fp32", None, "resnet18", None),
+    ("full fp32", "full", "fp32", 1.25, "resnet18", None),
+    ("full bf16", "full", "bf16", 2.4, "resnet18", None),
+    ("r50 head-only fp32", "head-only", "fp32", None, "resnet50", None),
+    ("r50 full fp32", "full", "fp32", None, "resnet50", None),
+    ("mnv3-l head-only fp32", "head-only", "fp32", 1.3, "mobilenet_v3_large", None),
+    ("mnv3-l full fp32", "full", "fp32", 1.0, "mobilenet_v3_large", None),
+    ("effnet-b0 head-only fp32", "head-only", "fp32", 1.3, "efficientnet_b0", None),
+    ("effnet-b0 full fp32", "full", "fp32", 1.0, "efficientnet_b0", None),
+    ("regnety-400 head-only fp32", "head-only", "fp32", 1.3, "regnet_y_400mf", None),
+    ("regnety-400 full fp32", "full", "fp32", 1.0, "regnet_y_400mf", None),
+    ("convnext-t head-only fp32", "head-only", "fp32", 1.3, "convnext_tiny", None),
+    ("convnext-t full fp32", "full", "fp32", 1.0, "convnext_tiny", None),
+    ("r18@32 head-only fp32", "head-only", "fp32", 1.3, "resnet18", 32),
+    ("r18@32 full fp32", "full", "fp32", 1.0, "resnet18", 32),
 ]
 
 
@@ -71,13 +84,13 @@ def config_for(freeze: str, precision: str, size: int, arch: str = "resnet18"):
         "freeze.batchnorm=eval", "optim.lr=0.001"])
 
 
-def plain_step_fn(freeze: str, arch: str = "resnet18"):
-    """The tutorial: requires_grad=False on frozen parameters, new fc, model.train(), SGD over all parameters."""
-    model = getattr(torchvision.models, arch)(weights=None)
+def plain_step_fn(freeze: str, arch: str = "resnet18", size: int = 224):
+    """The tutorial: requires_grad=False on frozen parameters, a new head, model.train(), SGD over all parameters."""
+    model = get_arch(arch).build(CLASSES, size)  # torchvision's model, its final Linear replaced
     if freeze != "full":
+        head = get_arch(arch).head
         for name, p in model.named_parameters():
-            p.requires_grad = name.startswith("layer4") and freeze == "layer4+head"
-    model.fc = nn.Linear(model.fc.in_features, CLASSES)
+            p.requires_grad = name.startswith(f"{head}.") or (name.startswith("layer4") and freeze == "layer4+head")
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
 
@@ -115,23 +128,24 @@ def timed(step, x, y) -> float:
 
 
 def throughput(cases: list[tuple], rounds: int, steps: int, size: int) -> list[tuple]:
+    sizes = {case[5] or size for case in cases}
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(BATCH, 3, size, size, generator=generator)
+    x = {s: torch.randn(BATCH, 3, s, s, generator=generator) for s in sorted(sizes)}
     y = torch.randint(CLASSES, (BATCH,), generator=generator)
-    runners = {f"plain {arch} {freeze}": plain_step_fn(freeze, arch) for arch, freeze in
-               dict.fromkeys((arch, freeze) for _, freeze, _, _, arch in cases)}  # one plain model per (arch, freeze)
-    runners |= {name: finetune_step_fn(freeze, precision, size, arch)
-                for name, freeze, precision, _, arch in cases}
+    plain = dict.fromkeys((arch, freeze, case_size or size) for _, freeze, _, _, arch, case_size in cases)
+    runners = {f"plain {arch} {freeze} {s}": (plain_step_fn(freeze, arch, s), x[s]) for arch, freeze, s in plain}
+    runners |= {name: (finetune_step_fn(freeze, precision, case_size or size, arch),
+                       x[case_size or size].contiguous(memory_format=torch.channels_last))  # as finetune's loader
+                for name, freeze, precision, _, arch, case_size in cases}
     times: dict[str, list[float]] = {name: [] for name in runners}
-    x_channels_last = x.contiguous(memory_format=torch.channels_last)  # as finetune's loader delivers batches
     for r in range(rounds):
-        for name, step in runners.items():
-            batch = x if name.startswith("plain") else x_channels_last
+        for name, (step, batch) in runners.items():
             timed(step, batch, y)  # warm-up
             times[name] += [timed(step, batch, y) for _ in range(steps)]
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     speed = {name: BATCH / statistics.median(t) for name, t in times.items()}
-    return [(name, speed[f"plain {arch} {freeze}"], speed[name], target) for name, freeze, _, target, arch in cases]
+    return [(name, speed[f"plain {arch} {freeze} {case_size or size}"], speed[name], target)
+            for name, freeze, _, target, arch, case_size in cases]
 
 
 def cached_epoch(size: int, images: int, run_dir: Path) -> tuple[float, float]:
@@ -198,17 +212,19 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="image size (default 224)")
     parser.add_argument("--cache-images", type=int, default=320, help="images in the cached-epoch comparison")
     parser.add_argument("--no-resnet50", action="store_true", help="leave out the two ResNet-50 rows")
+    parser.add_argument("--only", help="only the rows of these models, comma-separated (e.g. resnet18,convnext_tiny)")
+    parser.add_argument("--no-extras", action="store_true", help="skip the feature-cache epoch and peak-memory parts")
     parser.add_argument("--all-precisions", action="store_true",
                         help="run the bf16 cases even where bf16 is not native (emulated: slow)")
     args = parser.parse_args()
 
-    models = "ResNet-18" if args.no_resnet50 else "ResNet-18 and ResNet-50"
-    print(f"finetune benchmark: {models}, {args.size}x{args.size}, batch {BATCH}, {CLASSES} classes, "
+    only = set(args.only.split(",")) if args.only else None
+    print(f"finetune benchmark: {args.size}x{args.size} (or the row's size), batch {BATCH}, {CLASSES} classes, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"CPU: {read_cpu().describe()}; torch CPU kernels: {torch.backends.cpu.get_cpu_capability()}")
     bf16 = precision_for("auto", "cpu")
     cases = [case for case in CASES if (case[2] != "bf16" or bf16.precision == "bf16" or args.all_precisions)
-             and not (args.no_resnet50 and case[4] == "resnet50")]
+             and not (args.no_resnet50 and case[4] == "resnet50") and (only is None or case[4] in only)]
     if bf16.precision == "bf16":
         print(f"bf16 cases: run ({bf16.reason})")
     elif args.all_precisions:
@@ -216,17 +232,20 @@ def main() -> None:
     else:
         print(f"bf16 cases: skipped ({bf16.reason}): bf16 is emulated here, several times slower than fp32; "
               "--all-precisions runs them")
+    rows = throughput(cases, args.rounds, args.steps, args.size)
+    print(f"\n{'case':<26} {'plain img/s':>12} {'finetune img/s':>15} {'ratio':>7} {'target':>7}  memory format")
+    for (name, plain, fast, target), case in zip(rows, cases):
+        goal = f">={target:g}x" if target else "-"
+        layout = memory_layout(get_arch(case[4]), case[5] or args.size, case[2], whole=case[1] == "full")
+        layout = layout.why.split(" (")[0]
+        print(f"{name:<26} {plain:>12.1f} {fast:>15.1f} {fast / plain:>6.2f}x {goal:>7}  {layout}")
+    if args.no_extras:
+        return
     with tempfile.TemporaryDirectory() as folder:
-        rows = throughput(cases, args.rounds, args.steps, args.size)
         cached, plain_epoch = cached_epoch(args.size, args.cache_images, Path(folder))
     runs = [peak_rss(kind, args.size, 3) for _ in range(3) for kind in ("plain", "finetune")]  # interleaved
     memory = {kind: tuple(statistics.median(run[i] for run in runs[k::2]) for i in (0, 1))
               for k, kind in enumerate(("plain", "finetune"))}
-
-    print(f"\n{'case':<18} {'plain img/s':>12} {'finetune img/s':>15} {'ratio':>7} {'target':>7}")
-    for name, plain, fast, target in rows:
-        goal = f">={target:g}x" if target else "-"
-        print(f"{name:<18} {plain:>12.1f} {fast:>15.1f} {fast / plain:>6.2f}x {goal:>7}")
     print(f"\nhead-only epoch of {args.cache_images} images: plain loop {plain_epoch:.2f} s, "
           f"finetune from the feature cache {cached:.3f} s -> {plain_epoch / cached:.0f}x (target >=50x)")
     (plain_peak, plain_training), (fast_peak, fast_training) = memory["plain"], memory["finetune"]

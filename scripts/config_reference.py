@@ -80,6 +80,9 @@ def _type_name(annotation) -> str:
         elif typing.get_origin(option) is list:
             item = typing.get_args(option)[0]
             names.append("list of objects" if _nested(item) else f"list of {NAMES[item]}s")
+        elif typing.get_origin(option) is tuple:  # a fixed-length list, e.g. data.mean's three floats
+            items = typing.get_args(option)
+            names.append(f"list of {len(items)} {NAMES[items[0]]}s")
         elif _nested(option):
             names.append("object")
         else:

@@ -83,7 +83,8 @@ def tiny_config(folder: Path, data_root: Path, **sections) -> Path:
 
     config = {
         "model": {"weights": "none"},
-        "data": {"root": str(data_root), "image_size": 32, "workers": 0},
+        # resize_size: the 32 px images as they are, not resized to 36 px (the weights' 256/224) and cropped
+        "data": {"root": str(data_root), "image_size": 32, "resize_size": 32, "workers": 0},
         "freeze": {"trainable": ["fc"]},
         "optim": {"lr": 0.01},
         # fp32: the same numbers on every CPU (precision auto would pick bf16 on some); auto has tests of its own

@@ -35,8 +35,8 @@ def test_defaults_without_file():
     assert config.model_dump() == defaults_with_absolute_paths()
     assert (config.model.weights, config.model.num_classes) == ("DEFAULT", None)
     assert config.optim.lr == 0.01 and config.optim.momentum == 0.9
-    assert config.freeze.trainable == ["fc"] and config.freeze.batchnorm == "eval"
-    assert config.train.epochs == 5 and config.data.image_size == 224
+    assert config.freeze.trainable == ["head"] and config.freeze.batchnorm == "eval"
+    assert config.train.epochs == 5 and config.data.image_size is None  # null: the weights' own (validate fills it)
 
 
 def test_set_values_are_parsed_as_yaml():

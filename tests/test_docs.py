@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # Pages that parallel changes add (issue #19 and the issues after it): the README links them already. Links to them
 # are allowed while they are missing; once a page exists its links and headings are checked like any other's.
-TOPICS = {REPO / "docs" / name for name in ("deployment.md", "tracking.md", "data.md")}  # linked from the README
+TOPICS = {REPO / "docs" / name for name in ("deployment.md", "tracking.md", "data.md", "models.md")}  # linked from the README
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
@@ -75,7 +75,7 @@ def test_config_reference_has_a_described_row_for_every_key_nested_ones_too():
     assert set(rows) == set(keys) - sections
     assert {"freeze.stages[].epoch", "optim.param_groups[].lr", "train.early_stopping.patience"} <= set(rows)
     assert all(len(cells) == 5 and cells[4] for cells in rows.values()), "every key needs description=... in its Field"
-    assert rows["data.image_size"][1:4] == ["integer", "`224`", "≥ 32, ≤ 1024"]
+    assert rows["data.image_size"][1:4] == ["integer or null", "`null`", "≥ 32, ≤ 1024"]
     assert rows["train.precision"][3] == "`auto`, `fp32`, `bf16`"
     assert rows["freeze.stages[].epoch"][2] == "required"
 

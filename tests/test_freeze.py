@@ -32,7 +32,7 @@ def numel() -> dict[str, int]:
 
 
 def plan(names, **freeze):
-    return plan_freeze(names, FreezeConfig(**freeze))
+    return plan_freeze(names, FreezeConfig(**freeze), head="fc")
 
 
 def trainable_count(decisions, numel) -> int:
@@ -98,7 +98,7 @@ def test_unmatched_takes_default(names, default):
 # --- pattern errors --------------------------------------------------------------------------------------------
 
 def problems(names, **rules) -> dict[str, str]:
-    return dict(freeze.problems(names, FreezeConfig(**rules), epochs=5))
+    return dict(freeze.problems(names, FreezeConfig(**rules), epochs=5, head="fc"))
 
 
 def test_pattern_matching_nothing_names_key_and_closest(names):

@@ -46,7 +46,7 @@ def test_json_report(sets, trainable, trainable_tensors):
     assert sum(p["numel"] for p in params.values() if p["trainable"]) == trainable
     assert sum(p["trainable"] for p in params.values()) == trainable_tensors
     assert params["fc.weight"] == {"name": "fc.weight", "shape": [10, 512], "numel": 5_120, "trainable": True,
-                                   "rule": "trainable: fc" if not sets else "trainable: fc.*", "lr": 0.01}
+                                   "rule": "trainable: head" if not sets else "trainable: fc.*", "lr": 0.01}
     assert params["conv1.weight"] == {"name": "conv1.weight", "shape": [64, 3, 7, 7], "numel": 9_408,
                                       "trainable": False, "rule": "default: frozen", "lr": None}
     modes = {b["module"]: b["mode"] for b in report["batchnorm"]}

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from torchvision import transforms
 
 from finetune.config.loading import load_config
+from finetune.config.schema import DataConfig
 from finetune.data import imagecache
 from finetune.data.folders import (
     eval_transform,
@@ -83,8 +84,9 @@ def classic(image_size: int):
 def test_full_decode_gives_the_classic_pipelines_tensor_bit_for_bit(jpegs):
     path = str(next((jpegs / "train" / "red").iterdir()))
     expected = classic(32)(Image.open(path).convert("RGB"))
-    assert torch.equal(load_image(path, eval_transform(32, fast_decode=False)), expected)
-    assert torch.equal(eval_transform(32)(read_image(path)), expected)  # as a torchvision transform on PIL
+    assert torch.equal(load_image(path, eval_transform(DataConfig(image_size=32, fast_decode=False))), expected)
+    # as a torchvision transform on PIL
+    assert torch.equal(eval_transform(DataConfig(image_size=32))(read_image(path)), expected)
 
 
 @pytest.mark.parametrize("image_size, scale", [(32, 4), (64, 2)])
@@ -98,8 +100,8 @@ def test_fast_decode_is_close_to_the_full_decode(tmp_path, image_size, scale):
         with Image.open(path) as image:
             image.draft("RGB", (image_size, image_size))
             assert image.size == (200 // scale, 152 // scale)  # it really decodes at reduced scale
-        fast = load_image(str(path), eval_transform(image_size))
-        full = load_image(str(path), eval_transform(image_size, fast_decode=False))
+        fast = load_image(str(path), eval_transform(DataConfig(image_size=image_size)))
+        full = load_image(str(path), eval_transform(DataConfig(image_size=image_size, fast_decode=False)))
         errors.append((fast - full).abs().mean().item())
     # In normalised units (1.0 is about 57 grey levels): measured 0.009 to 0.011, about 0.6 grey levels.
     assert max(errors) < 0.02, errors

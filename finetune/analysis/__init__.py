@@ -3,5 +3,6 @@
 - ``freeze_report``: what is frozen, what trains, what the optimizer sees;
 - ``gradcheck``: are the gradients right (``inspect-grads``);
 - ``lr_find``: the learning-rate range test;
+- ``model_bench``: how fast each model extracts features, trains and predicts here (``finetune models --bench``).
 - ``runs``: run directories side by side (``runs``, ``runs --compare``).
 """

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from finetune.config.schema import Config
 from finetune.data.folders import data_classes
 from finetune.models.build import Built, build
+from finetune.models.freeze import is_batchnorm
 from finetune.training.optim import build_optimizer
 from finetune.training.validate import validate
 from finetune.utils.hardware import PrecisionChoice, precision_for_config
@@ -22,6 +23,8 @@ class GroupRow:
     batchnorm: str  # train | eval | mixed | - (no BatchNorm)
     lr: str  # the learning rate of its trainable parameters ("-" when frozen, "mixed" when several)
     rule: str
+    norm: str  # the normalisation layers in it: BatchNorm, LayerNorm, GroupNorm (joined by +), or -
+    random: str  # its dropout / stochastic depth: off (in a frozen block: eval mode) | on | mixed | - (none)
 
 
 @dataclass
@@ -38,6 +41,8 @@ class FreezeReport:
     num_classes: int
     precision: str  # what train.precision resolves to here: fp32 | bf16
     precision_reason: str
+    arch: str
+    norm: str  # the normalisation the architecture's blocks use
     parameters: list[dict] = field(default_factory=list)
     batchnorm: list[dict] = field(default_factory=list)
     groups: list[GroupRow] = field(default_factory=list)
@@ -68,6 +73,8 @@ def freeze_report(built: Built, optimizer, precision: PrecisionChoice, epoch: in
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     rows = [{"name": n, "shape": list(p.shape), "numel": p.numel(), "trainable": p.requires_grad,
              "rule": built.plan[n].rule, "lr": lr_of.get(id(p))} for n, p in params]
+    modules = dict(built.model.named_modules())
+    batchnorm = {m: mode for m, mode in built.bn_modes.items() if is_batchnorm(modules[m])}
     trainable = sum(r["numel"] for r in rows if r["trainable"])
     total = sum(r["numel"] for r in rows)
     return FreezeReport(
@@ -83,31 +90,55 @@ def freeze_report(built: Built, optimizer, precision: PrecisionChoice, epoch: in
         num_classes=built.num_classes,
         precision=precision.precision,
         precision_reason=precision.reason,
+        arch=built.arch.name,
+        norm=built.arch.family.norm,
         parameters=rows,
-        batchnorm=[{"module": m, "mode": mode} for m, mode in built.bn_modes.items()],
-        groups=_group_rows(rows, built.bn_modes, built.arch.group),
+        batchnorm=[{"module": m, "mode": mode} for m, mode in batchnorm.items()],
+        groups=_group_rows(rows, built.bn_modes, modules, built.arch.group),
     )
 
 
-def _group_rows(rows: list[dict], bn_modes: dict[str, str], group_of) -> list[GroupRow]:
+def _group_rows(rows: list[dict], modes: dict[str, str], modules: dict, group_of) -> list[GroupRow]:
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(group_of(row["name"]), []).append(row)
+    in_group: dict[str, list[str]] = {}
+    for m in modules:
+        if m:
+            in_group.setdefault(group_of(m), []).append(m)
     result = []
     for name, members in groups.items():
         flags = {r["trainable"] for r in members}
-        modes = {mode for module, mode in bn_modes.items() if group_of(module) == name}
+        inside = [m for m in in_group.get(name, []) if m in modes]
+        bn = {modes[m] for m in inside if is_batchnorm(modules[m])}
+        random = {"off" if modes[m] == "eval" else "on" for m in inside if not is_batchnorm(modules[m])}
+        norms = dict.fromkeys(_norm_kind(modules[m]) for m in in_group.get(name, []))
         rules = list(dict.fromkeys(r["rule"] for r in members))
         result.append(GroupRow(
             module=name,
             params=sum(r["numel"] for r in members),
             trainable_params=sum(r["numel"] for r in members if r["trainable"]),
             state="mixed" if len(flags) > 1 else ("trainable" if flags.pop() else "frozen"),
-            batchnorm=modes.pop() if len(modes) == 1 else ("mixed" if modes else "-"),
+            batchnorm=_one(bn),
             lr=_lr_text({r["lr"] for r in members if r["lr"] is not None}),
             rule=rules[0] if len(rules) == 1 else "; ".join(rules),
+            norm="+".join(kind for kind in norms if kind) or "-",
+            random=_one(random),
         ))
     return result
+
+
+def _one(values: set) -> str:
+    return values.pop() if len(values) == 1 else ("mixed" if values else "-")
+
+
+def _norm_kind(module) -> str:
+    """BatchNorm (running statistics: frozen means eval mode), LayerNorm or GroupNorm (none), else ''."""
+    from torch import nn
+
+    if is_batchnorm(module):
+        return "BatchNorm"
+    return next((kind.__name__ for kind in (nn.LayerNorm, nn.GroupNorm) if isinstance(module, kind)), "")
 
 
 def _lr_text(rates: set) -> str:

@@ -9,12 +9,15 @@ gradient. Then five checks run:
    may swallow a NaN weight in the forward pass, so its gradient alone can look fine);
 3. the head's gradient equals the closed form of softmax cross-entropy:
    dL/dW = (softmax(z) - q)^T h / B and dL/db = mean(softmax(z) - q), with q the
-   (label-smoothed) one-hot targets and h the features entering ``fc``; for
+   (label-smoothed) one-hot targets and h the features entering the head (the final
+   ``Linear`` the architecture description names: ``fc``, ``classifier.3``...); for
    ``model.task: multilabel``, of binary cross-entropy averaged over the B x C logits:
    dL/dz = (sigmoid(z) - q) / (B C), q the (smoothed) multi-hot targets;
 4. float64 finite differences agree with autograd: ``torch.autograd.gradcheck`` on
    the head, and central differences along a random direction per trainable
-   module group of the whole network;
+   module group of the whole network (dropout and stochastic depth draw the same
+   numbers in every forward pass: the loss is one function of the weights; the frozen
+   prefix, the same in every pass, runs once);
 5. one SGD step on a copy leaves frozen parameters and frozen BatchNorm buffers
    bit-identical and moves every trainable parameter.
 """
@@ -32,6 +35,7 @@ from torch import nn
 from finetune.config.schema import Config
 from finetune.data.loaders import make_loader
 from finetune.models.build import Built
+from finetune.models.fastpath import frozen_prefix_length
 from finetune.models.freeze import frozen_tensors, set_train_mode
 from finetune.training.losses import validation_loss
 from finetune.training.multilabel import binary_targets
@@ -85,7 +89,8 @@ def check_gradients(built: Built, images: list[torch.Tensor], targets: list[torc
     start = copy.deepcopy(model)  # the weights the finite differences are taken at
     set_train_mode(model, built.bn_modes)
     features: list[torch.Tensor] = []
-    hook = model.fc.register_forward_hook(lambda module, inputs, output: features.append(inputs[0].detach()))
+    hook = model.get_submodule(built.arch.head).register_forward_hook(
+        lambda module, inputs, output: features.append(inputs[0].detach()))
     smoothing = config.train.label_smoothing
     loss_fn = validation_loss(config)  # the training loss without class weights
     logits = []
@@ -175,12 +180,12 @@ def _trainable_finite(model: nn.Module, built: Built) -> Check:
 def _head_closed_form(model, built: Built, features, logits, targets, smoothing: float) -> Check:
     binary = targets[0].dim() == 2  # multi-hot targets: multi-label
     name = f"head gradient equals the {'sigmoid binary' if binary else 'softmax'} cross-entropy closed form"
-    fc = model.fc
-    if fc.weight.grad is None and fc.bias.grad is None:
-        return Check(name, True, "skipped: fc is frozen")
-    expected_w, expected_b = _closed_form(features, logits, targets, smoothing, fc.out_features)
+    head = model.get_submodule(built.arch.head)
+    if head.weight.grad is None and head.bias.grad is None:
+        return Check(name, True, f"skipped: the head ({built.arch.head}) is frozen")
+    expected_w, expected_b = _closed_form(features, logits, targets, smoothing, head.out_features)
     errors = []
-    for label, grad, expected in (("weight", fc.weight.grad, expected_w), ("bias", fc.bias.grad, expected_b)):
+    for label, grad, expected in (("weight", head.weight.grad, expected_w), ("bias", head.bias.grad, expected_b)):
         if grad is None:
             continue
         scale = expected.abs().max().item() or 1.0
@@ -212,17 +217,32 @@ def _finite_differences(start: nn.Module, built: Built, x, y, features, loss_fn)
     model = start.double()
     set_train_mode(model, built.bn_modes)
     x, y = x.double(), y.double() if y.is_floating_point() else y
-    loss_of = lambda: loss_fn(model(x), y)  # noqa: E731
+    chain = built.arch.stages(model)
+    split = frozen_prefix_length(chain, built.plan)
+    with torch.no_grad(), _frozen_bn_buffers(model):
+        prefix_out = x
+        for _, module in chain[:split]:
+            prefix_out = module(prefix_out)
+
+    def loss_of():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same dropout masks in every pass
+            out = prefix_out
+            for _, module in chain[split:]:
+                out = module(out)
+            return loss_fn(out, y)
     details, passed = [], True
-    if any(built.plan[f"fc.{p}"].trainable for p in ("weight", "bias")):
+    head_name = built.arch.head
+    if any(built.plan[f"{head_name}.{p}"].trainable for p in ("weight", "bias")):
         h = features[0][:FD_SAMPLES].double()
-        w = model.fc.weight.detach().clone().requires_grad_(True)
-        b = model.fc.bias.detach().clone().requires_grad_(True)
+        head = model.get_submodule(head_name)
+        w = head.weight.detach().clone().requires_grad_(True)
+        b = head.bias.detach().clone().requires_grad_(True)
         head_ok = torch.autograd.gradcheck(
             lambda w, b: loss_fn(h @ w.T + b, y), (w, b),
             eps=FD_STEPS[0], atol=1e-7, rtol=FD_TOLERANCE, raise_exception=False, fast_mode=True)
         passed &= head_ok
-        details.append(f"gradcheck(fc): {'ok' if head_ok else 'MISMATCH'}")
+        details.append(f"gradcheck({head_name}): {'ok' if head_ok else 'MISMATCH'}")
 
     trainable = {n: p for n, p in model.named_parameters() if built.plan[n].trainable}
     if not trainable:
@@ -246,6 +266,8 @@ def _finite_differences(start: nn.Module, built: Built, x, y, features, loss_fn)
                 numeric = _central_difference(loss_of, trainable, direction, norm, step)
                 error = abs(numeric - analytic) / max(abs(numeric), abs(analytic), 1e-10)
                 errors.append(error if math.isfinite(error) else math.inf)
+                if errors[-1] <= FD_TOLERANCE:
+                    break  # a smaller step only matters where this one crossed a kink
             worst = max(worst, min(errors))
     passed &= worst <= FD_TOLERANCE
     details.append(f"directional derivatives on {len(groups)} module group(s) of {len(x)} images: "

@@ -25,7 +25,8 @@ from finetune.errors import FinetuneError
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 app = typer.Typer(
-    help="Fine-tune a pretrained torchvision ResNet (ResNet-18 by default) on your own images, on a CPU.",
+    help="Fine-tune a pretrained torchvision image classifier (ResNet-18 by default; `finetune models` lists them) "
+         "on your own images, on a CPU.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -51,7 +52,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _app(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                help="Show the version and exit.")] = False) -> None:
-    """Fine-tune a pretrained torchvision ResNet (ResNet-18 by default) on your own images, on a CPU."""
+    """Fine-tune a pretrained torchvision image classifier (ResNet-18 by default) on your own images, on a CPU."""
 
 
 def _user_errors(command):
@@ -88,7 +89,15 @@ def _without_option(argv: list[str], option: str) -> list[str]:
 def _load(config: Optional[Path], overrides: Optional[list[str]]):
     from finetune.config.loading import load_config
 
-    return load_config(config, overrides or [])
+    loaded = load_config(config, overrides or [])
+    if loaded.warnings:
+        from rich.markup import escape
+
+        from finetune.cli.render import err_console
+
+        for warning in loaded.warnings:
+            err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    return loaded
 
 
 EpochOption = Annotated[int, typer.Option("--epoch", "-e", min=1, help="The (1-based) epoch whose freeze stage "
@@ -186,7 +195,7 @@ def train(
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Train in this many processes on this machine "
                                        "(launches torchrun; train.batch_size is the global batch).")] = 1,
 ) -> None:
-    """Fine-tune a ResNet (model.arch) on an ImageFolder tree or a label file (data.labels); write a run directory.
+    """Fine-tune a model (model.arch) on an ImageFolder tree or a label file (data.labels); write a run directory.
 
     Example:  finetune train --config configs/quickstart.yaml --set train.epochs=3
     """
@@ -322,6 +331,43 @@ def export(
     int8 = int8_options(quantize, calibration_images, calibration_data, max_accuracy_drop)
     result = export_checkpoint(checkpoint, format_, output, opset, overwrite, int8)
     print_json(result) if json else print_export(result)
+
+
+@app.command()
+@_user_errors
+def models(
+    bench: Annotated[bool, typer.Option("--bench", help="Measure each model on this machine: feature extraction, "
+                                        "a training step and inference, in images/s (a few seconds per model).")] = False,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", min=32, max=1024, help="--bench: the image "
+                                                      "size (default: each model's own).", show_default=False)] = None,
+    freeze: Annotated[str, typer.Option("--freeze", help="--bench: the training step measured: full (everything "
+                                        "trains) or head (the head only).")] = "full",
+    only: Annotated[Optional[str], typer.Option("--only", help="Only these models, comma-separated, e.g. "
+                                                "resnet18,mobilenet_v3_large.", show_default=False)] = None,
+    json: JsonOption = False,
+) -> None:
+    """List the supported models: parameters, GFLOPs, ImageNet accuracy, default image size (no download).
+
+    With --bench, measure them on this machine, sorted by training speed, the Pareto front marked.
+
+    Example:  finetune models --bench --image-size 128 --only resnet18,mobilenet_v3_large,regnet_y_400mf
+    """
+    from finetune.cli.render import print_json, print_models
+    from finetune.models.catalog import model_names, model_rows
+
+    if freeze not in ("full", "head"):
+        raise FinetuneError(f"--freeze {freeze!r}: use full or head.")
+    names = model_names(only)
+    if not bench:
+        rows = model_rows(names)
+        print_json(rows) if json else print_models(rows)
+        return
+    from finetune.analysis.model_bench import bench_models
+    from finetune.cli.render import err_console, print_model_bench
+
+    result = bench_models(names, image_size, freeze,
+                          on_model=lambda name: err_console.print(f"measuring {name} ...", highlight=False))
+    print_json(result.to_json()) if json else print_model_bench(result)
 
 
 @app.command()

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from finetune.analysis.freeze_report import FreezeReport
     from finetune.analysis.gradcheck import GradReport
     from finetune.analysis.lr_find import LRFind
+    from finetune.analysis.model_bench import ModelBench
     from finetune.analysis.runs import Comparison, RunRow
 
 console = Console()
@@ -35,16 +36,19 @@ def print_freeze_report(report: "FreezeReport") -> None:
     table.add_column("params", justify="right", no_wrap=True)
     table.add_column("trainable", justify="right", no_wrap=True)
     table.add_column("state")
+    table.add_column("norm")
     table.add_column("BatchNorm")
+    table.add_column("dropout")
     table.add_column("lr", justify="right")
     table.add_column("rule", overflow="fold")
     colour = {"trainable": "green", "frozen": "blue", "mixed": "yellow"}
     for row in report.groups:
         table.add_row(row.module, f"{row.params:,}", f"{row.trainable_params:,}",
-                      f"[{colour[row.state]}]{row.state}[/]", row.batchnorm, row.lr, row.rule)
+                      f"[{colour[row.state]}]{row.state}[/]", row.norm, row.batchnorm, row.random, row.lr, row.rule)
     table.add_section()
-    table.add_row("total", f"{report.total_params:,}", f"{report.trainable_params:,}", "", "", "", "")
-    console.print(f"weights: {report.weights}   head: {report.num_classes} classes   epoch: {report.epoch}")
+    table.add_row("total", f"{report.total_params:,}", f"{report.trainable_params:,}", "", "", "", "", "", "")
+    console.print(f"model: {report.arch} ({report.norm})   weights: {report.weights}   head: {report.num_classes} "
+                  f"classes   epoch: {report.epoch}", highlight=False)
     console.print(f"precision: {report.precision} ({report.precision_reason})", highlight=False)
     console.print(table)
     console.print(f"trainable {report.trainable_params:,} ({_pct(report.trainable_params, report.total_params)})"
@@ -55,8 +59,12 @@ def print_freeze_report(report: "FreezeReport") -> None:
     console.print(f"optimizer receives {report.optimizer_params:,} parameters in {report.optimizer_tensors} tensors "
                   f"(trainable set: {report.trainable_params:,} in {report.trainable_tensors}) {mark}")
     eval_bn = sum(1 for b in report.batchnorm if b["mode"] == "eval")
-    console.print(f"BatchNorm: {eval_bn} of {len(report.batchnorm)} layers run in eval mode while training "
-                  "(frozen statistics)")
+    if report.batchnorm:
+        console.print(f"BatchNorm: {eval_bn} of {len(report.batchnorm)} layers run in eval mode while training "
+                      "(frozen statistics)")
+    else:
+        console.print(f"No BatchNorm: {report.norm} keeps no running statistics; frozen blocks run in eval mode "
+                      "(no dropout or stochastic depth)")
 
 
 def print_evaluation(result: dict) -> None:
@@ -271,6 +279,42 @@ def print_lr_find(result: "LRFind") -> None:
                       highlight=False)
         console.print(f"use it:  {escape(result.command)}", highlight=False, soft_wrap=True)
     console.print(f"plot: {escape(result.plot)}", highlight=False, soft_wrap=True)
+
+
+def print_models(rows: list[dict]) -> None:
+    table = Table(title="Models (ImageNet figures: torchvision's metadata of the default weights)", title_justify="left")
+    for column in ("model", "params", "GFLOPs", "acc@1", "size", "resize", "weights"):
+        table.add_column(column, justify="right" if column in ("params", "GFLOPs", "acc@1", "size") else "left",
+                         no_wrap=column != "weights")
+    family = None
+    for row in rows:
+        if family is not None and row["family"] != family:
+            table.add_section()
+        family = row["family"]
+        name = f"{row['model']} (default)" if row["default"] else row["model"]
+        table.add_row(name, f"{row['params_m']:.1f} M", f"{row['gflops']:.2f}", f"{row['acc1']:.1f}",
+                      str(row["image_size"]), f"{row['resize']} {row['interpolation']}", " ".join(row["weights"]))
+    console.print(table)
+    console.print("size: the crop the weights were trained at (data.image_size: null); resize: the shorter side "
+                  "before it; weights: the first is DEFAULT. Which to pick: docs/models.md; speed on this machine: "
+                  "finetune models --bench", highlight=False)
+
+
+def print_model_bench(bench: "ModelBench") -> None:
+    console.print(f"CPU: {bench.cpu}; {bench.threads} threads; precision {bench.precision}; batch {bench.batch}; "
+                  f"random weights, 10 classes, synthetic images", highlight=False)
+    table = Table(title=f"Images per second on this machine, by training speed (train: --freeze {bench.freeze})",
+                  title_justify="left")
+    for column in ("model", "acc@1", "GFLOPs", "size", "layout", "features/s", "train/s", "inference/s", "Pareto"):
+        table.add_column(column, justify="left" if column in ("model", "layout") else "right")
+    for row in bench.rows:
+        table.add_row(row.model, f"{row.acc1:.1f}", f"{row.gflops:.2f}", str(row.image_size), row.memory_format,
+                      f"{row.features_per_s:.1f}", f"{row.train_per_s:.1f}", f"{row.inference_per_s:.1f}",
+                      "[green]*[/]" if row.pareto else "")
+    console.print(table)
+    console.print("features: the frozen backbone, what each image of a head-only fine-tune costs (once: later epochs "
+                  "train from the feature cache); Pareto *: no faster model is more accurate on ImageNet",
+                  highlight=False)
 
 
 ENDED_STYLE = {"finished": "green", "early stop": "green", "time limit": "yellow", "running": "cyan",

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from finetune.config.schema import Config, is_weights_name
+from finetune.config.schema import RENAMED, Config, is_weights_name
 from finetune.errors import FinetuneError, Problem
 
 # Keys holding paths; in a config file they are relative to the file's folder.
@@ -77,6 +77,8 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         raise FinetuneError(_format_problems(path, [_describe(e, source) for e in exc.errors()])) from None
     _resolve_paths_of(config)
     config._source = source
+    config._warnings = [f"{source.where(old)}  {old} is now {new}; the old name still works, but rename it"
+                        for old, new in RENAMED.items() if _has_key(raw, old)]
     return config
 
 
@@ -160,6 +162,11 @@ def _is_path(key: str, value) -> bool:
     if key == "train.mlflow.tracking_uri" and isinstance(value, str) and _URI.match(value):
         return False
     return isinstance(value, str) and not is_weights_name(value) and value != "none"
+
+
+def _has_key(raw: dict, key: str) -> bool:
+    section, name = key.split(".")
+    return isinstance(raw.get(section), dict) and name in raw[section]
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

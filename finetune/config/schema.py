@@ -23,6 +23,14 @@ from pydantic import (
     model_validator,
 )
 
+DEFAULT_ARCH = "resnet18"
+HEAD = "head"  # the freeze (and param_groups) pattern that names the new head in every family
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # every torchvision classification weights' normalisation
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# Keys renamed since: the old name keeps working (load_config warns); old run directories and checkpoints load.
+RENAMED = {"optim.no_decay_bn_bias": "optim.no_decay_norm_bias"}
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -37,12 +45,13 @@ def is_weights_name(value: str) -> bool:
 class ModelConfig(_Section):
     # Architecture names and their weights are checked by validate() (models.arch knows them): the config, below
     # the models in the package layering, knows only their shape.
-    arch: str = Field("resnet18", description=(
-        "The torchvision network to fine-tune (see `finetune models`). Freeze patterns, the reports, stages, "
-        "layer_lr_decay, the feature cache, DDP, export, evaluate and predict work the same for each."))
+    arch: str = Field(DEFAULT_ARCH, description=(
+        "The torchvision network to fine-tune: `finetune models` lists them all (ResNet, MobileNetV3, "
+        "EfficientNet, RegNetY, ConvNeXt, ViT, Swin). Freeze patterns, the reports, stages, layer_lr_decay, the "
+        "feature cache, DDP, export, evaluate and predict work the same for each."))
     weights: str = Field("DEFAULT", description=(
         "Where the pretrained weights come from: DEFAULT (the architecture's best torchvision weights), "
-        "IMAGENET1K_V1 or IMAGENET1K_V2 (not resnet18/34) through torchvision's weights API (its cache, then a "
+        "or one of its weights names (`finetune models` lists them) through torchvision's weights API (its cache, then a "
         "download with progress and a 20 s network timeout); none for random init; or a path to a state-dict "
         "file (loaded with weights_only=True; its 1000-class ImageNet head is replaced)."))
     weights_fallback: Literal["error", "random"] = Field("error", description=(
@@ -81,8 +90,20 @@ class DataConfig(_Section):
         None, min_length=2, description="The class names in the order of the model's outputs; null: sorted names.")
     label_delim: str = Field(" ", min_length=1, description="multilabel: what separates the labels of one image "
                              "in the label column.")
-    image_size: int = Field(224, ge=32, le=1024, description="Images are resized and center-cropped to this many "
-                            "pixels a side.")
+    image_size: Optional[int] = Field(None, ge=32, le=1024, description=(
+        "Width and height of the crop the model sees. null: what the weights were trained at (224 for most "
+        "models, 300 for efficientnet_b3, 384 for efficientnet_v2_s)."))
+    resize_size: Optional[int] = Field(None, ge=32, le=2048, description=(
+        "The shorter side images are resized to before the centre crop. null: data.image_size times the "
+        "weights' own ratio (256/224 for resnet18)."))
+    interpolation: Optional[Literal[INTERPOLATIONS]] = Field(None, description=(
+        "Resampling of the resize (and of augmentation's random resized crop). null: the weights' own "
+        "(bicubic for EfficientNet and Swin, bilinear for most)."))
+    mean: Optional[tuple[float, float, float]] = Field(None, description=(
+        "Per-channel RGB mean of the normalisation. null: the weights' own (ImageNet's)."))
+    std: Optional[tuple[float, float, float]] = Field(None, description=(
+        "Per-channel RGB standard deviation of the normalisation, each above 0. null: the weights' own "
+        "(ImageNet's)."))
     val_fraction: float = Field(0.2, gt=0, lt=1, description=(
         "Share of each class held out for validation when there is no root/val (stratified, seeded by "
         "train.seed)."))
@@ -117,6 +138,13 @@ class DataConfig(_Section):
             return {**data, "root": os.path.dirname(data["labels"]) or "."}
         return data
 
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, std: Optional[tuple[float, float, float]]):
+        if std is not None and not all(s > 0 for s in std):
+            raise ValueError(f"is {list(std)}; every standard deviation must be positive")
+        return std
+
     @field_validator("classes")
     @classmethod
     def _classes_unique(cls, classes: Optional[list[str]]) -> Optional[list[str]]:
@@ -139,9 +167,9 @@ class Stage(_Section):
 class FreezeConfig(_Section):
     default: Literal["frozen", "trainable"] = Field("frozen", description=(
         "What a parameter is when no pattern matches."))
-    trainable: list[str] = Field(default_factory=lambda: ["fc"], description=(
-        "Glob patterns of parameter names to train; layer4 also means layer4.*. The most specific matching "
-        "pattern wins."))
+    trainable: list[str] = Field(default_factory=lambda: [HEAD], description=(
+        "Glob patterns of parameter names to train; layer4 also means layer4.*; head names the new head in every "
+        "family (fc for ResNets, classifier.3 for MobileNetV3...). The most specific matching pattern wins."))
     frozen: list[str] = Field(default_factory=list, description=(
         "Glob patterns of parameter names to freeze; a tie with a freeze.trainable pattern goes to frozen."))
     batchnorm: Literal["eval", "train"] = Field("eval", description=(
@@ -167,11 +195,14 @@ class ParamGroup(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = Field(0.01, gt=0, le=10, description="SGD learning rate (lr-find suggests one).")
+    name: Literal["sgd", "adamw"] = Field("sgd", description=(
+        "sgd: SGD with optim.momentum (and optim.nesterov); adamw: AdamW (the usual choice for ConvNeXt, ViT and "
+        "Swin; momentum and nesterov do not apply)."))
+    lr: float = Field(0.01, gt=0, le=10, description="The learning rate (lr-find suggests one).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     # after momentum: its validator reads momentum
     nesterov: bool = Field(False, description="Nesterov momentum (needs momentum > 0).")
-    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay: L2 for sgd, decoupled for adamw.")
     schedule: Literal["constant", "step", "cosine"] = Field("constant", description=(
         "The learning-rate schedule, stepped every batch; it multiplies every param group's own base rate."))
     step_size: int = Field(1, ge=1, description="step schedule: multiply the rate by gamma every step_size "
@@ -187,8 +218,14 @@ class OptimConfig(_Section):
     layer_lr_decay: Optional[float] = Field(None, gt=0, le=1, description=(
         "d: the head gets lr, each stage below it one more factor d (for ResNets fc lr, layer4 lr*d, ... the "
         "stem lr*d^5)."))
-    no_decay_bn_bias: bool = Field(False, description="No weight decay on BatchNorm weights and biases or on any "
-                                   "bias.")
+    no_decay_norm_bias: bool = Field(False, description=(
+        "Keep weight decay off normalisation layers (BatchNorm, LayerNorm, GroupNorm) and every bias. Formerly "
+        "optim.no_decay_bn_bias, which still works with a warning."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        return _renamed(data, "optim")
 
     @field_validator("nesterov")
     @classmethod
@@ -308,11 +345,18 @@ class Config(_Section):
     freeze: FreezeConfig = Field(default_factory=FreezeConfig, description=(
         "What trains and what stays frozen, BatchNorm modes, and gradual unfreezing."))
     optim: OptimConfig = Field(default_factory=OptimConfig, description=(
-        "SGD with momentum over the trainable parameters only: learning rates, their schedule, weight decay."))
+        "SGD with momentum (or AdamW) over the trainable parameters only: learning rates, their schedule, weight "
+        "decay."))
     train: TrainConfig = Field(default_factory=TrainConfig, description=(
         "The run: epochs, batches, seed, run directory, loss, precision, caches, devices and when to stop."))
 
     _source: Any = PrivateAttr(default=None)  # a config.loading._Source: where each key was set
+    _warnings: list[str] = PrivateAttr(default_factory=list)  # e.g. a renamed key still in use
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the config still accepts but should change (renamed keys), for the user."""
+        return self._warnings
 
     @model_validator(mode="after")
     def _monitor_of_task(self) -> "Config":
@@ -332,3 +376,16 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _renamed(data, section: str):
+    """A section's mapping with renamed keys under their new names (the new name wins when both are there)."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for old, new in RENAMED.items():
+        old_section, old_key = old.split(".")
+        if old_section == section and old_key in data:
+            data.setdefault(new.split(".")[1], data.pop(old_key))
+    return data
+

@@ -142,15 +142,11 @@ class Datasets:
         return self.bad_images + [path for path in dict.fromkeys(found) if path not in self.bad_images]
 
 
-def eval_transform(image_size: int, fast_decode: bool = True) -> ImagePipeline:
-    """Resize + centre crop to ``image_size``, then normalise. Called on a PIL image it acts as a torchvision
-    transform; :func:`load_image` and :class:`ImageFiles` also decode JPEGs at reduced scale (``fast_decode``)."""
-    return ImagePipeline(image_size, augment=False, fast_decode=fast_decode)
-
-
-def train_transform(image_size: int, augment: bool, fast_decode: bool = True) -> ImagePipeline:
-    """:func:`eval_transform`, or with ``augment`` a random resized crop and horizontal flip."""
-    return ImagePipeline(image_size, augment=augment, fast_decode=fast_decode)
+def eval_transform(data) -> ImagePipeline:
+    """Resize + centre crop as the config's ``data`` section says, then normalise. Called on a PIL image it acts as
+    a torchvision transform; :func:`load_image` and :class:`ImageFiles` also decode JPEGs at reduced scale
+    (``data.fast_decode``)."""
+    return ImagePipeline.of(data)
 
 
 def ensure_demo_data(config: Config) -> Optional[dict]:
@@ -180,8 +176,8 @@ def load_datasets(config: Config) -> Datasets:
     :func:`check_files`).
     """
     listing, classes = _label_listing(config) if config.data.labels else _tree_listing(config)
-    train_tf = train_transform(config.data.image_size, config.data.augment, config.data.fast_decode)
-    val_tf = eval_transform(config.data.image_size, config.data.fast_decode)
+    train_tf = ImagePipeline.of(config.data, augment=config.data.augment)
+    val_tf = eval_transform(config.data)
     split = listing.val is None  # one set, split by data.val_fraction: its files are read twice
     val_samples = listing.train if split else listing.val
     checked = check_files(config, listing.train + ([] if split else val_samples))  # each file once
@@ -243,7 +239,7 @@ def labelled_folder(config: Config, folder: Path, classes: list[str]) -> "ImageF
 def labelled_files(config: Config, classes: list[str], root: Path, samples: list[tuple]) -> "ImageFiles":
     """``samples`` (path, target) for evaluation, read as the validation images are; unreadable images are an
     error naming them, or left out with ``data.skip_bad_images``."""
-    pipeline = eval_transform(config.data.image_size, config.data.fast_decode)
+    pipeline = eval_transform(config.data)
     return check_files(config, samples).files(config, root, classes, samples, pipeline)
 
 

@@ -2,13 +2,14 @@
 
 An image goes to the model in two stages (:class:`ImagePipeline`):
 
-1. **decode** - the file becomes an upright RGB uint8 array of a *stored size*: the crop itself without
-   augmentation, or the whole image with its shorter side at most ``AUGMENT_ROOM`` times the crop size with it,
-   so the random crop still finds detail. It is a fixed function of the file, so it can be cached, and it runs
-   in decode threads (PIL releases the GIL while it decodes and resizes). A JPEG is decoded at the smallest DCT
-   scale (libjpeg's 1/2, 1/4 or 1/8, PIL's ``draft``) whose shorter side still covers the stored size.
-2. **finish** - the random crop and flip (with augmentation), then float and ImageNet normalisation. It may
-   draw random numbers, so it runs where the sample's seed is set (``data.SeededSamples``).
+1. **decode** - the file becomes an upright RGB uint8 array of a *stored size*: without augmentation the centre
+   crop of the image resized to ``resize_size`` (the weights' own preprocessing), or with it the whole image with
+   its shorter side at most ``AUGMENT_ROOM`` times the crop size, so the random crop still finds detail. It is a
+   fixed function of the file, so it can be cached, and it runs in decode threads (PIL releases the GIL while it
+   decodes and resizes). A JPEG is decoded at the smallest DCT scale (libjpeg's 1/2, 1/4 or 1/8, PIL's ``draft``)
+   whose shorter side still covers the stored size.
+2. **finish** - the random crop and flip (with augmentation), then float and normalisation (the weights' mean
+   and std). It may draw random numbers, so it runs where the sample's seed is set (``data.SeededSamples``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation torchvision's ResNet weights were trained with
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from finetune.config.schema import IMAGENET_MEAN, IMAGENET_STD  # the default of data.mean and data.std
+
 # With data.augment the stored image keeps a shorter side of 1.5x the crop size (336 px for 224). A random
 # resized crop then keeps full detail for every crop of at least a third of a 4:3 photo's area (~73% of
 # RandomResizedCrop's crops) and upsamples the smallest (8% of the area) by at most 2x; a 12 MP photo still
@@ -44,17 +46,34 @@ def augment_side(image_size: int) -> int:
 class ImagePipeline:
     """An image's way from file to model input: ``decode`` (cacheable) then ``finish`` (may be random).
 
-    Calling it on a PIL image runs both stages, as a torchvision transform would.
+    Calling it on a PIL image runs both stages, as a torchvision transform would. ``resize_size`` (the shorter
+    side before the centre crop; None: ``image_size``), ``interpolation``, ``mean`` and ``std`` are the config's
+    ``data`` keys, which default to the weights' own (:func:`of`).
     """
 
     image_size: int
     augment: bool = False
     fast_decode: bool = True
+    resize_size: Optional[int] = None
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    @classmethod
+    def of(cls, data, augment: bool = False) -> "ImagePipeline":
+        """The pipeline the config's ``data`` section describes (``augment`` for the training split)."""
+        return cls(data.image_size, augment=augment, fast_decode=data.fast_decode, resize_size=data.resize_size,
+                   interpolation=data.interpolation or "bilinear", mean=tuple(data.mean or IMAGENET_MEAN),
+                   std=tuple(data.std or IMAGENET_STD))
+
+    @property
+    def resize_side(self) -> int:
+        return self.resize_size or self.image_size
 
     @property
     def decode_side(self) -> int:
         """The shorter side the decoded image must keep before it is resized to the stored size."""
-        return augment_side(self.image_size) if self.augment else self.image_size
+        return augment_side(self.image_size) if self.augment else self.resize_side
 
     def stored_shape(self, upright: tuple[int, int]) -> tuple[int, int, int]:
         """(height, width, 3) of the decoded array for an image whose upright size is ``upright`` (w, h)."""
@@ -84,30 +103,33 @@ class ImagePipeline:
     def finish(self, image: np.ndarray) -> torch.Tensor:
         """A decoded array -> the normalised float tensor (3, image_size, image_size) the model sees."""
         if self.augment:  # on a PIL image, as torchvision's classic pipeline does: single-threaded C, no torch ops
-            image = np.array(_augmentation(self.image_size)(Image.fromarray(image)))
-        return _TO_MODEL(torch.from_numpy(image).permute(2, 0, 1))
+            image = np.array(_augmentation(self.image_size, self.interpolation)(Image.fromarray(image)))
+        return _to_model(self.mean, self.std)(torch.from_numpy(image).permute(2, 0, 1))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
         return self.finish(self._resize(image, image.size))
 
     def _resize(self, image: Image.Image, upright: tuple[int, int]) -> np.ndarray:
+        mode = InterpolationMode(self.interpolation)
         if self.augment:
             height, width, _ = self.stored_shape(upright)
-            image = F.resize(image, [height, width])
+            image = F.resize(image, [height, width], interpolation=mode)
         else:  # exactly torchvision's Resize + CenterCrop, so a full decode gives the classic pipeline's pixels
-            image = F.center_crop(F.resize(image, self.image_size), self.image_size)
+            image = F.center_crop(F.resize(image, self.resize_side, interpolation=mode), self.image_size)
         return np.array(image)  # a writable copy: torch.from_numpy shares it
 
 
 @functools.lru_cache(maxsize=None)
-def _augmentation(image_size: int) -> transforms.Compose:
-    return transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()])
+def _augmentation(image_size: int, interpolation: str) -> transforms.Compose:
+    return transforms.Compose([transforms.RandomResizedCrop(image_size, interpolation=InterpolationMode(interpolation)),
+                               transforms.RandomHorizontalFlip()])
 
 
-# ConvertImageDtype divides by 255 as ToTensor does (v2's ToDtype multiplies by 1/255: not bit-identical).
-_TO_MODEL = transforms.Compose([transforms.ConvertImageDtype(torch.float32),
-                                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+@functools.lru_cache(maxsize=None)
+def _to_model(mean: tuple[float, ...], std: tuple[float, ...]) -> transforms.Compose:
+    # ConvertImageDtype divides by 255 as ToTensor does (v2's ToDtype multiplies by 1/255: not bit-identical).
+    return transforms.Compose([transforms.ConvertImageDtype(torch.float32), transforms.Normalize(mean, std)])
 
 
 def upright_size(image: Image.Image) -> tuple[int, int]:

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from finetune.config.schema import Config
-from finetune.data.images import IMAGENET_MEAN, IMAGENET_STD
 from finetune.errors import FinetuneError, describe
 from finetune.training.calibration import check_temperature, stored_temperature
 from finetune.training.checkpoint import TRAIN_STATE, load_checkpoint, restore_model
@@ -55,6 +54,7 @@ def load_trained(path: Path) -> Trained:
     return Trained(model, classes, config, Path(path), dict(checkpoint.get(TRAIN_STATE) or {}), thresholds,
                    checkpoint.get("calibration"))
 
+
 # Format -> the suffix of its default output, which goes beside the checkpoint (best.pt -> best.onnx).
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 PROBABILITIES = "probabilities"  # the output of an export of a calibrated checkpoint, in place of its logits
@@ -75,13 +75,14 @@ def set_onnx_metadata(model, meta: dict) -> None:
 
 
 class Preprocessed(nn.Module):
-    """The trained network behind ImageNet normalisation: float32 RGB in [0, 1], N x 3 x S x S, in; logits out,
-    or with a ``temperature`` the calibrated probabilities, softmax(logits / temperature)."""
+    """The trained network behind its normalisation (the config's ``data.mean`` and ``data.std``): float32 RGB in
+    [0, 1], N x 3 x S x S, in; logits out, or with a ``temperature`` the calibrated probabilities,
+    softmax(logits / temperature)."""
 
-    def __init__(self, model: nn.Module, temperature: Optional[float] = None):
+    def __init__(self, model: nn.Module, config: Config, temperature: Optional[float] = None):
         super().__init__()
         self.model = model
-        mean, std = _normalisation()
+        mean, std = _normalisation(config)
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
         self.calibrated = temperature is not None
@@ -94,14 +95,15 @@ class Preprocessed(nn.Module):
         return logits
 
 
-def _normalisation() -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std as (1, 3, 1, 1) tensors, to broadcast over a batch."""
-    return torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+def _normalisation(config: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The config's mean and std as (1, 3, 1, 1) tensors, to broadcast over a batch."""
+    return torch.tensor(config.data.mean).view(1, 3, 1, 1), torch.tensor(config.data.std).view(1, 3, 1, 1)
 
 
-def to_pixels(batch: torch.Tensor) -> torch.Tensor:
-    """Undo ``data.eval_transform``'s normalisation: what an exported model takes, RGB in [0, 1]."""
-    mean, std = _normalisation()
+def to_pixels(batch: torch.Tensor, config: Config) -> torch.Tensor:
+    """Undo the data pipeline's normalisation (``config``'s mean and std): what an exported model takes, RGB in
+    [0, 1]."""
+    mean, std = _normalisation(config)
     return (batch * std + mean).contiguous()
 
 

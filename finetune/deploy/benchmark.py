@@ -80,10 +80,10 @@ def model_speed(models: dict[str, Callable[[torch.Tensor], torch.Tensor]], image
             for name in models}
 
 
-def preprocess_speed(files: list[Path], image_size: int, fast_decode: bool = True, seconds: float = SECONDS) -> dict:
-    """Decode + resize + crop + normalise, one image at a time, cycling through ``files``: p50/p95 ms per image and
-    images/s (from the mean)."""
-    transform = eval_transform(image_size, fast_decode)
+def preprocess_speed(files: list[Path], data, seconds: float = SECONDS) -> dict:
+    """Decode + resize + crop + normalise as the config's ``data`` section says, one image at a time, cycling
+    through ``files``: p50/p95 ms per image and images/s (from the mean)."""
+    transform = eval_transform(data)
     turn = iter(range(10**12))
     times = time_calls({"preprocess": lambda: load_image(str(files[next(turn) % len(files)]), transform, hint="")},
                        LATENCY_RUNS, seconds, warmup=1)["preprocess"]
@@ -140,8 +140,7 @@ def benchmark(path: Path, batch_size: int = 32, threads: Optional[int] = None, i
     try:
         speed = model_speed({"model": loaded.logits}, size, batch_size, seconds)["model"]
         with tempfile.TemporaryDirectory(prefix="finetune-benchmark.") as tmp:
-            decode = preprocess_speed(files or [synthetic_photo(Path(tmp))], size, loaded.config.data.fast_decode,
-                                      seconds)
+            decode = preprocess_speed(files or [synthetic_photo(Path(tmp))], loaded.config.data, seconds)
         used = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)

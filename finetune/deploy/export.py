@@ -24,7 +24,6 @@ from torch import nn
 
 from finetune import __version__
 from finetune.data.folders import load_datasets, spread_indices
-from finetune.data.images import IMAGENET_MEAN, IMAGENET_STD
 from finetune.deploy.artifacts import (
     INPUT_NAME,
     METADATA_FILE,
@@ -60,7 +59,8 @@ VERIFY_IMAGES = 32
 def metadata(trained: Trained, fmt: str) -> dict:
     """What an artifact says about itself: classes, preprocessing, output, temperature, architecture, version and
     source run."""
-    size = trained.config.data.image_size
+    data = trained.config.data
+    size = data.image_size
     inside = fmt != "state-dict"
     probabilities = inside and trained.temperature is not None
     state = trained.train_state
@@ -68,16 +68,16 @@ def metadata(trained: Trained, fmt: str) -> dict:
     return {
         "classes": trained.classes,
         "image_size": size,
-        "resize": (f"turn upright by the EXIF orientation, resize the shorter side to {size} px (bilinear), "
-                   f"then center-crop {size}x{size}"),
+        "resize": (f"turn upright by the EXIF orientation, resize the shorter side to {data.resize_size} px "
+                   f"({data.interpolation}), then center-crop {size}x{size}"),
         "input": (f"float32 RGB in [0, 1], N x 3 x {size} x {size}; "
                   + ("the model normalises it with mean and std itself" if inside
                      else "normalise it with (x - mean) / std before the model")),
         "output": (PROBABILITIES if probabilities else OUTPUT_NAME),
         "temperature": trained.temperature,
         "calibration": trained.calibration,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": list(data.mean),
+        "std": list(data.std),
         "arch": trained.config.model.arch,
         "task": trained.config.model.task,
         "thresholds": trained.thresholds,  # multilabel: a label is predicted at sigmoid(logit) >= its threshold
@@ -204,7 +204,7 @@ def _serialise(trained: Trained, fmt: str, meta: dict, opset: Optional[int]) -> 
     if fmt == "torchscript":
         buffer = io.BytesIO()
         with _quiet_jit():
-            module = torch.jit.script(Preprocessed(trained.model, trained.temperature).eval())
+            module = torch.jit.script(Preprocessed(trained.model, trained.config, trained.temperature).eval())
             torch.jit.save(module, buffer, _extra_files={METADATA_FILE: json.dumps(meta)})
         return buffer.getvalue()
     model = _onnx_graph(trained, opset)
@@ -220,8 +220,8 @@ def _onnx_graph(trained: Trained, opset: int):
     size = trained.config.data.image_size
     example = torch.rand(2, 3, size, size)  # batch 2: a batch of 1 would fix the batch dimension to 1
     try:
-        program = torch.onnx.export(Preprocessed(trained.model).eval(), (example,), dynamo=True, opset_version=opset,
-                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        program = torch.onnx.export(Preprocessed(trained.model, trained.config).eval(), (example,), dynamo=True,
+                                    opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
                                     verbose=False)
     except Exception as exc:
@@ -249,25 +249,25 @@ def verification_batch(trained: Trained) -> tuple[torch.Tensor, str]:
     """Up to VERIFY_IMAGES images of the run's validation split, evenly spread over it (so every class
     shows up), normalised as finetune feeds them to the checkpoint; seeded random ones when the data are
     gone. Also says which it is."""
-    size = trained.config.data.image_size
     try:
         val = load_datasets(trained.config).val
     except FinetuneError as exc:
         reason = str(exc).splitlines()[-1].strip()
-        return _random_batch(size), f"random inputs (the run's data cannot be read: {reason})"
+        return _random_batch(trained.config), f"random inputs (the run's data cannot be read: {reason})"
     if len(val) == 0:
-        return _random_batch(size), "random inputs (the run's validation split is empty)"
+        return _random_batch(trained.config), "random inputs (the run's validation split is empty)"
     items = [item for item in map(val.__getitem__, spread_indices(len(val), VERIFY_IMAGES))
              if item is not None]  # None: skipped as unreadable
     if not items:
-        return _random_batch(size), "random inputs (no readable image in the run's validation split)"
+        return _random_batch(trained.config), "random inputs (no readable image in the run's validation split)"
     images = torch.stack([image for image, _ in items]).contiguous()
     return images, f"{len(items)} images of the run's validation split ({trained.config.data.root})"
 
 
-def _random_batch(size: int) -> torch.Tensor:
+def _random_batch(config) -> torch.Tensor:
+    size = config.data.image_size
     pixels = torch.rand(VERIFY_IMAGES, 3, size, size, generator=torch.Generator().manual_seed(0))
-    mean, std = _normalisation()
+    mean, std = _normalisation(config)
     return (pixels - mean) / std
 
 
@@ -285,13 +285,14 @@ def _verify(trained: Trained, fmt: str, data: bytes, batch: torch.Tensor) -> dic
             runner, inputs = _fresh_torchvision(trained, data), batch
         else:
             runner, _ = (load_onnx if fmt == "onnx" else load_torchscript)(data)
-            inputs = to_pixels(batch)
+            inputs = to_pixels(batch, trained.config)
         got = torch.cat([runner(inputs[:1]), runner(inputs[1:])] if len(inputs) > 1 else [runner(inputs)])
     except Exception as exc:
         problem = str(exc) if isinstance(exc, FinetuneError) else describe(exc)
         raise FinetuneError(f"Verification failed: {what} does not load back and run: {problem}\n"
                             "Nothing was written.", exit_code=1) from None
-    expected = (trained.model if fmt == "state-dict" else Preprocessed(trained.model, trained.temperature))(inputs)
+    expected = (trained.model if fmt == "state-dict"
+                else Preprocessed(trained.model, trained.config, trained.temperature))(inputs)
     compared = OUTPUT_NAME if fmt == "state-dict" or trained.temperature is None else PROBABILITIES
     if got.shape != expected.shape:
         raise FinetuneError(f"Verification failed: {what} gives {compared} of shape {tuple(got.shape)}, the "
@@ -335,7 +336,7 @@ def _largest(values: torch.Tensor) -> float:
 
 
 def _fresh_torchvision(trained: Trained, data: bytes) -> nn.Module:
-    model = get_arch(trained.config.model.arch).build(len(trained.classes))
+    model = get_arch(trained.config.model.arch).build(len(trained.classes), trained.config.data.image_size)
     try:
         model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
     except Exception as exc:

@@ -39,6 +39,7 @@ from finetune.models.arch import get_arch
 from finetune.models.fastpath import FastModel
 from finetune.training import metrics, multilabel
 from finetune.training.calibration import ECE_BINS, ece
+from finetune.training.checkpoint import saved_config
 from finetune.training.multilabel import DEFAULT_THRESHOLD
 from finetune.utils.files import atomic_write_text
 
@@ -87,11 +88,12 @@ class Loaded:
 class _Exported:
     """An exported model as evaluate and predict call a model: normalised batches in, logits out."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, config: Config):
         self.model = model  # takes RGB in [0, 1] and normalises it itself
+        self.config = config
 
     def head(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model(to_pixels(batch))
+        return self.model(to_pixels(batch, self.config))
 
     __call__ = head
 
@@ -109,7 +111,7 @@ def load_model(path: Path, threads: Optional[int] = None) -> Loaded:
         kind = "onnx" if path.suffix == ".onnx" else "torchscript"
         model, meta = load_onnx(path, threads) if kind == "onnx" else load_torchscript(path)
         try:
-            config = Config.model_validate(meta["config"])
+            config = saved_config(meta["config"])
             config.data.image_size = int(meta["image_size"])
             classes = [str(name) for name in meta["classes"]]
             thresholds = [float(t) for t in meta["thresholds"]] if meta.get("thresholds") else None
@@ -117,10 +119,10 @@ def load_model(path: Path, threads: Optional[int] = None) -> Loaded:
             raise FinetuneError(f"{path} has finetune metadata this version cannot use "
                                 f"({type(exc).__name__}); export it again with this finetune.") from None
         kind += " int8" if meta.get("quantization") else ""
-        return Loaded(classes, config, _Exported(model), kind, thresholds, meta.get("temperature"),
+        return Loaded(classes, config, _Exported(model, config), kind, thresholds, meta.get("temperature"),
                       outputs_probabilities(meta))
     trained = load_trained(path)
-    fast = FastModel.whole(trained.model, get_arch(trained.config.model.arch))
+    fast = FastModel.whole(trained.model, get_arch(trained.config.model.arch), trained.config.data.image_size)
     return Loaded(trained.classes, trained.config, fast, "checkpoint", trained.thresholds, trained.temperature)
 
 
@@ -288,7 +290,7 @@ def predict(path: Path, inputs: list[Path], top_k: int = 3, threshold: Optional[
     """
     loaded = load_model(path)
     thresholds = loaded.thresholds_for(threshold)
-    transform = eval_transform(loaded.config.data.image_size, loaded.config.data.fast_decode)
+    transform = eval_transform(loaded.config.data)
     k = max(1, min(top_k, len(loaded.classes)))
     images = image_paths(inputs)
     results = []

@@ -97,7 +97,7 @@ def quantize_export(trained: Trained, fp32: bytes, meta: dict, options: Int8Opti
     int8 = _with_metadata(_quantize(trained, fp32, pixels), meta)
     models = {"fp32": load_onnx(fp32)[0], "int8": load_onnx(int8)[0]}
     verification = _verify_accuracy(trained, models, options)
-    speed = model_speed({name: (lambda batch, m=model: m(to_pixels(batch))) for name, model in models.items()},
+    speed = model_speed({name: (lambda batch, m=model: m(to_pixels(batch, trained.config))) for name, model in models.items()},
                         trained.config.data.image_size, THROUGHPUT_BATCH, MEASURE_SECONDS)
     report = {"type": "int8", "format": "QDQ", "weights": "int8, per output channel", "activations": "uint8 (MinMax)",
               "calibration": {"images": len(pixels), "source": source},
@@ -128,9 +128,9 @@ def calibration_pixels(trained: Trained, options: Int8Options) -> tuple[torch.Te
     if not paths:
         raise FinetuneError(f"No readable image to calibrate on in {config.data.root}; int8 calibration needs images "
                             f"like the run's, as {config.data.root}/<class>/<image>.")
-    transform = eval_transform(config.data.image_size, config.data.fast_decode)
+    transform = eval_transform(config.data)
     chosen = [paths[i] for i in spread_indices(len(paths), options.calibration_images)]
-    pixels = to_pixels(torch.stack([load_image(path, transform, hint="") for path in chosen]))
+    pixels = to_pixels(torch.stack([load_image(path, transform, hint="") for path in chosen]), config)
     return pixels, f"{len(chosen)} of the {len(paths)} images of {where}"
 
 
@@ -181,7 +181,7 @@ def _verify_accuracy(trained: Trained, models: dict[str, OnnxModel], options: In
     n = len(trained.classes)
 
     def both(batch: torch.Tensor) -> torch.Tensor:
-        pixels = to_pixels(batch)
+        pixels = to_pixels(batch, trained.config)
         return torch.cat([models["fp32"](pixels), models["int8"](pixels)], 1)
 
     outputs, targets = logits_of(both, val, trained.config.train.batch_size, 2 * n)

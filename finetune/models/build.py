@@ -66,6 +66,6 @@ def build(config: Config, class_names: Optional[list[str]] = None, show_download
     num_classes = resolve_num_classes(config, class_names)
     arch = get_arch(config.model.arch)
     model, weights = build_model(config, num_classes, show_download=show_download)
-    plan = plan_freeze([name for name, _ in model.named_parameters()], config.freeze, epoch)
+    plan = plan_freeze([name for name, _ in model.named_parameters()], config.freeze, epoch, head=arch.head)
     apply_plan(model, plan)
     return Built(model, arch, plan, batchnorm_modes(model, plan, config.freeze.batchnorm), weights, num_classes)

@@ -3,9 +3,10 @@
 A model is a chain of stages (for a ResNet: stem layers, residual blocks, pooling,
 fc; ``arch`` describes the chain). The stages before the first trainable parameter form the *frozen prefix*: it runs
 under ``torch.no_grad()``, so autograd builds no graph and keeps no activations
-for it; only the trainable suffix builds a graph. When the prefix is also
-deterministic (its BatchNorm layers in eval mode) and the training transform has
-no randomness, its outputs are the same every epoch: the *feature cache* computes
+for it; only the trainable suffix builds a graph. A parameterless stage that draws random numbers in training
+(the dropout before MobileNetV3's or EfficientNet's head) goes to the suffix, where it keeps doing so. When the
+prefix is also deterministic (BatchNorm in eval mode, no dropout or stochastic depth in train mode) and the training
+transform has no randomness, its outputs are the same every epoch: the *feature cache* computes
 them once, during the first epoch, and later epochs train the suffix from it.
 
 A cache belongs to one process and one prefix: it is never read back from disk, so
@@ -39,51 +40,111 @@ from finetune.data.loaders import (
     skipped_batch_error,
 )
 from finetune.errors import Problem
-from finetune.models.arch import Arch
+from finetune.models.arch import Arch, unit_parameters
 from finetune.models.freeze import Decision
 from finetune.utils.distributed import Dist
 
 ON_DISK_NAME = "feature-cache-{split}.bin"
+# fp32: the smallest image size from which channels-last is faster than the default layout, per family, for the
+# forward pass of a frozen prefix (and inference) and for training the whole model; None: at no size. Measured with
+# scripts/bench_memory_format.py on a 2-core AVX2 AMD EPYC (docs/models.md; a shared machine: where the two layouts
+# came out within the noise, the default layout, which needs no conversion, is kept). It agrees with what the
+# AVX-512 EPYC of issue #20 measured for ResNet-18: channels-last 20% slower for a full fine-tune at 32 px, faster
+# at 224 px.
+CHANNELS_LAST_FROM: dict[str, tuple[Optional[int], Optional[int]]] = {
+    "ResNet": (32, 224), "MobileNetV3": (32, 32), "EfficientNet": (32, 32), "RegNet": (128, 128),
+    "ConvNeXt": (None, None), "Swin": (None, None), "ViT": (None, None)}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The memory format the fast path runs a model in, and why (for the start line)."""
+
+    channels_last: bool
+    why: str
+
+
+def memory_layout(arch: Arch, image_size: int, precision: str, whole: bool) -> Layout:
+    """Channels-last or the default layout for ``arch`` at ``image_size`` px in ``precision``, when training the
+    ``whole`` model or else running a frozen prefix (or inference): the measured rule (``CHANNELS_LAST_FROM``) in
+    fp32; channels-last in bf16, which oneDNN's bf16 kernels are made for."""
+    if precision == "bf16":
+        return Layout(True, "channels-last (bf16)")
+    family, what = arch.family.name, "training it whole" if whole else "its frozen layers"
+    start = CHANNELS_LAST_FROM[family][whole]
+    if start is not None and image_size >= start:
+        return Layout(True, f"channels-last ({family} at {image_size} px, {what}: faster from {start} px in fp32)")
+    where = f"below {start} px" if start is not None else "at every size measured"
+    return Layout(False, f"default layout ({family} at {image_size} px, {what}: channels-last is no faster {where} "
+                         "in fp32)")
 
 
 def frozen_prefix_length(chain: list[tuple[str, nn.Module]], plan: dict[str, Decision]) -> int:
     """How many leading stages of ``chain`` hold no trainable parameter."""
     count = 0
     for name, module in chain:
-        if any(plan[f"{name}.{p}"].trainable for p, _ in module.named_parameters()):
+        if any(plan[p].trainable for p in unit_parameters(name, module)):
             break
         count += 1
     return count
 
 
-def prefix_is_deterministic(prefix: list[str], bn_modes: dict[str, str]) -> bool:
-    """Eval-mode BatchNorm makes the prefix (stage names) a fixed function of the image: its outputs can be cached."""
-    inside = [m for m in bn_modes if any(m == n or m.startswith(n + ".") for n in prefix)]
-    return all(bn_modes[m] == "eval" for m in inside)
+def split_point(chain: list[tuple[str, nn.Module]], plan: dict[str, Decision], model: nn.Module,
+                bn_modes: dict[str, str]) -> int:
+    """The frozen prefix's length, less the parameterless stages at its end that run in train mode (a dropout
+    before the head): they belong with the suffix, which runs them as training does."""
+    split = frozen_prefix_length(chain, plan)
+    training = _training_modules(model, bn_modes)
+    while split and not unit_parameters(*chain[split - 1]) and _runs_in(chain[split - 1][1], training):
+        split -= 1
+    return split
+
+
+def prefix_is_deterministic(prefix: list[nn.Module], model: nn.Module, bn_modes: dict[str, str]) -> bool:
+    """Eval-mode BatchNorm (and no dropout or stochastic depth in train mode) makes the prefix (its stages'
+    modules) a fixed function of the image: its outputs can be cached."""
+    training = _training_modules(model, bn_modes)
+    return not any(_runs_in(module, training) for module in prefix)
+
+
+def _training_modules(model: nn.Module, bn_modes: dict[str, str]) -> set[int]:
+    return {id(model.get_submodule(name)) for name, mode in bn_modes.items() if mode == "train"}
+
+
+def _runs_in(module: nn.Module, training: set[int]) -> bool:
+    return any(id(m) in training for m in module.modules())
 
 
 class FastModel:
-    """Runs a ResNet as frozen prefix (no autograd) + trainable suffix, in channels-last and optional bf16.
+    """Runs a model as frozen prefix (no autograd) + trainable suffix, in channels-last (or the default layout:
+    :func:`memory_layout`) and optional bf16.
 
     ``model`` is shared, not copied: its state dict, checkpoints and optimizer are untouched.
     """
 
     def __init__(self, model: nn.Module, arch: Arch, plan: dict[str, Decision], bn_modes: dict[str, str],
-                 precision: str, device: torch.device = torch.device("cpu")):
+                 precision: str, device: torch.device = torch.device("cpu"), *, image_size: Optional[int] = None,
+                 inference: bool = False):
+        """``image_size`` picks the memory format by :func:`memory_layout` (None: channels-last); ``inference``:
+        the model only runs forward."""
         self.device = device
-        self.model = model.to(device, memory_format=torch.channels_last)
-        self.bn_modes = bn_modes  # the mode ('train' or 'eval') of each BatchNorm layer while training
         chain = arch.stages(model)
-        self.split, self.prefix_deterministic = _prefix(chain, plan, bn_modes)
+        self.split, self.prefix_deterministic = _prefix(chain, plan, model, bn_modes)
+        self.layout = (memory_layout(arch, image_size, precision, whole=self.split == 0 and not inference)
+                       if image_size else Layout(True, "channels-last"))
+        self.memory_format = torch.channels_last if self.layout.channels_last else torch.contiguous_format
+        self.model = model.to(device, memory_format=self.memory_format)
+        self.bn_modes = bn_modes  # the mode ('train' or 'eval') of each BatchNorm (and dropout) layer while training
         self.prefix, self.suffix = chain[:self.split], chain[self.split:]
         self.trainable_part: nn.Module = nn.Sequential(OrderedDict(
             (name.replace(".", "_"), module) for name, module in self.suffix))
         self.bf16 = precision == "bf16"
 
     @classmethod
-    def whole(cls, model: nn.Module, arch: Arch) -> "FastModel":
-        """No prefix: ``head`` runs the whole model (for evaluating a checkpoint)."""
-        return cls(model, arch, {name: Decision(True, "whole") for name, _ in model.named_parameters()}, {}, "fp32")
+    def whole(cls, model: nn.Module, arch: Arch, image_size: int) -> "FastModel":
+        """No prefix: ``head`` runs the whole model (for evaluating a checkpoint of ``image_size`` px images)."""
+        return cls(model, arch, {name: Decision(True, "whole") for name, _ in model.named_parameters()}, {}, "fp32",
+                   image_size=image_size, inference=True)
 
     @property
     def prefix_names(self) -> list[str]:
@@ -103,7 +164,7 @@ class FastModel:
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The frozen prefix's output, computed without autograd."""
         x = images.to(self.device, non_blocking=True)
-        x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+        x = x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
         with torch.no_grad(), self.autocast():
             for _, module in self.prefix:
                 x = module(x)
@@ -135,7 +196,7 @@ def cache_plan(config, arch: Arch, model: nn.Module, plan: dict[str, Decision],
                bn_modes: dict[str, str]) -> CachePlan:
     """Where ``train.cache_features`` caches the frozen prefix's features for ``model`` frozen as ``plan`` says
     (``model`` may be on the meta device): never for augmented training images; validation is never augmented."""
-    return _cache_plan(config, *_prefix(arch.stages(model), plan, bn_modes))
+    return _cache_plan(config, *_prefix(arch.stages(model), plan, model, bn_modes))
 
 
 def _cache_plan(config, split: int, deterministic: bool) -> CachePlan:
@@ -152,17 +213,19 @@ def problems(config, arch: Arch, model: nn.Module, plan: dict[str, Decision],
     """``train.cache_features: on`` where the cache cannot be used (``model`` may be on the meta device)."""
     if config.train.cache_features != "on":
         return []
-    split, deterministic = _prefix(arch.stages(model), plan, bn_modes)
+    split, deterministic = _prefix(arch.stages(model), plan, model, bn_modes)
     usable, why = _cache_decision("on", split, deterministic, config.data.augment)
     return [] if usable else [Problem("train.cache_features", f"is 'on' but the cache cannot be used: "
                                                               f"{why.removeprefix('off (').rstrip(')')}; use auto "
                                                               "or off")]
 
 
-def _prefix(chain: list[tuple[str, nn.Module]], plan: dict[str, Decision], bn_modes: dict[str, str]) -> tuple[int, bool]:
-    """The frozen prefix's length and whether it is deterministic (see :func:`prefix_is_deterministic`)."""
-    split = frozen_prefix_length(chain, plan)
-    return split, prefix_is_deterministic([name for name, _ in chain[:split]], bn_modes)
+def _prefix(chain: list[tuple[str, nn.Module]], plan: dict[str, Decision], model: nn.Module,
+            bn_modes: dict[str, str]) -> tuple[int, bool]:
+    """The frozen prefix's length (:func:`split_point`) and whether it is deterministic
+    (:func:`prefix_is_deterministic`)."""
+    split = split_point(chain, plan, model, bn_modes)
+    return split, prefix_is_deterministic([module for _, module in chain[:split]], model, bn_modes)
 
 
 def _cache_decision(setting: str, split: int, deterministic: bool, augment: bool) -> tuple[bool, str]:
@@ -174,7 +237,7 @@ def _cache_decision(setting: str, split: int, deterministic: bool, augment: bool
     if augment:
         reasons.append("data.augment is on: random transforms change the features every epoch")
     if not deterministic:
-        reasons.append("frozen BatchNorm layers run in train mode (freeze.batchnorm: train)")
+        reasons.append("frozen BatchNorm (or dropout) layers run in train mode (freeze.batchnorm: train)")
     if reasons:
         return False, "off (" + "; ".join(reasons) + ")"
     return True, "on (the frozen prefix is a fixed function of each image: BatchNorm in eval mode, no augmentation)"

@@ -17,7 +17,7 @@ from torch import nn
 
 from finetune.config.schema import Config
 from finetune.errors import FinetuneError
-from finetune.models.arch import WEIGHT_NAMES, Arch, get_arch
+from finetune.models.arch import ARCHS, WEIGHT_NAMES, Arch, get_arch
 from finetune.utils.files import UNSAFE_MARK, safe_load, unsafe_file_error
 
 IMAGENET_CLASSES = 1000
@@ -42,12 +42,13 @@ def build_model(config: Config, num_classes: int, show_download: bool = True) ->
     state, info = _load_weights(arch, config, show_download)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
-        model = arch.build(num_classes)
+        model = arch.build(num_classes, config.data.image_size)
     if state is not None:
+        state = arch.adapt_state(state, model)
         _load_backbone(arch, model, state, config.model.weights)
         if _file_has_head(arch, model, state, num_classes, config.model.weights):
-            getattr(model, arch.head).load_state_dict({"weight": state[f"{arch.head}.weight"],
-                                                       "bias": state[f"{arch.head}.bias"]})
+            model.get_submodule(arch.head).load_state_dict({"weight": state[f"{arch.head}.weight"],
+                                                            "bias": state[f"{arch.head}.bias"]})
             info.head_loaded = True
     return model, info
 
@@ -141,10 +142,29 @@ def _load_backbone(arch: Arch, model: nn.Module, state: dict, spec: str) -> None
         lines = [f"  {label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
                  if keys]
+        other = looks_like(state)
+        seems = (f"They look like {other.title} weights: set model.arch: {other.name} to use them.\n"
+                 if other is not None and other is not arch else "")
         raise FinetuneError(f"Weights {spec} do not fit {arch.title} (model.arch = {arch.name}):\n"
-                            + "\n".join(lines)
-                            + f"\nGive a {arch.title} state dict, or use model.weights: DEFAULT or none.")
+                            + "\n".join(lines) + f"\n{seems}Give a {arch.title} state dict, or use model.weights: "
+                            "DEFAULT or none.")
     model.load_state_dict({**model.state_dict(), **given})
+
+
+def looks_like(state: dict) -> Optional[Arch]:
+    """The supported architecture a state dict was made for (keys and shapes, the head and ViT's position
+    embeddings aside), or None. Only the members of the family whose marker parameter it holds are built."""
+    candidates = [arch for arch in ARCHS.values() if arch.family.marker in state]
+    fits = []
+    for arch in candidates:
+        expected = arch.skeleton(IMAGENET_CLASSES).state_dict()
+        ignored = [f"{arch.head}.", "encoder.pos_embedding"]
+        if {k for k in expected if not k.startswith(tuple(ignored))} == \
+                {k for k in state if not k.startswith(tuple(ignored))}:
+            fits.append(arch)
+            if all(state[k].shape == v.shape for k, v in expected.items() if not k.startswith(tuple(ignored))):
+                return arch
+    return fits[0] if fits else None
 
 
 def _file_has_head(arch: Arch, model: nn.Module, state: dict, num_classes: int, spec: str) -> bool:

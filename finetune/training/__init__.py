@@ -6,7 +6,7 @@
 - ``epoch``: the training step (``train_step``), ``train_one_epoch`` and ``evaluate``;
 - ``stopping``: early stopping, the time limit, signals; ``resume``: continuing from last.pt;
 - ``summary``: the epoch rows and summary.json; ``rng``: the run's own random stream;
-- ``optim``: SGD param groups, per-layer learning rates, the schedule;
+- ``optim``: SGD or AdamW param groups, per-layer learning rates, the schedule;
 - ``losses``: the training loss, class weights and balanced sampling;
 - ``multilabel``: the binary loss, per-label thresholds, mAP, F1 and exact match of ``model.task: multilabel``;
 - ``metrics``: confusion matrix, top-k, balanced accuracy, macro F1;

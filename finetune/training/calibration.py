@@ -35,7 +35,7 @@ from finetune.data.loaders import default_workers, make_loader
 from finetune.errors import FinetuneError, Problem
 from finetune.models.arch import get_arch
 from finetune.models.fastpath import FastModel
-from finetune.training.checkpoint import load_checkpoint, restore_model, save_checkpoint
+from finetune.training.checkpoint import load_checkpoint, restore_model, save_checkpoint, saved_config
 
 ECE_BINS = 15
 FOLDS = 5
@@ -227,9 +227,9 @@ def calibrate_checkpoint(path: Path, dataset, batch_size: int, model: Optional[n
 
     path = Path(path)
     checkpoint = load_checkpoint(path)
-    config = Config.model_validate(checkpoint["config"])
+    config = saved_config(checkpoint["config"])
     model = model if model is not None else restore_model(checkpoint)[0]
-    fast = FastModel.whole(model, get_arch(config.model.arch))
+    fast = FastModel.whole(model, get_arch(config.model.arch), config.data.image_size)
     logits, targets = logits_of(fast.head, dataset, batch_size, len(checkpoint["classes"]))
     if len(targets) < 2:
         raise FinetuneError(f"Cannot calibrate {path}: its validation split ({config.data.root}) has {len(targets)} "

@@ -15,7 +15,7 @@ from torch import nn
 
 from finetune.config.schema import Config
 from finetune.errors import FinetuneError
-from finetune.models.arch import get_arch
+from finetune.models.arch import fill_preprocessing, get_arch
 from finetune.utils.files import atomic_write, safe_load
 
 FORMAT = 2
@@ -55,7 +55,17 @@ def restore_model(checkpoint: dict[str, Any]) -> tuple[nn.Module, list[str], Con
     Raises what validating the config, building the model or loading its weights raises (a damaged or foreign file).
     """
     classes = [str(name) for name in checkpoint["classes"]]
-    config = Config.model_validate(checkpoint["config"])
-    model = get_arch(config.model.arch).build(len(classes))
+    config = saved_config(checkpoint["config"])
+    model = get_arch(config.model.arch).build(len(classes), config.data.image_size)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), classes, config
+
+
+def saved_config(saved: dict[str, Any]) -> Config:
+    """The config a checkpoint or an export carries, with its preprocessing filled in. One saved before
+    ``data.resize_size`` existed resized images to the crop size itself (no margin) and keeps doing so; its other
+    preprocessing (bilinear, ImageNet's mean and std) was ResNet's, what the fill gives it."""
+    data = saved.get("data") or {}
+    if "resize_size" not in data:
+        saved = {**saved, "data": {**data, "resize_size": data.get("image_size")}}
+    return fill_preprocessing(Config.model_validate(saved))

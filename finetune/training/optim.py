@@ -1,11 +1,12 @@
-"""The optimizer (SGD + momentum over the trainable parameters only), learning rates per parameter, the schedule.
+"""The optimizer (SGD + momentum, or AdamW, over the trainable parameters only), learning rates per parameter, the
+schedule.
 
 Each trainable parameter gets a learning rate: from the most specific matching
 ``optim.param_groups`` pattern, else ``optim.lr * optim.layer_lr_decay ** depth``
 (depth 0 for the head, growing towards the input: see ``arch``) when the decay is set, else
 ``optim.lr``. Parameters with the same learning rate and weight decay share one
-SGD param group; parameters unfrozen by a later stage join as new groups, with
-fresh momentum. The schedule multiplies every group's own base rate.
+param group; parameters unfrozen by a later stage join as new groups, with
+fresh momentum (and AdamW moments). The schedule multiplies every group's own base rate.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from finetune.config.schema import OptimConfig
 from finetune.errors import Problem
 from finetune.models.arch import Arch
-from finetune.models.freeze import matches, specificity
+from finetune.models.freeze import matches, resolve, specificity
 
 
 def learning_rate(name: str, optim: OptimConfig, arch: Arch) -> tuple[float, str]:
@@ -25,8 +26,9 @@ def learning_rate(name: str, optim: OptimConfig, arch: Arch) -> tuple[float, str
     best = None
     for i, group in enumerate(optim.param_groups):
         for pattern in group.params:
-            if matches(pattern, name) and (best is None or specificity(pattern) > best[0]):
-                best = (specificity(pattern), group.lr, f"optim.param_groups[{i}]: {pattern}")
+            resolved = resolve(pattern, arch.head)
+            if matches(resolved, name) and (best is None or specificity(resolved) > best[0]):
+                best = (specificity(resolved), group.lr, f"optim.param_groups[{i}]: {pattern}")
     if best:
         return best[1], best[2]
     if optim.layer_lr_decay is not None:
@@ -35,11 +37,15 @@ def learning_rate(name: str, optim: OptimConfig, arch: Arch) -> tuple[float, str
     return optim.lr, "optim.lr"
 
 
+NORM_LAYERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
+
+
 def weight_decay(name: str, model: torch.nn.Module, optim: OptimConfig) -> float:
-    """``optim.weight_decay``, or 0 for BatchNorm weights and every bias with ``optim.no_decay_bn_bias``."""
-    if optim.no_decay_bn_bias:
-        module = model.get_submodule(name.rsplit(".", 1)[0])
-        if name.endswith(".bias") or isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+    """``optim.weight_decay``, or 0 for normalisation layers' weights and every bias with
+    ``optim.no_decay_norm_bias``."""
+    if optim.no_decay_norm_bias:
+        module = model.get_submodule(name.rpartition(".")[0])
+        if name.endswith(".bias") or isinstance(module, NORM_LAYERS):
             return 0.0
     return optim.weight_decay
 
@@ -57,18 +63,22 @@ def param_groups(model: torch.nn.Module, names: list[str], optim: OptimConfig, a
     return list(groups.values())
 
 
-def problems(names: list[str], optim: OptimConfig) -> list[Problem]:
-    """``optim.param_groups`` patterns that match no parameter of ``names``."""
+def problems(names: list[str], optim: OptimConfig, head: str) -> list[Problem]:
+    """``optim.param_groups`` patterns that match no parameter of ``names`` (``head``: what the pattern ``head``
+    means)."""
     return [Problem(f"optim.param_groups[{i}].params[{j}]", f"pattern {pattern!r} matches no parameter")
             for i, group in enumerate(optim.param_groups) for j, pattern in enumerate(group.params)
-            if not any(matches(pattern, n) for n in names)]
+            if not any(matches(resolve(pattern, head), n) for n in names)]
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, arch: Arch) -> torch.optim.SGD:
-    """SGD that receives exactly the parameters with ``requires_grad=True`` (``arch`` gives layer depths)."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    return torch.optim.SGD(param_groups(model, names, optim, arch), lr=optim.lr, momentum=optim.momentum,
-                           nesterov=optim.nesterov, weight_decay=optim.weight_decay)
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, arch: Arch) -> torch.optim.Optimizer:
+    """``optim.name`` (SGD or AdamW) receiving exactly the parameters with ``requires_grad=True`` (``arch`` gives
+    layer depths)."""
+    groups = param_groups(model, [n for n, p in model.named_parameters() if p.requires_grad], optim, arch)
+    if optim.name == "adamw":
+        return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
+                           weight_decay=optim.weight_decay)
 
 
 def add_trainable(optimizer: torch.optim.Optimizer, model: torch.nn.Module, names: list[str],

@@ -113,7 +113,7 @@ class Run:
         self.state = TrainState()
         self.rng = RunRNG(config.train.seed)
         # Tensors frozen for the whole run (after the last stage) must end bit-identical.
-        final = plan_freeze(self.plan, config.freeze, config.train.epochs)
+        final = plan_freeze(self.plan, config.freeze, config.train.epochs, head=setup.built.arch.head)
         self.frozen = frozen_tensors(self.model, final, batchnorm_modes(self.model, final, config.freeze.batchnorm))
         self.image_caches = ImageCaches("off")
         self.phase: Optional[Phase] = None

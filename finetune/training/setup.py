@@ -45,10 +45,11 @@ class Phase:
     cache: str  # whether the feature cache is on, and why, in words
 
     def describe(self, precision: PrecisionChoice) -> str:
-        """One line for the log: the frozen prefix, the precision and the feature cache."""
+        """One line for the log: the frozen prefix, the precision, the memory format and the feature cache."""
         names = self.fast.prefix_names
         prefix = f"{names[0]} .. {names[-1]} (no autograd)" if names else "none"
-        return f"frozen prefix: {prefix}; precision {precision.precision} ({precision.reason}); feature cache {self.cache}"
+        return (f"frozen prefix: {prefix}; precision {precision.precision} ({precision.reason}); memory format "
+                f"{self.fast.layout.why}; feature cache {self.cache}")
 
     def sources(self) -> list[tuple[str, FeatureSource]]:
         return [("train", self.train_source), ("val", self.val_source)]
@@ -68,7 +69,7 @@ class Setup:
     data: Optional[Datasets]  # None when data.root is not set (inspect-grads then checks a random batch)
     built: Built  # model, freeze plan and BatchNorm modes of the epoch prepared for, weights, class count
     precision: PrecisionChoice
-    optimizer: torch.optim.SGD
+    optimizer: torch.optim.Optimizer
     schedule: Schedule
     steps: int  # training steps per epoch and process
     targets: list  # the class of each training image (multilabel: its multi-hot row)
@@ -90,7 +91,7 @@ class Setup:
         """Start freeze ``stage`` after ``plan``: its parameters train and join the optimizer as new param groups
         (with fresh momentum), scaled by the schedule. Returns the new plan and the newly trainable names."""
         config, model = self.config, self.built.model
-        new = plan_freeze(plan, config.freeze, stage.epoch)
+        new = plan_freeze(plan, config.freeze, stage.epoch, head=self.built.arch.head)
         newly = [name for name, decision in new.items() if decision.trainable and not plan[name].trainable]
         apply_plan(model, new)
         add_trainable(self.optimizer, model, newly, config.optim, self.built.arch)
@@ -112,7 +113,8 @@ class Setup:
         in train mode with frozen BatchNorm layers in eval mode."""
         model = self.built.model
         bn_modes = batchnorm_modes(model, plan, self.config.freeze.batchnorm)
-        fast = FastModel(model, self.built.arch, plan, bn_modes, self.precision.precision, self.device)
+        fast = FastModel(model, self.built.arch, plan, bn_modes, self.precision.precision, self.device,
+                         image_size=self.config.data.image_size)
         if self.dist.active:
             fast.distribute()
         set_train_mode(model, bn_modes)

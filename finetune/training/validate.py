@@ -2,7 +2,7 @@
 
 :func:`validate` asks each concern's checker (each is called ``problems`` and returns a list of
 :class:`~finetune.errors.Problem`): the data's root and layout, the head's size against the classes, the
-architecture and weights names, the freeze rules and stages, the param-group patterns, the feature cache's
+architecture and weights names and the image sizes the model takes, the freeze rules and stages, the param-group patterns, the feature cache's
 rules, the device, the global batch against the processes, the class weights, a validation split big enough for
 ``train.calibrate``, the keys that depend on
 ``model.task``, and the packages of the trackers ``train.loggers`` names. It reads folder listings, label files and
@@ -29,6 +29,9 @@ from finetune.utils import distributed, hardware
 def validate(config: Config, *, data_needed_by: Optional[str] = None, processes: Optional[int] = None) -> None:
     """Raise one FinetuneError (exit code 2) listing every problem of ``config``; see the module docstring.
 
+    First the preprocessing keys the config leaves null are set to the weights' own (``models.arch``), so that
+    everything after (and the run directory) sees the sizes actually used.
+
     ``data_needed_by``: the command that trains on ``data.root`` (e.g. ``lr-find``), which must then be set.
     ``processes``: the number of training processes about to be launched (default: this process's world size).
     """
@@ -38,6 +41,7 @@ def validate(config: Config, *, data_needed_by: Optional[str] = None, processes:
 def problems(config: Config, data_needed_by: Optional[str] = None,
              processes: Optional[int] = None) -> list[Problem]:
     """Every problem :func:`validate` reports, in the order of the config's sections."""
+    arch.fill_preprocessing(config)
     found = _data_problems(config, data_needed_by)
     classes = None if found else folders.data_classes(config)
     if not found:
@@ -45,7 +49,7 @@ def problems(config: Config, data_needed_by: Optional[str] = None,
         if classes is not None:
             found += calibration.problems(config)
     num_classes = len(classes) if classes else config.model.num_classes
-    arch_problems = arch.problems(config.model)
+    arch_problems = arch.problems(config)
     found += arch_problems
     if not arch_problems:
         found += _model_problems(config, num_classes)
@@ -70,9 +74,14 @@ def _data_problems(config: Config, data_needed_by: Optional[str]) -> list[Proble
 def _model_problems(config: Config, num_classes: Optional[int]) -> list[Problem]:
     """Freeze rules and stages, param-group patterns and the feature cache, checked on the model's skeleton."""
     description = arch.get_arch(config.model.arch)
-    skeleton = description.skeleton(num_classes or 2)  # parameter names do not depend on the head's size
+    # Parameter names do not depend on the head's size (ViT's position embeddings do on the image size).
+    skeleton = description.skeleton(num_classes or 2, config.data.image_size)
     names = [name for name, _ in skeleton.named_parameters()]
-    found = freeze.problems(names, config.freeze, config.train.epochs) + optim.problems(names, config.optim)
-    plan = freeze.plan_freeze(names, config.freeze, epoch=1)  # patterns that match nothing simply decide nothing
+    head = description.head
+    alias = f" (and `head` for {head})" if head != "head" else ""
+    stages = f"; {description.title} has {', '.join(description.stage_names)}{alias}"
+    found = freeze.problems(names, config.freeze, config.train.epochs, head=head, stages=stages)
+    found += optim.problems(names, config.optim, head)
+    plan = freeze.plan_freeze(names, config.freeze, epoch=1, head=head)  # patterns that match nothing decide nothing
     bn_modes = freeze.batchnorm_modes(skeleton, plan, config.freeze.batchnorm)
     return found + fastpath.problems(config, description, skeleton, plan, bn_modes)
