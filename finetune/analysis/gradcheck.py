@@ -9,7 +9,9 @@ gradient. Then five checks run:
    may swallow a NaN weight in the forward pass, so its gradient alone can look fine);
 3. the head's gradient equals the closed form of softmax cross-entropy:
    dL/dW = (softmax(z) - q)^T h / B and dL/db = mean(softmax(z) - q), with q the
-   (label-smoothed) one-hot targets and h the features entering ``fc``;
+   (label-smoothed) targets - one-hot, or the soft targets of MixUp/CutMix when
+   ``train.mixup``/``train.cutmix`` mix the batches as training does - and h the
+   features entering ``fc``;
 4. float64 finite differences agree with autograd: ``torch.autograd.gradcheck`` on
    the head, and central differences along a random direction per trainable
    module group of the whole network;
@@ -30,6 +32,7 @@ from torch import nn
 from finetune.config.schema import Config
 from finetune.data.folders import class_names_or_none, load_datasets
 from finetune.data.loaders import make_loader
+from finetune.data.mixing import Mixer
 from finetune.models.build import Built, build
 from finetune.models.freeze import frozen_tensors, set_train_mode
 from finetune.training.optim import build_optimizer
@@ -106,6 +109,16 @@ def check_gradients(built: Built, images: list[torch.Tensor], targets: list[torc
 
 
 def _batches(config: Config, num_classes: int, count: int):
+    """Batches of (images, targets), mixed as the first batches of training are when MixUp/CutMix is on."""
+    images, targets, source = _unmixed_batches(config, num_classes, count)
+    mixer = Mixer.from_config(config.train, num_classes)
+    if mixer is None:
+        return images, targets, source
+    mixed = [mixer(x, y, epoch=0, batch=i) for i, (x, y) in enumerate(zip(images, targets))]
+    return [x for x, _ in mixed], [y for _, y in mixed], f"{source}, mixed by MixUp/CutMix (soft targets)"
+
+
+def _unmixed_batches(config: Config, num_classes: int, count: int):
     generator = torch.Generator().manual_seed(config.train.seed)
     if config.data.root is None:
         size, batch = config.data.image_size, config.train.batch_size
@@ -187,7 +200,7 @@ def _closed_form(features, logits, targets, smoothing: float, classes: int):
     grad_w = torch.zeros(classes, features[0].shape[1], dtype=torch.float64)
     grad_b = torch.zeros(classes, dtype=torch.float64)
     for h, z, y in zip(features, logits, targets):
-        q = nn.functional.one_hot(y, classes).double() * (1 - smoothing) + smoothing / classes
+        q = (y if y.dim() == 2 else nn.functional.one_hot(y, classes)).double() * (1 - smoothing) + smoothing / classes
         delta = (z.double().softmax(1) - q) / len(y) / len(features)
         grad_w += delta.T @ h.double()
         grad_b += delta.sum(0)
@@ -198,7 +211,7 @@ def _finite_differences(start: nn.Module, built: Built, x, y, features, targets,
     name = "float64 finite differences agree with autograd"
     model = start.double()
     set_train_mode(model, built.bn_modes)
-    x = x.double()
+    x, y = x.double(), (y.double() if y.is_floating_point() else y)  # soft targets match the float64 logits
     loss_of = lambda: nn.functional.cross_entropy(model(x), y, label_smoothing=smoothing)  # noqa: E731
     details, passed = [], True
     if any(built.plan[f"fc.{p}"].trainable for p in ("weight", "bias")):

@@ -19,8 +19,9 @@ from finetune.training.reporter import Reporter
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
+    ema = f"ema_val_acc {row['ema_val_acc']:.2%}  " if "ema_val_acc" in row else ""
     return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.2%}  "
-            f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.2%}  val_top5 {row['val_top5']:.2%}  "
+            f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.2%}  {ema}val_top5 {row['val_top5']:.2%}  "
             f"lr {row['lr']:.3g}  grad_norm {row['grad_norm']:.3g}  {row['seconds']:.1f}s  "
             f"{row['images_per_s']:.0f} img/s")
 
@@ -29,7 +30,8 @@ STOPPED = {"early_stopping": "stopped early by train.early_stopping", "time_limi
 
 
 def summary_line(summary: dict) -> str:
-    best = (f"best val_acc {summary['best_val_acc']:.2%} at epoch {summary['best_epoch']}"
+    weights = " (EMA weights)" if summary.get("best_weights") == "ema" else ""
+    best = (f"best val_acc {summary['best_val_acc']:.2%}{weights} at epoch {summary['best_epoch']}"
             if summary["best_epoch"] else "no epoch finished")
     stopped = (f"; {STOPPED[summary['stopped']]} after {summary['epochs_done']} of {summary['epochs']} epochs "
                "(resume to go on)" if summary["stopped"] else "")

@@ -60,9 +60,9 @@ def print_freeze_report(report: "FreezeReport") -> None:
 
 def print_evaluation(result: dict) -> None:
     console.print(f"{result['checkpoint']} on {result['data']} ({result['images']} images)", highlight=False)
-    console.print(f"loss {result['loss']:.4f}   accuracy (top-1) {result['top1']:.2%}   top-5 {result['top5']:.2%}   "
-                  f"balanced accuracy {_share(result['balanced_accuracy'])}   macro F1 {_share(result['macro_f1'])}",
-                  highlight=False)
+    console.print(_headline(result), highlight=False)
+    if "tta" in result:
+        console.print(f"with TTA ({result['tta']['mode']}): {_headline(result['tta'])}", highlight=False)
     table = Table(title="Per class", title_justify="left")
     table.add_column("class")
     for column in ("precision", "recall", "F1", "support"):
@@ -82,6 +82,11 @@ def print_evaluation(result: dict) -> None:
         console.print(table)
         console.print(f"top losses: {result['top_losses_png']}\nevery image by loss: {result['predictions_csv']}",
                       highlight=False, soft_wrap=True)
+
+
+def _headline(scores: dict) -> str:
+    return (f"loss {scores['loss']:.4f}   accuracy (top-1) {scores['top1']:.2%}   top-5 {scores['top5']:.2%}   "
+            f"balanced accuracy {_share(scores['balanced_accuracy'])}   macro F1 {_share(scores['macro_f1'])}")
 
 
 def _share(value) -> str:

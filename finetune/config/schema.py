@@ -5,6 +5,7 @@ This module must not import torch, so that config errors are reported instantly.
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -31,6 +32,10 @@ class ModelConfig(_Section):
     weights: str = "DEFAULT"  # after arch: its validator reads arch
     weights_fallback: Literal["error", "random"] = "error"
     num_classes: Optional[int] = Field(None, ge=2)
+    zero_init_residual: bool = Field(True, description=(
+        "When the model starts from random weights (model.weights: none, or the fallback), start the last "
+        "BatchNorm of every residual branch at zero, so each block starts as the identity (torchvision's "
+        "zero_init_residual, timm's zero_init_last). Pretrained weights are never changed."))
 
     @field_validator("weights")
     @classmethod
@@ -42,17 +47,60 @@ class ModelConfig(_Section):
         return weights
 
 
+AUGMENT_PRESETS = ("none", "light", "trivialaugment", "randaugment", "augmix")
+
+
 class DataConfig(_Section):
     root: Optional[str] = None
     image_size: int = Field(224, ge=32, le=1024)
     val_fraction: float = Field(0.2, gt=0, lt=1)
-    augment: bool = False
+    augment: Literal[AUGMENT_PRESETS] = Field("none", description=(
+        "Training augmentation preset: none; light (random resized crop + horizontal flip; true means light, "
+        "false none); trivialaugment, randaugment or augmix (light, then torchvision's TrivialAugmentWide, "
+        "RandAugment or AugMix)."))
+    magnitude: int = Field(9, ge=0, le=30, description=(  # after augment: its validator reads augment
+        "RandAugment's magnitude (0-30, torchvision's default 9); only with data.augment: randaugment."))
+    crop_scale: float = Field(0.08, gt=0, le=1, description=(
+        "The smallest share of the image area a random resized crop keeps (its scale is [crop_scale, 1]; "
+        "torchvision's and timm's default 0.08). Raise it (e.g. 0.35) for small or low-resolution images, where a "
+        "crop of 8% of the image can lose the object."))
+    hflip: float = Field(0.5, ge=0, le=1, description=(
+        "Probability of a horizontal flip in data.augment's presets; 0 where a mirror image changes the label "
+        "(text, digits)."))
+    random_erasing: float = Field(0.0, ge=0, le=1, description=(
+        "Probability of erasing a random rectangle of each training image (torchvision's RandomErasing, after "
+        "normalisation); 0 turns it off."))
     sampler: Literal["shuffle", "balanced"] = "shuffle"
     workers: Optional[int] = Field(None, ge=0)  # decode threads; None: data.default_workers()
     fast_decode: bool = True  # JPEGs decoded at the smallest DCT scale that still covers the stored size
     cache_images: Literal["auto", "on", "off"] = "auto"
     demo: Optional[Literal["shapes"]] = None
     skip_bad_images: bool = False
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_preset(cls, value):
+        if isinstance(value, bool):  # the old switch: true is today's light augmentation
+            return "light" if value else "none"
+        if isinstance(value, str) and value not in AUGMENT_PRESETS:
+            close = difflib.get_close_matches(value.lower(), AUGMENT_PRESETS, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(f"unknown preset {value!r}; {hint}the presets are {', '.join(AUGMENT_PRESETS)}")
+        return value
+
+    @field_validator("magnitude")
+    @classmethod
+    def _magnitude_needs_randaugment(cls, magnitude: int, info: ValidationInfo) -> int:
+        augment = info.data.get("augment")
+        if magnitude != cls.model_fields["magnitude"].default and augment not in (None, "randaugment"):
+            raise ValueError(f"is RandAugment's magnitude; it applies to data.augment: randaugment only "
+                             f"(data.augment is {augment})")
+        return magnitude
+
+    @property
+    def random_transforms(self) -> bool:
+        """Whether training images go through random transforms (so their features change every epoch)."""
+        return self.augment != "none" or self.random_erasing > 0
 
 
 class Stage(_Section):
@@ -109,6 +157,18 @@ class EarlyStopping(_Section):
     min_delta: float = Field(0.0, ge=0)  # a smaller change is no improvement
 
 
+class EmaConfig(_Section):
+    decay: float = Field(0.999, gt=0, lt=1, description=(
+        "Weight EMA: after every step, ema = decay * ema + (1 - decay) * weights (torch's AveragedModel with "
+        "get_ema_multi_avg_fn; BatchNorm running statistics are averaged too)."))
+    warmup: bool = Field(True, description=(
+        "Use min(decay, (1 + n) / (10 + n)) at update n, so the average of a short run is not dominated by the "
+        "random start."))
+    use_for: Literal["best", "ema", "raw"] = Field("best", description=(
+        "Which weights best.pt, export, evaluate and predict use: ema, raw, or best: the better of the two on "
+        "validation in each epoch (summary.json names it)."))
+
+
 class TrainConfig(_Section):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -124,6 +184,18 @@ class TrainConfig(_Section):
     dist_timeout_s: int = Field(600, ge=10)
     early_stopping: Optional[EarlyStopping] = None
     time_limit_min: Optional[float] = Field(None, gt=0)
+    mixup: Optional[float] = Field(None, gt=0, description=(
+        "MixUp's alpha (torchvision's MixUp): mix a batch with itself shifted by one, with weight ~ Beta(alpha, "
+        "alpha); null turns it off. timm's ImageNet recipes use 0.1-0.8."))
+    cutmix: Optional[float] = Field(None, gt=0, description=(
+        "CutMix's alpha (torchvision's CutMix): paste a box of the shifted batch, of area ~ Beta(alpha, alpha); "
+        "null turns it off. Usually 1.0."))
+    mix_prob: float = Field(1.0, ge=0, le=1, description=(
+        "Probability that a batch is mixed (timm's mixup_prob); with both mixup and cutmix on, a mixed batch "
+        "uses either with equal chance (timm's switch_prob 0.5)."))
+    ema: Optional[EmaConfig] = Field(None, description=(
+        "Keep an exponential moving average of the weights, validated every epoch beside the raw weights; "
+        "null turns it off, {} uses the defaults."))
 
     @field_validator("class_weights", mode="before")
     @classmethod

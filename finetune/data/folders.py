@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -15,7 +16,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.config.loading import config_error
-from finetune.config.schema import Config
+from finetune.config.schema import Config, DataConfig
 from finetune.data.images import (  # noqa: F401 (imported from here by export)
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -26,6 +27,7 @@ from finetune.data.images import (  # noqa: F401 (imported from here by export)
     to_upright_rgb,
 )
 from finetune.errors import FinetuneError
+from finetune.utils.seeding import seeded
 
 
 def train_folder(root: Path) -> Path:
@@ -66,9 +68,12 @@ def eval_transform(image_size: int, fast_decode: bool = True) -> ImagePipeline:
     return ImagePipeline(image_size, augment=False, fast_decode=fast_decode)
 
 
-def train_transform(image_size: int, augment: bool, fast_decode: bool = True) -> ImagePipeline:
-    """:func:`eval_transform`, or with ``augment`` a random resized crop and horizontal flip."""
-    return ImagePipeline(image_size, augment=augment, fast_decode=fast_decode)
+def train_transform(data: DataConfig) -> ImagePipeline:
+    """The training images' pipeline: :func:`eval_transform`, or the random transforms ``data`` asks for
+    (``data.augment`` and its settings, ``data.random_erasing``)."""
+    return ImagePipeline(data.image_size, augment=data.augment, fast_decode=data.fast_decode,
+                         magnitude=data.magnitude, random_erasing=data.random_erasing, crop_scale=data.crop_scale,
+                         hflip=data.hflip)
 
 
 def ensure_demo_data(config: Config) -> Optional[dict]:
@@ -84,7 +89,7 @@ def load_datasets(config: Config) -> Datasets:
     """The train and val sets of ``data.root``, with their transforms; class names from the folders."""
     classes = class_names(config)
     root = Path(config.data.root)
-    train_tf = train_transform(config.data.image_size, config.data.augment, config.data.fast_decode)
+    train_tf = train_transform(config.data)
     val_tf = eval_transform(config.data.image_size, config.data.fast_decode)
     if (root / "train").is_dir():
         train = image_folder(config, root / "train", classes, train_tf)
@@ -173,16 +178,31 @@ class ImageFiles(ImageFolder):
         return self._class_list, {name: i for i, name in enumerate(self._class_list)}
 
     def __getitem__(self, index: int):
-        image = self.load(index)
+        return self.item(index)
+
+    def item(self, index: int, seed: Optional[int] = None):
+        """(model input, target) of item ``index``, or None when it is skipped as unreadable.
+
+        With a ``seed`` the pipeline's random transforms draw under it (``utils.seeding.seeded``), in the decode
+        thread that prepared the item or here; without one they draw from torch's generator as it stands.
+        """
+        if index in self._skipped:
+            return None
+        future = self.prefetch.take(index) if self.prefetch is not None else None
+        if seed is not None:
+            finished = future.result() if future is not None else self.finished(index, seed)
+            return self._unreadable(index, finished) if isinstance(finished, str) else (finished,
+                                                                                         self.samples[index][1])
+        image = self.load(index, future)
         return None if image is None else (self.pipeline.finish(image), self.samples[index][1])
 
-    def load(self, index: int) -> Optional[np.ndarray]:
-        """Item ``index`` decoded: from the cache, from a decode thread, or decoded now; None when skipped."""
+    def load(self, index: int, future: Optional[Future] = None) -> Optional[np.ndarray]:
+        """Item ``index`` decoded: from the cache, from a decode thread's ``future``, or decoded now; None when
+        skipped."""
         if index in self._skipped:
             return None
         if self.cache is not None and (image := self.cache.get(index)) is not None:
             return image
-        future = self.prefetch.take(index) if self.prefetch is not None else None
         decoded = future.result() if future is not None else self.decode(index)
         return self._unreadable(index, decoded) if isinstance(decoded, str) else decoded
 
@@ -195,6 +215,17 @@ class ImageFiles(ImageFolder):
         if self.cache is not None:
             self.cache.put(index, image)
         return image
+
+    def finished(self, index: int, seed: int) -> Union[torch.Tensor, str]:
+        """Item ``index`` decoded (or taken from the cache: never augmented pixels) and finished under ``seed``;
+        why it cannot be read instead. Runs in decode threads."""
+        image = self.cache.get(index) if self.cache is not None else None
+        if image is None:
+            image = self.decode(index)
+            if isinstance(image, str):
+                return image
+        with seeded(seed):
+            return self.pipeline.finish(image)
 
     def _unreadable(self, index: int, why: str) -> None:
         path = self.samples[index][0]

@@ -18,12 +18,14 @@ from torch.utils.data import (
     Dataset,
     DistributedSampler,
     Sampler,
+    Subset,
     default_collate,
 )
 
 from finetune.data.folders import ImageFiles, image_files
 from finetune.data.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (imported from here by export)
 from finetune.errors import FinetuneError
+from finetune.utils.seeding import mix_seed, seeded
 
 
 def default_workers() -> int:
@@ -58,12 +60,22 @@ class SeededSamples(Dataset):
     def __len__(self):
         return len(self.dataset)
 
+    def item_seed(self, index: int) -> int:
+        return mix_seed(self.seed, self.epoch, index)
+
     def __getitem__(self, index):
-        with torch.random.fork_rng(devices=[]):
-            # The CPU generator only: torch.manual_seed also queues a seed for every lazy accelerator module
-            # (CUDA, XPU, MTIA), formatting a stack trace for each, about 1 ms an image.
-            torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-            return self.dataset[index]
+        return _seeded_item(self.dataset, index, self.item_seed(index))
+
+
+def _seeded_item(dataset: Dataset, index: int, seed: int):
+    """``dataset[index]`` with its random transforms drawn under ``seed``; image files pass the seed on, so that a
+    decode thread may have drawn them already."""
+    if isinstance(dataset, Subset):
+        return _seeded_item(dataset.dataset, dataset.indices[index], seed)
+    if isinstance(dataset, ImageFiles):
+        return dataset.item(index, seed)
+    with seeded(seed):
+        return dataset[index]
 
 
 class Indexed(Dataset):
@@ -177,17 +189,28 @@ def _loader(dataset: Dataset, workers: int, order: list[int], ahead: int, **batc
     if files is None:
         return loader
     base, index = files
-    return _PrefetchingLoader(loader, base, [index[i] for i in order], workers, ahead)
+    seeds = _seeds(dataset) if base.pipeline.random else None
+    return _PrefetchingLoader(loader, base, [(index[i], seeds and seeds.item_seed(i)) for i in order], workers,
+                              ahead)
+
+
+def _seeds(dataset: Dataset) -> Optional[SeededSamples]:
+    """The SeededSamples whose indices are ``dataset``'s (through Indexed), if any."""
+    while isinstance(dataset, Indexed):
+        dataset = dataset.dataset
+    return dataset if isinstance(dataset, SeededSamples) else None
 
 
 PREFETCH_BATCHES = 2  # how far decode threads work ahead of training
 
 
 class _Prefetch:
-    """Decode threads working through ``order`` (indices of ``files``) ahead of the main thread, at most ``ahead``
-    images at a time; images the cache already holds are left to the main thread."""
+    """Decode threads working through ``order`` ((index of ``files``, seed or None) pairs) ahead of the main
+    thread, at most ``ahead`` images at a time. An item with a seed is decoded (or taken from the cache) and
+    finished with its random transforms there; one without is only decoded, and left to the main thread when the
+    cache holds it already."""
 
-    def __init__(self, files: ImageFiles, order: list[int], threads: int, ahead: int):
+    def __init__(self, files: ImageFiles, order: list[tuple[int, Optional[int]]], threads: int, ahead: int):
         self.files, self.order, self.ahead = files, iter(order), ahead
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="finetune-decode")
         self.pending: dict[int, Future] = {}
@@ -201,10 +224,14 @@ class _Prefetch:
     def _top_up(self) -> None:
         cache = self.files.cache
         while len(self.pending) < self.ahead:
-            index = next(self.order, None)
+            index, seed = next(self.order, (None, None))
             if index is None:
                 return
-            if index not in self.pending and not (cache is not None and cache.holds(index)):
+            if index in self.pending:
+                continue
+            if seed is not None:
+                self.pending[index] = self.pool.submit(self.files.finished, index, seed)
+            elif not (cache is not None and cache.holds(index)):
                 self.pending[index] = self.pool.submit(self.files.decode, index)
 
     def close(self) -> None:
@@ -214,17 +241,19 @@ class _Prefetch:
 class _PrefetchingLoader:
     """``loader`` (run in the main thread) with decode threads working ahead of it."""
 
-    def __init__(self, loader: DataLoader, files: ImageFiles, order: list[int], threads: int, ahead: int):
+    def __init__(self, loader: DataLoader, files: ImageFiles, order: list[tuple[int, Optional[int]]], threads: int,
+                 ahead: int):
         self.loader, self.files, self.order, self.threads, self.ahead = loader, files, order, threads, ahead
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
+        batches = iter(self.loader)  # before the threads start: it draws its base seed from torch's generator
         prefetch = _Prefetch(self.files, self.order, self.threads, self.ahead)
         self.files.prefetch = prefetch
         try:
-            yield from self.loader
+            yield from batches
         finally:
             self.files.prefetch = None
             prefetch.close()

@@ -22,6 +22,7 @@ from finetune.config.schema import Config
 from finetune.data.images import IMAGENET_MEAN, IMAGENET_STD
 from finetune.errors import FinetuneError, describe
 from finetune.models.arch import get_arch
+from finetune.models.weights import served_state_dict
 from finetune.training.checkpoint import load_checkpoint
 
 
@@ -32,6 +33,7 @@ class Trained:
     config: Config
     path: Path
     progress: dict = field(default_factory=dict)  # the checkpoint's training state: epoch, history, ...
+    weights: str = "raw"  # which weights the checkpoint serves: "raw", or "ema" (train.ema.use_for)
 
 
 def load_trained(path: Path) -> Trained:
@@ -41,18 +43,21 @@ def load_trained(path: Path) -> Trained:
         classes = [str(name) for name in checkpoint["classes"]]
         config = Config.model_validate(checkpoint["config"])
         model = get_arch(config.model.arch).build(len(classes))
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(served_state_dict(checkpoint))
     except Exception as exc:  # a damaged or foreign file that merely looks like a checkpoint
         raise FinetuneError(f"{path} is not a usable finetune checkpoint: {describe(exc)}\n"
                             "Give last.pt or best.pt from a run directory of `finetune train`.") from None
-    return Trained(model.eval(), classes, config, Path(path), dict(checkpoint.get("progress") or {}))
+    return Trained(model.eval(), classes, config, Path(path), dict(checkpoint.get("progress") or {}),
+                   checkpoint.get("serves", "raw"))
 
 # Format -> the suffix of its default output, which goes beside the checkpoint (best.pt -> best.onnx).
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "state-dict": ".state_dict.pth"}
 METADATA_FILE = "finetune.json"  # the TorchScript archive's extra file
 # ONNX metadata values are strings: these keys hold text, every other one JSON.
-_TEXT_KEYS = ("arch", "finetune_version", "input", "resize")
+_TEXT_KEYS = ("arch", "finetune_version", "input", "resize", "weights", "tta")
+TTA_NOTE = ("not inside: the model is a single pass; finetune evaluate/predict --tta average its softmax over "
+            "flipped or cropped views outside it")
 
 Source = Union[Path, bytes]  # a file, or an artifact's bytes before they are written
 

@@ -26,6 +26,7 @@ from finetune.data.folders import (
 )
 from finetune.data.loaders import default_workers, make_loader
 from finetune.deploy.artifacts import is_torchscript_export, load_onnx, load_torchscript, load_trained, to_pixels
+from finetune.deploy.tta import check_mode, probabilities, view_size
 from finetune.errors import FinetuneError
 from finetune.models.arch import get_arch
 from finetune.models.fastpath import FastModel
@@ -85,7 +86,7 @@ def load_model(path: Path) -> Loaded:
 
 
 def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Optional[Path] = None,
-                        top_losses: int = 0) -> dict:
+                        top_losses: int = 0, tta: Optional[str] = None) -> dict:
     """Loss, top-1, top-5, per-class precision/recall/F1/support, balanced accuracy and macro F1 of a checkpoint,
     with confusion.png (counts, and normalised per true class).
 
@@ -93,12 +94,15 @@ def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Opt
     validation split of the run's own config. With ``top_losses`` K it also writes
     top_losses.png (the K images with the highest loss) and predictions.csv (every
     image: path, true and predicted class, the probability of each class, loss; by loss).
-    Pictures go beside the checkpoint or in ``output_dir``.
+    Pictures go beside the checkpoint or in ``output_dir``. With ``tta`` (a mode of ``deploy.tta``) the same
+    headline metrics with test-time augmentation follow under ``tta``; the rest is without it.
     """
     from finetune.utils.plots import plot_confusion, plot_top_losses
 
     trained = load_model(path)
     config = trained.config.model_copy(deep=True)
+    if tta is not None:
+        check_tta(trained, path, tta)
     if data is not None:
         data = Path(data)
         config.data.root = str(data / "val" if (data / "val").is_dir() else data)
@@ -106,19 +110,17 @@ def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Opt
     n = len(trained.classes)
     logits, targets = _logits(trained.fast, make_loader(dataset, config.train.batch_size, shuffle=False,
                                                        workers=default_workers()), n)
-    predicted = logits.argmax(1)
-    confusion = metrics.confusion_matrix(targets, predicted, n)
-    losses = nn.functional.cross_entropy(logits, targets, reduction="none")
-    top5 = metrics.top_k_hits(logits, targets)
+    headline, confusion, losses = _headline(logits.log_softmax(1), targets, n)
     scores = metrics.summary(confusion)
     out = Path(output_dir) if output_dir else Path(path).parent
     out.mkdir(parents=True, exist_ok=True)
     plot_confusion(confusion, trained.classes, out / "confusion.png")
-    result = {"checkpoint": str(path), "data": config.data.root, "images": len(targets), "loss": _mean(losses),
-              "top1": _mean(predicted == targets), "top5": _mean(top5),
-              "balanced_accuracy": scores["balanced_accuracy"], "macro_f1": scores["macro_f1"],
+    result = {"checkpoint": str(path), "data": config.data.root, "images": len(targets), **headline,
               "per_class": [{"class": name, **row} for name, row in zip(trained.classes, scores["per_class"])],
               "confusion": confusion.tolist(), "classes": trained.classes, "confusion_png": str(out / "confusion.png")}
+    if tta is not None:
+        result["tta"] = {"mode": tta, **_headline(_tta_log_probs(trained.fast, config, tta, trained.classes,
+                                                                 whole=data is not None), targets, n)[0]}
     if top_losses:
         rows = _by_loss(dataset, logits, targets, losses, trained.classes)
         _write_predictions(rows, trained.classes, out / "predictions.csv")
@@ -126,6 +128,46 @@ def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Opt
         result.update(top_losses=[{k: v for k, v in row.items() if k != "probs"} for row in rows[:top_losses]],
                       top_losses_png=str(out / "top_losses.png"), predictions_csv=str(out / "predictions.csv"))
     return result
+
+
+def _headline(log_probs: torch.Tensor, targets: torch.Tensor, num_classes: int):
+    """Loss, top-1, top-5, balanced accuracy and macro F1 of per-image log-probabilities; with the confusion matrix
+    and the loss of every image."""
+    predicted = log_probs.argmax(1)
+    confusion = metrics.confusion_matrix(targets, predicted, num_classes)
+    losses = nn.functional.nll_loss(log_probs, targets, reduction="none")  # of log_softmax: the cross-entropy
+    top5 = metrics.top_k_hits(log_probs, targets)
+    scores = {"loss": _mean(losses), "top1": _mean(predicted == targets), "top5": _mean(top5),
+              "balanced_accuracy": metrics.balanced_accuracy(confusion), "macro_f1": metrics.macro_f1(confusion)}
+    return scores, confusion, losses
+
+
+def check_tta(loaded: "Loaded", path: Path, mode: str) -> None:
+    """Refuse a TTA ``mode`` that does not exist, or a model that cannot run a batch of its views (an export with
+    a fixed batch size or image size, say), before any work is done."""
+    check_mode(mode)
+    size = loaded.config.data.image_size
+    probe = torch.zeros(2, 3, view_size(mode, size), view_size(mode, size))
+    try:
+        with torch.inference_mode():
+            probabilities(loaded.fast, probe, mode, size)
+    except Exception as exc:  # the last line: a TorchScript error carries the script's traceback before it
+        raise FinetuneError(f"--tta {mode}: {path} cannot run it: a batch of 2 views of {size}x{size} px fails "
+                            f"({str(exc).strip().splitlines()[-1]}).\nEvaluate or predict without --tta, or use a checkpoint or an "
+                            "export of `finetune export`, which take any batch size.") from None
+
+
+@torch.inference_mode()
+def _tta_log_probs(fast, config: Config, mode: str, classes: list[str], whole: bool) -> torch.Tensor:
+    """Log of the TTA-averaged softmax of every image of the evaluation set, in loader order."""
+    views_config = config.model_copy(deep=True)
+    views_config.data.image_size = view_size(mode, config.data.image_size)
+    loader = make_loader(_eval_set(views_config, classes, whole), config.train.batch_size, shuffle=False,
+                         workers=default_workers())
+    probs = [torch.empty(0, len(classes))]
+    for images, _ in loader:
+        probs.append(probabilities(fast.head, images, mode, config.data.image_size))
+    return torch.cat(probs).clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
 def _mean(values: torch.Tensor) -> float:
@@ -175,13 +217,17 @@ def _eval_set(config: Config, classes: list[str], whole: bool):
     return folder
 
 
-def predict(path: Path, inputs: list[Path], top_k: int = 3) -> list[dict]:
+def predict(path: Path, inputs: list[Path], top_k: int = 3, tta: Optional[str] = None) -> list[dict]:
     """Top-k classes with probabilities for each image (directories are walked for images).
 
-    ``path`` is a checkpoint or an exported .onnx / TorchScript file.
+    ``path`` is a checkpoint or an exported .onnx / TorchScript file. With ``tta`` (a mode of ``deploy.tta``) the
+    probabilities are averaged over the views of each image.
     """
     loaded = load_model(path)
-    transform = eval_transform(loaded.config.data.image_size, loaded.config.data.fast_decode)
+    size = loaded.config.data.image_size
+    if tta is not None:
+        check_tta(loaded, path, tta)
+    transform = eval_transform(view_size(tta, size) if tta else size, loaded.config.data.fast_decode)
     k = max(1, min(top_k, len(loaded.classes)))
     images = _images(inputs)
     results = []
@@ -189,7 +235,8 @@ def predict(path: Path, inputs: list[Path], top_k: int = 3) -> list[dict]:
         chunk = images[start:start + PREDICT_BATCH]
         batch = torch.stack([load_image(str(image_path), transform, hint="") for image_path in chunk])
         with torch.inference_mode():
-            top = loaded.fast(batch).float().softmax(1).topk(k)
+            probs = probabilities(loaded.fast, batch, tta, size) if tta else loaded.fast(batch).float().softmax(1)
+            top = probs.topk(k)
         for image_path, probs, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
             results.append({"image": str(image_path), "predictions": [
                 {"class": loaded.classes[i], "prob": p} for p, i in zip(probs, indices)]})

@@ -7,8 +7,11 @@ A description provides:
 - ``name``, ``title`` (for messages) and ``weight_names``: the torchvision weights
   names ``model.weights`` accepts besides ``DEFAULT`` (static, so the config check
   needs no torch);
-- ``build(num_classes)``: the torchvision model with random weights and a fresh
-  ``num_classes``-way head;
+- ``build(num_classes, zero_init_residual=False)``: the torchvision model with
+  random weights and a fresh ``num_classes``-way head; with ``zero_init_residual``
+  every residual branch starts at zero (its last BatchNorm's weight is 0), so each
+  block starts as the identity (a family without residual branches ignores it);
+- ``residual_zero_init``: whether ``zero_init_residual`` changes anything (for the record);
 - ``weights_enum()`` and ``cache_file(name)``: torchvision's weights enum, and the
   file its weights API reads from (and downloads to) ``$TORCH_HOME/hub/checkpoints``;
 - ``head``: the name of the classifier module that is replaced, and
@@ -48,12 +51,14 @@ class ResNet:
     head: str = "fc"
     layers: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
     stem: tuple[str, ...] = ("conv1", "bn1", "relu", "maxpool")
+    residual_zero_init: bool = True
 
-    def build(self, num_classes: int) -> "nn.Module":
+    def build(self, num_classes: int, zero_init_residual: bool = False) -> "nn.Module":
         import torchvision.models
         from torch import nn
 
-        model = getattr(torchvision.models, self.name)(weights=None)
+        # torchvision's switch zeroes bn2 (BasicBlock) or bn3 (Bottleneck) after the seeded init: same draws.
+        model = getattr(torchvision.models, self.name)(weights=None, zero_init_residual=zero_init_residual)
         model.fc = nn.Linear(model.fc.in_features, num_classes)
         return model
 

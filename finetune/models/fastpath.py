@@ -21,7 +21,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from finetune.data.loaders import (
     make_loader,
     skipped_batch_error,
 )
+from finetune.data.mixing import Mixer
 from finetune.models.arch import Arch
 from finetune.models.freeze import Decision
 from finetune.training.distributed import Dist
@@ -118,8 +119,9 @@ class FastModel:
         return self.head(self.features(images))
 
 
-def cache_decision(setting: str, fast: FastModel, augment: bool) -> tuple[bool, str]:
-    """Whether to cache prefix features (``train.cache_features``) and why, in words for the log."""
+def cache_decision(setting: str, fast: FastModel, augment: Union[bool, str]) -> tuple[bool, str]:
+    """Whether to cache prefix features (``train.cache_features``) and why, in words for the log; ``augment``:
+    whether the inputs change every epoch (True: data.augment), or the key that makes them (:func:`changing_key`)."""
     return _cache_decision(setting, fast.split, fast.prefix_deterministic, augment)
 
 
@@ -131,19 +133,28 @@ def cache_problems(config, arch: Arch, model: nn.Module, plan: dict[str, Decisio
     chain = arch.stages(model)
     split = frozen_prefix_length(chain, plan)
     prefix = [name for name, _ in chain[:split]]
-    usable, why = _cache_decision("on", split, prefix_is_deterministic(prefix, bn_modes), config.data.augment)
+    usable, why = _cache_decision("on", split, prefix_is_deterministic(prefix, bn_modes), changing_key(config))
     return [] if usable else [("train.cache_features", f"is 'on' but the cache cannot be used: "
                                                        f"{why.removeprefix('off (').rstrip(')')}; use auto or off")]
 
 
-def _cache_decision(setting: str, split: int, deterministic: bool, augment: bool) -> tuple[bool, str]:
+def changing_key(config) -> Optional[str]:
+    """The config key that makes the training inputs differ from epoch to epoch (random transforms, MixUp or
+    CutMix), or None when they are the same every epoch."""
+    changing = {"data.augment": config.data.augment != "none", "data.random_erasing": config.data.random_erasing > 0,
+                "train.mixup": config.train.mixup is not None, "train.cutmix": config.train.cutmix is not None}
+    return next((key for key, on in changing.items() if on), None)
+
+
+def _cache_decision(setting: str, split: int, deterministic: bool, augment: Union[bool, str, None]) -> tuple[bool, str]:
     if setting == "off":
         return False, "off (train.cache_features: off)"
     reasons = []
     if split == 0:
         reasons.append("nothing is frozen before the first trainable layer")
     if augment:
-        reasons.append("data.augment is on: random transforms change the features every epoch")
+        reasons.append(f"{augment if isinstance(augment, str) else 'data.augment'} is on: random transforms change "
+                       "the features every epoch")
     if not deterministic:
         reasons.append("frozen BatchNorm layers run in train mode (freeze.batchnorm: train)")
     if reasons:
@@ -232,8 +243,8 @@ class FeatureSource:
 
     def __init__(self, fast: FastModel, dataset, batch_size: int, *, shuffle: bool, seed: int, workers: int,
                  cache_bytes: Optional[float] = None, folder: Optional[Path] = None, split: str = "train",
-                 dist: Dist = Dist(), weights: Optional[torch.Tensor] = None):
-        self.fast, self.dataset, self.batch_size, self.weights = fast, dataset, batch_size, weights
+                 dist: Dist = Dist(), weights: Optional[torch.Tensor] = None, mixer: Optional[Mixer] = None):
+        self.fast, self.dataset, self.batch_size, self.weights, self.mixer = fast, dataset, batch_size, weights, mixer
         self.shuffle, self.seed, self.workers, self.dist = shuffle, seed, workers, dist
         self.cache_bytes, self.folder, self.split = cache_bytes, folder, split
         self.cache: Optional[FeatureCache] = None
@@ -268,7 +279,9 @@ class FeatureSource:
         loader = make_loader(Indexed(self.dataset), self.batch_size, shuffle=self.shuffle, seed=self.seed,
                              epoch=epoch, skip_batches=skip_batches, workers=self.workers, rank=self.dist.rank,
                              world=self.dist.world, weights=self.weights)
-        for images, targets, indices in loader:
+        for batch, (images, targets, indices) in enumerate(loader, start=skip_batches):
+            if self.mixer is not None:  # on the images, before the frozen prefix: it never runs with the cache
+                images, targets = self.mixer(images, targets, epoch, batch)
             features = self.fast.features(images)
             if self.caching and epoch == 0:
                 self._store(indices, features, targets)
@@ -313,16 +326,26 @@ def feature_sources(config, fast: FastModel, data, folder: Path, *, weights: Opt
     """The train and val sources training reads, with the feature cache when ``train.cache_features`` allows it
     (a spilled cache goes to ``folder``), and why the cache is on or off. ``weights``: the train sampling weights."""
     setting, budget = config.train.cache_features, config.train.cache_max_gb * 2**30
-    use_cache, why = cache_decision(setting, fast, config.data.augment)
+    use_cache, why = cache_decision(setting, fast, changing_key(config))
     val_cache, _ = cache_decision(setting, fast, augment=False)  # validation is never augmented
     if val_cache and not use_cache:
         why += "; on for validation (its images are not augmented)"
-    common = dict(seed=config.train.seed, dist=dist, folder=folder,
-                  workers=config.data.workers if config.data.workers is not None else default_workers())
-    batch = config.train.batch_size // dist.world
+    common = _source_settings(config, dist, folder)
     rank = f"-rank{dist.rank}" if dist.active else ""  # spilled caches: one file per process
-    train_set = SeededSamples(data.train, config.train.seed) if config.data.augment else data.train
-    return (FeatureSource(fast, train_set, batch, shuffle=True, split=f"train{rank}", weights=weights,
-                          cache_bytes=budget if use_cache else None, **common),
-            FeatureSource(fast, data.val, batch, shuffle=False, split=f"val{rank}",
+    train_set = SeededSamples(data.train, config.train.seed) if config.data.random_transforms else data.train
+    mixer = Mixer.from_config(config.train, len(data.classes), dist.rank)
+    return (FeatureSource(fast, train_set, shuffle=True, split=f"train{rank}", weights=weights,
+                          cache_bytes=budget if use_cache else None, mixer=mixer, **common),
+            FeatureSource(fast, data.val, shuffle=False, split=f"val{rank}",
                           cache_bytes=budget if val_cache else None, **common), why)
+
+
+def image_source(config, fast: FastModel, dataset, dist: Dist = Dist()) -> FeatureSource:
+    """``dataset`` in order, run through ``fast``'s prefix every time: no cache (e.g. the EMA model's validation
+    when its frozen prefix is not the trained model's)."""
+    return FeatureSource(fast, dataset, shuffle=False, **_source_settings(config, dist, folder=None))
+
+
+def _source_settings(config, dist: Dist, folder: Optional[Path]) -> dict:
+    return dict(seed=config.train.seed, dist=dist, folder=folder, batch_size=config.train.batch_size // dist.world,
+                workers=config.data.workers if config.data.workers is not None else default_workers())

@@ -30,18 +30,23 @@ class WeightsInfo:
     pretrained: bool
     head_loaded: bool = False  # the head came from the weights file too
     warning: Optional[str] = None
+    zero_init_residual: bool = False  # random init with every residual branch starting at zero
 
 
 def build_model(config: Config, num_classes: int, progress: bool = True) -> tuple[nn.Module, WeightsInfo]:
     """``model.arch`` with the configured weights and a fresh ``num_classes`` head.
 
-    The random initialisation is seeded by ``train.seed`` without touching the global RNG.
+    The random initialisation is seeded by ``train.seed`` without touching the global RNG. A model that keeps
+    random weights starts its residual branches at zero (``model.zero_init_residual``), as timm's do.
     """
     arch = get_arch(config.model.arch)
     state, info = _load_weights(arch, config, progress)
+    if state is None and config.model.zero_init_residual and arch.residual_zero_init:
+        info.zero_init_residual = True
+        info.source += ", residual branches start at zero"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
-        model = arch.build(num_classes)
+        model = arch.build(num_classes, zero_init_residual=info.zero_init_residual)
     if state is not None:
         _load_backbone(arch, model, state, config.model.weights)
         if _file_has_head(arch, model, state, num_classes, config.model.weights):
@@ -117,10 +122,18 @@ def load_state_dict_file(path: Path) -> dict:
     return checked_state_dict(safe_load(path, "weights file"), path)
 
 
+def served_state_dict(checkpoint: dict) -> dict:
+    """The weights a finetune checkpoint serves (to export, evaluate, predict, or fine-tune from): the raw model's,
+    or its weight EMA's when ``train.ema.use_for`` chose them (the EMA's state without ``module.`` and its count)."""
+    if checkpoint.get("serves") == "ema":
+        return {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k.startswith("module.")}
+    return checkpoint["model"]
+
+
 def checked_state_dict(obj, path: Path) -> dict:
     """The state dict in what ``path`` held (also inside a finetune checkpoint), without DDP's ``module.``."""
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]  # a finetune checkpoint
+        obj = served_state_dict(obj)  # a finetune checkpoint
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -33,6 +33,16 @@ def top_k_hits(logits, targets, k: int = 5):
     return (logits.topk(min(k, logits.shape[1]), dim=1).indices == targets[:, None]).any(1)
 
 
+def hits(logits, targets) -> float:
+    """Correct top-1 predictions of a batch. With soft targets (MixUp/CutMix: one row of class weights per image)
+    an image counts the weight its target gives the predicted class: 0.7 when it predicts the class that makes 70%
+    of a mixed image; for one-hot targets that is plain accuracy."""
+    predicted = logits.argmax(1)
+    if targets.dim() == 2:
+        return targets.gather(1, predicted[:, None]).sum().item()
+    return (predicted == targets).sum().item()
+
+
 def _rows(confusion) -> list[list[int]]:
     """A square matrix of ints from a list of lists or anything with ``tolist()`` (a tensor, an array)."""
     rows = confusion.tolist() if hasattr(confusion, "tolist") else [list(row) for row in confusion]

@@ -27,7 +27,7 @@ from finetune.data.imagecache import ImageCaches, plan_image_caches
 from finetune.data.loaders import steps_per_epoch
 from finetune.errors import FinetuneError
 from finetune.models.build import Built, build
-from finetune.models.fastpath import FastModel, FeatureSource, feature_sources
+from finetune.models.fastpath import FastModel, FeatureSource, feature_sources, image_source
 from finetune.models.freeze import (
     apply_plan,
     batchnorm_modes,
@@ -43,10 +43,12 @@ from finetune.training.checkpoint import (
     save_checkpoint,
 )
 from finetune.training.distributed import Dist, setup, teardown
+from finetune.training.ema import WeightEMA, served
 from finetune.training.losses import imbalance_warning, sampling_weights, training_loss
 from finetune.training.metrics import (
     balanced_accuracy,
     confusion_matrix,
+    hits,
     macro_f1,
     top_k_hits,
 )
@@ -67,20 +69,22 @@ class TrainState:
     step: int = 0
     seen: int = 0  # training images seen in the current epoch, and their summed loss and correct count
     loss_sum: float = 0.0
-    correct: int = 0
+    correct: float = 0.0  # soft targets (MixUp/CutMix) count a share of an image: metrics.hits
     seconds: float = 0.0  # training time spent in the current epoch
     grad_norm_sum: float = 0.0  # of the global gradient norm (before clipping) over the epoch's steps
     frozen_checksums: dict[str, str] = field(default_factory=dict)  # taken when the run started
     history: list[dict] = field(default_factory=list)
     best_epoch: Optional[int] = None
-    best_val_acc: float = -1.0
+    best_val_acc: float = -1.0  # of the weights the best epoch's checkpoint serves
+    serves: str = "raw"  # the weights the last finished epoch's checkpoints serve ("raw" or "ema": train.ema.use_for)
+    best_serves: str = "raw"
     total_seconds: float = 0.0
     monitor_best: Optional[float] = None  # early stopping: the best monitored value and epochs since it
     epochs_without_improvement: int = 0
     stopped: Optional[str] = None  # "early_stopping" or "time_limit" when the run ended before train.epochs
 
     def next_epoch(self) -> None:
-        self.epoch, self.step, self.seen, self.loss_sum, self.correct = self.epoch + 1, 0, 0, 0.0, 0
+        self.epoch, self.step, self.seen, self.loss_sum, self.correct = self.epoch + 1, 0, 0, 0.0, 0.0
         self.seconds = self.grad_norm_sum = 0.0
 
 
@@ -111,7 +115,7 @@ def fit(run: "Run") -> dict:
                 run.enter_epoch(epoch + 1)
                 finished = train_one_epoch(
                     run.phase.fast, run.phase.train_source.epoch(epoch, state.step), run.loss_fn, run.optimizer,
-                    run.schedule, state, grad_clip=config.optim.grad_clip, on_step=run.report_step,
+                    run.schedule, state, grad_clip=config.optim.grad_clip, on_step=run.after_step,
                     should_stop=lambda: run.dist.any(signals.signum is not None or run.out_of_time()))
                 if not finished:
                     run.checkpoint("last.pt")
@@ -119,8 +123,7 @@ def fit(run: "Run") -> dict:
                         state.stopped = "time_limit"
                         break
                     raise _interrupted(signals.signum, epoch, state.step, run.run_dir)
-                run.end_epoch(evaluate(run.phase.fast, run.phase.val_source.epoch(0), run.val_loss_fn,
-                                       run.built.num_classes, run.dist))
+                run.end_epoch(*run.validate())
                 if run.dist.any(signals.signum is not None):
                     raise _interrupted(signals.signum, epoch + 1, 0, run.run_dir)
                 if state.stopped is None and state.epoch < config.train.epochs and run.dist.any(run.out_of_time()):
@@ -174,7 +177,7 @@ def train_one_epoch(fast: FastModel, batches, loss_fn, optimizer, schedule: Sche
         state.seen += len(targets)
         state.grad_norm_sum += norm.item()
         state.loss_sum += loss_value * len(targets)
-        state.correct += (logits.argmax(1) == targets).sum().item()
+        state.correct += hits(logits, targets)
         now = time.perf_counter()
         state.seconds += now - tick
         tick = now
@@ -234,6 +237,7 @@ class Run:
                                      batchnorm_modes(self.model, final_plan, config.freeze.batchnorm))
         self.state = TrainState()
         self.phase = Phase(self, built.plan, epoch=1)
+        self.ema = WeightEMA(self.model, config.train.ema) if config.train.ema else None  # after Phase moved it
         self.image_caches = ImageCaches("off")
         self.caches_reported = False
         self.curves_drawn_at, self.curves_drawn_epochs = self.started, 0
@@ -302,6 +306,8 @@ class Run:
         self.schedule.load_state_dict(saved["scheduler"])
         restore_rng_states(saved["rng"])
         self.state = TrainState(**saved["progress"])
+        if self.ema is not None:
+            self.ema.load_state_dict(saved["ema"])
         self._resume_stopped(saved["config"])
 
     def _resume_stopped(self, saved_config: dict) -> None:
@@ -347,6 +353,11 @@ class Run:
                                   f"parameters, patterns {stage.trainable}); they join the optimizer as new "
                                   "param groups")
 
+    def after_step(self, state: TrainState) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.report_step(state)
+
     def report_step(self, state: TrainState) -> None:
         self.reporter.step(state.epoch, state.step, self.steps, state.loss_sum / state.seen, state.correct / state.seen,
                            self.optimizer.param_groups[0]["lr"], state.seen / max(state.seconds, 1e-9))
@@ -355,16 +366,31 @@ class Run:
         limit = self.config.train.time_limit_min
         return limit is not None and time.perf_counter() - self.started > limit * 60
 
-    def end_epoch(self, val: dict) -> None:
+    def validate(self) -> tuple[dict, Optional[dict]]:
+        """The raw model's validation results, and the EMA model's (None without ``train.ema``)."""
+        phase = self.phase
+        val = evaluate(phase.fast, phase.val_source.epoch(0), self.val_loss_fn, self.built.num_classes, self.dist)
+        if self.ema is None:
+            return val, None
+        fast = FastModel(self.ema.module, self.built.arch, phase.plan, phase.bn_modes, self.precision.precision,
+                         self.dist.device)
+        # A frozen prefix in eval mode is bit-identical in both models: the EMA reads the same (cached) features.
+        source = phase.val_source if phase.fast.prefix_deterministic else image_source(self.config, fast,
+                                                                                       self.data.val, self.dist)
+        return val, evaluate(fast, source.epoch(0), self.val_loss_fn, self.built.num_classes, self.dist)
+
+    def end_epoch(self, val: dict, ema_val: Optional[dict] = None) -> None:
         """Record a finished epoch: metrics, best epoch, early stopping, checkpoints, curves, the epoch line."""
         state = self.state
-        row = self._epoch_row(val)
+        row = self._epoch_row(val, ema_val)
         state.history.append(row)
         state.total_seconds += row["seconds"]
         state.next_epoch()
-        improved = row["val_acc"] > state.best_val_acc
+        state.serves = served(self.config.train.ema.use_for, row["val_acc"], row["ema_val_acc"]) if ema_val else "raw"
+        score = row["ema_val_acc"] if state.serves == "ema" else row["val_acc"]
+        improved = score > state.best_val_acc
         if improved:
-            state.best_epoch, state.best_val_acc = row["epoch"], row["val_acc"]
+            state.best_epoch, state.best_val_acc, state.best_serves = row["epoch"], score, state.serves
         self._early_stopping(row)
         if self.dist.is_main:
             rundir.write_metrics(self.run_dir, state.history)
@@ -390,14 +416,15 @@ class Run:
             if self.image_caches.caches:
                 self.reporter.message(f"image cache: {self.image_caches.describe()}")
 
-    def _epoch_row(self, val: dict) -> dict:
+    def _epoch_row(self, val: dict, ema_val: Optional[dict]) -> dict:
         state = self.state
         loss_sum, correct, seen = self.dist.sum([state.loss_sum, state.correct, state.seen])  # over all processes
+        ema = {"ema_val_loss": ema_val["loss"], "ema_val_acc": ema_val["acc"]} if ema_val else {}
         return {
             "epoch": state.epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
             "train_acc": correct / max(seen, 1),
-            "val_loss": val["loss"], "val_acc": val["acc"], "val_top5": val["top5"],
+            "val_loss": val["loss"], "val_acc": val["acc"], "val_top5": val["top5"], **ema,
             "val_balanced_acc": balanced_accuracy(val["confusion"]), "val_macro_f1": macro_f1(val["confusion"]),
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": state.grad_norm_sum / max(state.step, 1),
@@ -427,6 +454,7 @@ class Run:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(), "progress": asdict(self.state), "rng": rng_states(),
             "classes": self.data.classes, "world": self.dist.world, "config": self.config.model_dump(mode="json"),
+            **({"ema": self.ema.state_dict(), "serves": self.state.serves} if self.ema else {}),
             "precision": self.precision.precision,
             "weights": self.built.weights.source, "pretrained": self.built.weights.pretrained})
 
@@ -459,12 +487,14 @@ class Run:
             "frozen_unchanged": not changed, "frozen_tensors": len(self.frozen),
             "run_dir": str(self.run_dir), "epochs": config.train.epochs, "epochs_done": state.epoch,
             "stopped": state.stopped, "best_epoch": state.best_epoch, "best_val_acc": state.best_val_acc,
+            "best_weights": state.best_serves,
             "final_val_acc": state.history[-1]["val_acc"] if state.history else None,
             "train_seconds": round(state.total_seconds, 3),
             "total_seconds": round(time.perf_counter() - self.started, 3),
             "arch": config.model.arch, "precision": self.precision.precision,
             "precision_reason": self.precision.reason, "pretrained": self.built.weights.pretrained,
             "weights": self.built.weights.source, "weights_warning": self.built.weights.warning,
+            "zero_init_residual": self.built.weights.zero_init_residual,
             "classes": self.data.classes, "train_images": len(self.data.train), "val_images": len(self.data.val),
             "skipped_images": self.data.bad_images, "processes": self.dist.world, "device": str(self.dist.device),
         }
