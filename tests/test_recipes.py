@@ -210,12 +210,19 @@ def test_mixing_gives_soft_targets_seeded_per_batch():
     assert hits(logits, torch.tensor([0, 0])) == 1
 
 
-def test_inspect_grads_closed_form_holds_for_soft_targets(tmp_path, colour_data):
-    config = tiny_config(tmp_path, colour_data, train={"mixup": 0.4, "cutmix": 1.0, "label_smoothing": 0.1})
+def test_inspect_grads_holds_for_soft_targets_and_zero_started_branches(tmp_path, colour_data):
+    config = tiny_config(tmp_path, colour_data, freeze={"trainable": ["layer4", "fc"]},
+                         train={"mixup": 0.4, "cutmix": 1.0, "label_smoothing": 0.1})
     result = run_cli("inspect-grads", "--config", str(config), "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
     assert report["passed"] and "soft targets" in report["data"]
+    checks = {check["name"]: check["detail"] for check in report["checks"]}
+    assert "(8 of them zero: inside residual branches that start at zero" in \
+        checks["trainable gradients are finite and non-zero"]  # 2 blocks of layer4 x conv1, bn1 (2), conv2
+    zero = {row["name"] for row in report["parameters"] if row["grad_norm"] == 0}
+    assert zero == {f"layer4.{b}.{name}" for b in (0, 1) for name in ("conv1.weight", "bn1.weight", "bn1.bias",
+                                                                      "conv2.weight")}
 
 
 def test_ema_is_torchs_average_with_warmup_and_keeps_frozen_tensors_exact():

@@ -6,7 +6,9 @@ gradient. Then five checks run:
 
 1. frozen parameters have ``grad is None``: autograd never touched them;
 2. trainable parameters have finite, non-zero gradients (and finite values: CPU kernels
-   may swallow a NaN weight in the forward pass, so its gradient alone can look fine);
+   may swallow a NaN weight in the forward pass, so its gradient alone can look fine),
+   except inside residual branches that start at zero (``model.zero_init_residual``):
+   no gradient reaches those until the branch's last BatchNorm weight moves;
 3. the head's gradient equals the closed form of softmax cross-entropy:
    dL/dW = (softmax(z) - q)^T h / B and dL/db = mean(softmax(z) - q), with q the
    (label-smoothed) targets - one-hot, or the soft targets of MixUp/CutMix when
@@ -14,7 +16,9 @@ gradient. Then five checks run:
    features entering ``fc``;
 4. float64 finite differences agree with autograd: ``torch.autograd.gradcheck`` on
    the head, and central differences along a random direction per trainable
-   module group of the whole network;
+   module group of the whole network (residual branches that start at zero get a
+   last BatchNorm weight of ``FD_BRANCH_WEIGHT`` there: a zero branch leaves ReLUs
+   exactly at their kink, where no finite difference agrees with any gradient);
 5. one SGD step on a copy leaves frozen parameters and frozen BatchNorm buffers
    bit-identical and moves every trainable parameter.
 """
@@ -42,6 +46,7 @@ FD_TOLERANCE = 1e-4  # relative error of float64 central differences
 # ReLU and max-pool kinks make a step that crosses one disagree; a real autograd bug disagrees at every step.
 FD_STEPS = (1e-6, 1e-7, 1e-8)
 FD_SAMPLES = 4  # images in the float64 slice
+FD_BRANCH_WEIGHT = 0.01
 
 
 @dataclass
@@ -161,6 +166,7 @@ def _frozen_untouched(model: nn.Module, built: Built) -> Check:
 def _trainable_finite(model: nn.Module, built: Built) -> Check:
     problems = []
     trainable = [(n, p) for n, p in model.named_parameters() if built.plan[n].trainable]
+    silent = built.arch.silent_parameters(model)
     for name, p in trainable:
         if not torch.isfinite(p).all():
             problems.append(f"{name}: non-finite values in the parameter itself")
@@ -168,13 +174,16 @@ def _trainable_finite(model: nn.Module, built: Built) -> Check:
             problems.append(f"{name}: no gradient")
         elif not torch.isfinite(p.grad).all():
             problems.append(f"{name}: non-finite gradient")
-        elif not p.grad.any():
+        elif not p.grad.any() and name not in silent:
             problems.append(f"{name}: all-zero gradient")
     if problems:
         return Check("trainable gradients are finite and non-zero", False,
                      f"{len(problems)} of {len(trainable)}: {'; '.join(problems[:5])}")
+    quiet = sum(name in silent for name, _ in trainable)
+    why = (f" ({quiet} of them zero: inside residual branches that start at zero, model.zero_init_residual, "
+           "until their last BatchNorm weight moves)") if quiet else ""
     return Check("trainable gradients are finite and non-zero", True,
-                 f"all {len(trainable)} trainable tensors have finite, non-zero gradients")
+                 f"all {len(trainable)} trainable tensors have finite{'' if quiet else ', non-zero'} gradients{why}")
 
 
 def _head_closed_form(model, built: Built, features, logits, targets, smoothing: float) -> Check:
@@ -211,6 +220,10 @@ def _finite_differences(start: nn.Module, built: Built, x, y, features, targets,
     name = "float64 finite differences agree with autograd"
     model = start.double()
     set_train_mode(model, built.bn_modes)
+    zero_branches = built.arch.zero_branches(model)
+    with torch.no_grad():
+        for block, last in zero_branches:
+            model.get_submodule(f"{block}.{last}").weight.fill_(FD_BRANCH_WEIGHT)
     x, y = x.double(), (y.double() if y.is_floating_point() else y)  # soft targets match the float64 logits
     loss_of = lambda: nn.functional.cross_entropy(model(x), y, label_smoothing=smoothing)  # noqa: E731
     details, passed = [], True
@@ -250,7 +263,9 @@ def _finite_differences(start: nn.Module, built: Built, x, y, features, targets,
     passed &= worst <= FD_TOLERANCE
     details.append(f"directional derivatives on {len(groups)} module group(s) of {len(x)} images: "
                    f"max rel. error {worst:.2e} (best of steps {', '.join(f'{h:.0e}' for h in FD_STEPS)}; "
-                   f"tolerance {FD_TOLERANCE:.0e})")
+                   f"tolerance {FD_TOLERANCE:.0e})"
+                   + (f"; {len(zero_branches)} zero-started residual branches at last BatchNorm weight "
+                      f"{FD_BRANCH_WEIGHT:g}" if zero_branches else ""))
     return Check(name, passed, "; ".join(details))
 
 
@@ -289,7 +304,10 @@ def _one_step(model: nn.Module, built: Built, before: dict, config: Config) -> C
     build_optimizer(stepped, config.optim, built.arch).step()
     changed_frozen = [n for n, t in frozen_tensors(stepped, built.plan, built.bn_modes).items()
                       if not torch.equal(t, before[n])]
-    unmoved = [n for n, p in stepped.named_parameters() if built.plan[n].trainable and torch.equal(p, initial[n])]
+    # No gradient reaches these yet: SGD leaves them as they are (but for weight decay).
+    silent = {n for n in built.arch.silent_parameters(model) if built.plan[n].trainable}
+    unmoved = [n for n, p in stepped.named_parameters()
+               if built.plan[n].trainable and n not in silent and torch.equal(p, initial[n])]
     problems = []
     if drifted:
         problems.append(f"forward passes changed frozen tensors: {', '.join(drifted[:5])}")
@@ -301,5 +319,6 @@ def _one_step(model: nn.Module, built: Built, before: dict, config: Config) -> C
     trainable_count = sum(built.plan[n].trainable for n, _ in model.named_parameters())
     if problems:
         return Check(name, False, "; ".join(problems))
+    moved = f"all {trainable_count}" if not silent else f"{trainable_count - len(silent)} of {trainable_count}"
     return Check(name, True, f"{frozen_count} frozen tensors (parameters and eval-mode BatchNorm buffers) "
-                             f"bit-identical; all {trainable_count} trainable tensors moved")
+                             f"bit-identical; {moved} trainable tensors moved")

@@ -12,6 +12,9 @@ A description provides:
   every residual branch starts at zero (its last BatchNorm's weight is 0), so each
   block starts as the identity (a family without residual branches ignores it);
 - ``residual_zero_init``: whether ``zero_init_residual`` changes anything (for the record);
+- ``zero_branches(model)`` and ``silent_parameters(model)``: the residual branches that
+  end in a zero BatchNorm weight (as ``zero_init_residual`` starts them), and the
+  parameters inside them, which no gradient reaches until that weight moves;
 - ``weights_enum()`` and ``cache_file(name)``: torchvision's weights enum, and the
   file its weights API reads from (and downloads to) ``$TORCH_HOME/hub/checkpoints``;
 - ``head``: the name of the classifier module that is replaced, and
@@ -71,6 +74,24 @@ class ResNet:
 
     def parameter_names(self, num_classes: int) -> list[str]:
         return [name for name, _ in self.skeleton(num_classes).named_parameters()]
+
+    def zero_branches(self, model: "nn.Module") -> list[tuple[str, str]]:
+        """(block name, name of the BatchNorm ending its residual branch) of every block whose branch starts at zero:
+        that BatchNorm's weight is all zero, so the branch outputs a constant."""
+        ends = []
+        for layer in self.layers:
+            for i, block in enumerate(getattr(model, layer)):
+                last = "bn3" if hasattr(block, "bn3") else "bn2"  # Bottleneck or BasicBlock
+                if not getattr(block, last).weight.any():
+                    ends.append((f"{layer}.{i}", last))
+        return ends
+
+    def silent_parameters(self, model: "nn.Module") -> set[str]:
+        """Parameters inside residual branches that start at zero: no gradient reaches them until the branch's last
+        BatchNorm weight moves (after the first step)."""
+        return {f"{block}.{name}" for block, last in self.zero_branches(model)
+                for name, _ in model.get_submodule(block).named_parameters()
+                if not name.startswith(("downsample.", f"{last}."))}
 
     def weights_enum(self):
         import torchvision.models
