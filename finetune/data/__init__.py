@@ -3,6 +3,7 @@
 - ``folders``: ImageFolder trees: class discovery, the train/val split, unreadable images, the dataset;
 - ``images``: decoding (JPEGs at reduced scale), EXIF orientation, the resize/crop/augment pipeline;
 - ``imagecache``: decoded images kept in memory (or a file) so no image is decoded twice;
-- ``loaders``: seeded samplers, decode threads working ahead, collate;
+- ``loaders``: seeded samplers, decode threads working ahead (and augmenting), collate;
+- ``mixing``: MixUp/CutMix of training batches into soft targets;
 - ``demo``: the generated shapes data set.
 """

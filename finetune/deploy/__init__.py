@@ -2,5 +2,6 @@
 
 - ``artifacts``: checkpoints and exported files (ONNX, TorchScript) loaded back, with their preprocessing;
 - ``export``: write an export, verified against the checkpoint;
-- ``inference``: evaluate on labelled images, predict classes.
+- ``inference``: evaluate on labelled images, predict classes;
+- ``tta``: test-time augmentation, the softmax averaged over flipped or cropped views.
 """

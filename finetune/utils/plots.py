@@ -27,13 +27,15 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    """Loss and accuracy per epoch, train vs val."""
+    """Loss and accuracy per epoch, train vs val (and the weight EMA's val when ``train.ema`` recorded it)."""
     plt = load_pyplot()
     epochs = [row["epoch"] for row in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy")):
         ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
         ax.plot(epochs, [row[f"val_{key}"] for row in history], "o-", label="val")
+        if f"ema_val_{key}" in history[0]:
+            ax.plot(epochs, [row[f"ema_val_{key}"] for row in history], "o-", label="val (EMA weights)")
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
