@@ -10,12 +10,13 @@ import torch
 
 from finetune.errors import FinetuneError
 from finetune.utils.files import atomic_write, safe_load
+from finetune.utils.seeding import generator_state
 
 FORMAT = 1
 
 
 def rng_states() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    return {"torch": generator_state(), "python": random.getstate()}
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
