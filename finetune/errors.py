@@ -1,4 +1,6 @@
-"""The one exception type the library raises; only the CLI prints it."""
+"""The one exception type the library raises (only the CLI prints it), and the config problems it reports."""
+
+from typing import NamedTuple
 
 
 class FinetuneError(Exception):
@@ -11,6 +13,17 @@ class FinetuneError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Problem(NamedTuple):
+    """One thing wrong with a config: the dotted key at fault (``freeze.trainable[1]``) and what is wrong with it.
+
+    Every checker (each concern's ``problems(...)``) returns a list of these; ``validate`` reports them all at once,
+    each with the file and line where its key was set.
+    """
+
+    key: str
+    message: str
 
 
 def describe(exc: BaseException) -> str:

@@ -16,8 +16,9 @@ bf16 is emulated, several times slower than fp32, and they are skipped with the 
 
 The plain loop: the model in train mode, every parameter handed to the optimizer,
 ``requires_grad=False`` on the frozen ones, fp32, the default memory format.
-finetune: the same model and freeze built by finetune, trained by finetune's own epoch loop
-(frozen prefix without autograd and in eval mode, channels-last, optional bf16 autocast).
+finetune: the same model and freeze prepared as `finetune train` prepares them (training.setup.prepare), trained
+by finetune's own epoch loop (frozen prefix without autograd and in eval mode, channels-last, optional bf16
+autocast).
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune.config.loading import load_config  # noqa: E402
-from finetune.models.build import build  # noqa: E402
-from finetune.models.fastpath import FastModel, FeatureSource  # noqa: E402
+from finetune.models.fastpath import FeatureSource  # noqa: E402
 from finetune.models.freeze import set_train_mode  # noqa: E402
-from finetune.training.optim import Schedule, build_optimizer  # noqa: E402
-from finetune.training.run import TrainState, train_one_epoch  # noqa: E402
+from finetune.training.epoch import TrainState, train_one_epoch  # noqa: E402
+from finetune.training.setup import prepare  # noqa: E402
+from finetune.training.validate import validate  # noqa: E402
 from finetune.utils.hardware import precision_for, read_cpu  # noqa: E402
 
 CLASSES = 10
@@ -89,18 +90,20 @@ def plain_step_fn(freeze: str, arch: str = "resnet18"):
     return step
 
 
-def finetune_step_fn(freeze: str, precision: str, size: int, arch: str = "resnet18"):
-    """One step of finetune's own epoch loop (engine.train_one_epoch) on the given batch."""
+def prepared(freeze: str, precision: str, size: int, arch: str = "resnet18"):
+    """finetune's setup for a case, as `finetune train` prepares it (no data: the batches are synthetic)."""
     config = config_for(freeze, precision, size, arch)
-    built = build(config, None)
-    fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, precision)
-    optimizer = build_optimizer(built.model, config.optim, built.arch)
-    schedule = Schedule(optimizer, config.optim, 1, 10**9)
-    criterion = nn.CrossEntropyLoss()
-    set_train_mode(built.model, built.bn_modes)
+    validate(config)
+    return prepare(config)
+
+
+def finetune_step_fn(freeze: str, precision: str, size: int, arch: str = "resnet18"):
+    """One step of finetune's own epoch loop (train_one_epoch) on the given batch."""
+    setup = prepared(freeze, precision, size, arch)
+    fast = setup.fast_model(setup.built.plan)
 
     def step(x, y):
-        train_one_epoch(fast, [(fast.features(x), y)], criterion, optimizer, schedule, TrainState())
+        train_one_epoch(fast, [(fast.features(x), y)], setup.loss_fn, setup.optimizer, setup.schedule, TrainState())
 
     return step
 
@@ -142,17 +145,15 @@ def cached_epoch(size: int, images: int, run_dir: Path) -> tuple[float, float]:
         plain(data.tensors[0][i:i + BATCH], data.tensors[1][i:i + BATCH])
     plain_seconds = time.perf_counter() - start
 
-    config = config_for("head-only", "fp32", size)
-    built = build(config, None)
-    fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, "fp32")
+    setup = prepared("head-only", "fp32", size)
+    fast = setup.fast_model(setup.built.plan)
     source = FeatureSource(fast, data, BATCH, shuffle=True, seed=0, workers=0, cache_bytes=2**30, folder=run_dir)
-    optimizer = build_optimizer(built.model, config.optim, built.arch)
-    schedule = Schedule(optimizer, config.optim, 3, images // BATCH + 1)
     seconds = []
     for epoch in range(3):  # epoch 0 fills the cache
-        set_train_mode(built.model, built.bn_modes)
+        set_train_mode(setup.model, fast.bn_modes)
         start = time.perf_counter()
-        train_one_epoch(fast, source.epoch(epoch), nn.CrossEntropyLoss(), optimizer, schedule, TrainState(epoch=epoch))
+        train_one_epoch(fast, source.epoch(epoch), setup.loss_fn, setup.optimizer, setup.schedule,
+                        TrainState(epoch=epoch))
         seconds.append(time.perf_counter() - start)
     source.close()
     return statistics.median(seconds[1:]), plain_seconds

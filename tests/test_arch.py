@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli, tiny_config
+from helpers import run_cli, tiny_config
 
 from finetune.config.loading import load_config
 from finetune.errors import FinetuneError
@@ -15,6 +15,7 @@ from finetune.models.build import build
 from finetune.models.freeze import plan_freeze
 from finetune.training.reporter import Reporter
 from finetune.training.run import train
+from finetune.training.validate import validate
 
 
 def counts(arch: str, trainable: list[str]) -> tuple[int, int]:
@@ -77,21 +78,29 @@ def test_weights_from_the_cache_of_another_arch(offline):
     state = get_arch("resnet34").build(1000).state_dict()
     config = load_config(None, ["model.arch=resnet34", "model.num_classes=3", "model.weights=DEFAULT"])
     with pytest.raises(FinetuneError) as info:
-        build(config, progress=False)
+        build(config, show_download=False)
     assert "ResNet34_Weights.DEFAULT" in str(info.value) and "resnet34-b627a593.pth" in str(info.value)
     target = offline / "hub" / "checkpoints" / "resnet34-b627a593.pth"
     target.parent.mkdir(parents=True, exist_ok=True)  # the failed attempt may have made the folder
     torch.save(state, target)
-    built = build(config, progress=False)
+    built = build(config, show_download=False)
     assert built.weights.pretrained and "ResNet34_Weights.DEFAULT" in built.weights.source
     assert torch.equal(built.model.layer4[2].conv2.weight, state["layer4.2.conv2.weight"])
 
 
 def test_a_weights_name_the_arch_lacks_names_the_key():
+    sets = ["model.num_classes=3", "model.weights=IMAGENET1K_V2"]
     with pytest.raises(FinetuneError) as info:
-        load_config(None, ["model.arch=resnet18", "model.weights=IMAGENET1K_V2"])
-    assert "model.weights" in str(info.value) and "IMAGENET1K_V1" in str(info.value)
-    assert load_config(None, ["model.arch=resnet50", "model.weights=IMAGENET1K_V2"]).model.weights == "IMAGENET1K_V2"
+        validate(load_config(None, ["model.arch=resnet18", *sets]))
+    assert "--set model.weights  model.weights: torchvision has no IMAGENET1K_V2 weights for resnet18" in str(info.value)
+    assert "IMAGENET1K_V1" in str(info.value)
+    validate(load_config(None, ["model.arch=resnet50", *sets]))  # resnet50 has them
+
+
+def test_an_unknown_arch_names_the_closest():
+    with pytest.raises(FinetuneError) as info:
+        validate(load_config(None, ["model.arch=resnet19", "model.num_classes=3"]))
+    assert "model.arch: 'resnet19' is not an architecture finetune knows; did you mean resnet18?" in str(info.value)
 
 
 def test_weights_of_another_arch_are_a_clear_error(tmp_path):
@@ -99,7 +108,7 @@ def test_weights_of_another_arch_are_a_clear_error(tmp_path):
     torch.save(get_arch("resnet18").build(1000).state_dict(), path)
     config = load_config(None, ["model.arch=resnet50", "model.num_classes=3", f"model.weights={path}"])
     with pytest.raises(FinetuneError) as info:
-        build(config, progress=False)
+        build(config, show_download=False)
     assert "do not fit ResNet-50 (model.arch = resnet50)" in str(info.value)
 
 

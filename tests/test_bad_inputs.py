@@ -19,7 +19,7 @@ from typing import Callable
 import pytest
 import torch
 import yaml
-from conftest import (
+from helpers import (
     OFFLINE_ENV,
     CodeRunningPayload,
     make_colour_folder,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from helpers import write_config
 
 from finetune.config.loading import load_config
 from finetune.config.schema import Config
@@ -26,6 +26,7 @@ def config_error(tmp_path: Path, text: str | None = None, sets: tuple[str, ...] 
 def defaults_with_absolute_paths() -> dict:
     expected = Config().model_dump()
     expected["train"]["output_dir"] = str(Path("runs/default").resolve())  # defaults are relative to the cwd
+    expected["train"]["mlflow"]["tracking_uri"] = str(Path("mlruns").resolve())
     return expected
 
 

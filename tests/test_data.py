@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_colour_folder, run_cli, tiny_config
+from helpers import make_colour_folder, run_cli, tiny_config
 from PIL import Image
 
 from finetune.config.loading import load_config

@@ -102,7 +102,7 @@ def test_imagefolder_loads_it(tmp_path):
 
 
 def test_make_dataset_cli(tmp_path):
-    from conftest import run_cli
+    from helpers import run_cli
 
     made = run_cli("make-dataset", "shapes", str(tmp_path / "out"), "--classes", "3", "--train-per-class", "2",
                    "--val-per-class", "1", "--image-size", "16")
@@ -139,7 +139,7 @@ def test_bad_imbalance(tmp_path, imbalance, message):
 
 
 def test_make_dataset_cli_imbalanced(tmp_path):
-    from conftest import run_cli
+    from helpers import run_cli
 
     made = run_cli("make-dataset", "shapes", str(tmp_path / "out"), "--classes", "3", "--train-per-class", "9",
                    "--val-per-class", "9", "--image-size", "16", "--imbalance", "9")

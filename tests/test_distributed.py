@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, tiny_config
+from helpers import REPO, run_cli, tiny_config
 
 from finetune.errors import FinetuneError
 from finetune.utils.hardware import select_device
@@ -53,7 +53,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(two_process_
     folder, config, result = two_process_run
     run_dir = folder / "run"
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "config.yaml", "curves.png", "last.pt",
-                                                          "metrics.jsonl", "summary.json"]
+                                                          "metrics.jsonl", "status.json", "summary.json"]
     assert result.stdout.count("epoch 1/2") == 1  # only rank 0 reports
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["processes"] == 2

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import make_colour_folder, run_cli, tiny_config
+from helpers import make_colour_folder, run_cli, tiny_config
 
 from finetune.config.loading import load_config
 from finetune.data.folders import image_samples, load_datasets

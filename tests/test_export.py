@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run_cli, tiny_config
+from helpers import REPO, run_cli, tiny_config
 
 from finetune.data.images import IMAGENET_MEAN, IMAGENET_STD
 from finetune.deploy import export
@@ -113,9 +113,9 @@ def test_state_dict_fits_a_plain_torchvision_resnet_with_json_beside_it(exports,
     assert torch.allclose(got, checkpoint_logits(run_dir, pixels), atol=1e-4, rtol=0)
 
 
-def test_readme_onnxruntime_example_gives_the_checkpoints_answers(exports, run_dir, colour_data, tmp_path):
-    readme = (REPO / "README.md").read_text()
-    example = re.search(r"```python\n(# classify\.py.*?)```", readme, re.S).group(1)
+def test_documented_onnxruntime_example_gives_the_checkpoints_answers(exports, run_dir, colour_data, tmp_path):
+    page = (REPO / "docs" / "commands.md").read_text()
+    example = re.search(r"```python\n(# classify\.py.*?)```", page, re.S).group(1)
     assert len([line for line in example.splitlines() if line.strip() and not line.startswith("#")]) <= 14
     script = tmp_path / "classify.py"
     script.write_text("import sys\nsys.modules['torch'] = sys.modules['finetune'] = None  # only ort, numpy, PIL\n"

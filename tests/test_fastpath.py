@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-from conftest import Messages, SignalAtStep, assert_same_weights, tiny_config
+from helpers import Messages, assert_same_weights, interrupt, tiny_config
 
 from finetune.config.loading import load_config
 from finetune.errors import FinetuneError
 from finetune.models.arch import get_arch
 from finetune.models.build import build
-from finetune.models.fastpath import FastModel, cache_decision, frozen_prefix_length
+from finetune.models.fastpath import FastModel, cache_plan, frozen_prefix_length
 from finetune.models.freeze import set_train_mode
 from finetune.training import run as engine
 from finetune.training.optim import build_optimizer
@@ -82,18 +82,21 @@ def test_prefix_builds_no_graph(tmp_path, colour_data):
 
 
 def test_cache_auto_turns_off_with_augmentation_or_train_mode_batchnorm(tmp_path, colour_data):
-    built = built_for(tmp_path, colour_data)
-    fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, "fp32")
-    assert cache_decision("auto", fast, augment=False)[0] is True
-    on, why = cache_decision("auto", fast, augment=True)
-    assert not on and "data.augment" in why
-    assert cache_decision("off", fast, augment=False)[0] is False
-    bn_train = built_for(tmp_path, colour_data, batchnorm="train")
-    on, why = cache_decision("auto", FastModel(bn_train.model, bn_train.arch, bn_train.plan, bn_train.bn_modes, "fp32"), False)
-    assert not on and "freeze.batchnorm" in why
-    everything = built_for(tmp_path, colour_data, default="trainable", trainable=[])
-    on, why = cache_decision("auto", FastModel(everything.model, everything.arch, everything.plan, everything.bn_modes, "fp32"), False)
-    assert not on and "nothing is frozen" in why
+    def plan(*sets, **freeze):
+        config = load_config(tiny_config(tmp_path, colour_data, freeze=freeze), list(sets))
+        built = build(config, CLASSES)
+        return cache_plan(config, built.arch, built.model, built.plan, built.bn_modes)
+
+    head_only = plan()
+    assert head_only.splits == ["train", "val"] and head_only.why.startswith("on (")
+    augmented = plan("data.augment=true")
+    assert (augmented.train, augmented.val) == (False, True) and "data.augment" in augmented.why
+    assert "on for validation" in augmented.why and augmented.splits == ["val"]
+    assert plan("train.cache_features='off'").splits == []
+    bn_train = plan(batchnorm="train")
+    assert bn_train.splits == [] and "freeze.batchnorm" in bn_train.why
+    everything = plan(default="trainable", trainable=[])
+    assert everything.splits == [] and "nothing is frozen" in everything.why
 
 
 def run(tmp_path, colour_data, name, reporter=None, **sections):
@@ -163,8 +166,7 @@ def test_resumed_cached_run_equals_uninterrupted(tmp_path, colour_data):
     sections = dict(freeze={"trainable": ["layer4", "fc"]}, train={"epochs": 3, "batch_size": 5})
     whole, _, _ = run(tmp_path, colour_data, "whole", **sections)
     config = load_config(tiny_config(tmp_path / "parted", colour_data, **sections))
-    with pytest.raises(FinetuneError):
-        engine.train(config, SignalAtStep(epoch=0, step=3))  # inside the epoch that fills the cache
+    interrupt(engine.train, config, epoch=0, step=3)  # inside the epoch that fills the cache
     engine.train(config, Reporter(), resume=tmp_path / "parted" / "run")
     parted = torch.load(tmp_path / "parted" / "run" / "last.pt", weights_only=True)["model"]
     assert_same_weights(parted, whole)

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import write_config
+from helpers import write_config
 
 from finetune.config.loading import load_config
 from finetune.config.schema import FreezeConfig
 from finetune.errors import FinetuneError
+from finetune.models import freeze
 from finetune.models.build import build
-from finetune.models.freeze import (
-    batchnorm_modes,
-    check_patterns,
-    plan_freeze,
-    set_train_mode,
-)
+from finetune.models.freeze import batchnorm_modes, plan_freeze, set_train_mode
 from finetune.training.optim import build_optimizer
+from finetune.training.validate import validate
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +40,7 @@ def trainable_count(decisions, numel) -> int:
 
 
 def build_small(*sets: str):
-    return build(load_config(None, ["model.weights=none", "model.num_classes=3", *sets]), progress=False)
+    return build(load_config(None, ["model.weights=none", "model.num_classes=3", *sets]), show_download=False)
 
 
 # --- plans -----------------------------------------------------------------------------------------------------
@@ -100,8 +97,8 @@ def test_unmatched_takes_default(names, default):
 
 # --- pattern errors --------------------------------------------------------------------------------------------
 
-def problems(names, **freeze) -> dict[str, str]:
-    return dict(check_patterns(names, FreezeConfig(**freeze)))
+def problems(names, **rules) -> dict[str, str]:
+    return dict(freeze.problems(names, FreezeConfig(**rules), epochs=5))
 
 
 def test_pattern_matching_nothing_names_key_and_closest(names):
@@ -125,7 +122,7 @@ def test_every_config_problem_is_reported_at_once(tmp_path):
                                               "optim:\n  param_groups: [{params: [layer7], lr: 0.1}]\n"
                                               "train:\n  epochs: 3\n")
     with pytest.raises(FinetuneError) as info:
-        build(load_config(path), progress=False)
+        validate(load_config(path))
     message = str(info.value)
     assert info.value.exit_code == 2 and "3 problems" in message
     assert f"{path}:5  freeze.trainable[1]: pattern 'layer5' matches no parameter" in message
@@ -137,7 +134,7 @@ def test_bad_pattern_in_file_names_file_and_line(tmp_path):
     path = write_config(tmp_path / "c.yaml", "model:\n  weights: none\n  num_classes: 4\n"
                                               "freeze:\n  trainable: [fc, layer5]\n")
     with pytest.raises(FinetuneError) as info:
-        build(load_config(path), progress=False)
+        validate(load_config(path))
     assert f"{path}:5  freeze.trainable[1]" in str(info.value)
 
 

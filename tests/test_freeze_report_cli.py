@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_cli, write_config
+from helpers import REPO, run_cli, write_config
 
 from finetune.utils.hardware import precision_for
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli, tiny_config
+from helpers import run_cli, tiny_config
 from torchvision.models import resnet18
 
 from finetune.analysis.gradcheck import check_gradients, inspect_grads
@@ -43,19 +43,26 @@ def test_checks_pass_on_correct_setups(tmp_path, colour_data, freeze, trainable_
     assert all(r["grad_norm"] > 0 for r in rows if r["trainable"])
 
 
-def test_head_gradient_matches_an_independent_computation(tmp_path, colour_data):
-    # The closed form again, written out here: (softmax(z) - onehot(y))^T h / B.
+def test_head_check_agrees_with_an_independent_computation_and_catches_a_wrong_gradient(tmp_path, colour_data):
+    """Check 3 passes on autograd's head gradient, which the closed form written out here confirms on the same
+    batch, and fails when the head's gradient is 1% off."""
     config = load_config(tiny_config(tmp_path, colour_data))
-    built = build(config, ["blue", "green", "red"])
     x, y = next(iter(make_loader(load_datasets(config).train, 8, shuffle=True)))
-    features = {}
-    built.model.fc.register_forward_hook(lambda m, i, o: features.update(h=i[0].detach()))
-    built.model.eval()
-    logits = built.model(x)
-    torch.nn.functional.cross_entropy(logits, y).backward()
-    delta = logits.detach().softmax(1) - torch.nn.functional.one_hot(y, 3)
-    torch.testing.assert_close(built.model.fc.weight.grad, delta.T @ features["h"] / 8, rtol=1e-5, atol=1e-6)
+    built = build(config, ["blue", "green", "red"])
+    features = []
+    built.model.fc.register_forward_hook(lambda m, i, o: features.append(i[0].detach()))
+    report = check_gradients(built, [x], [y], config)
+    assert report.checks[2].name == CHECKS[2] and report.checks[2].passed, report.checks[2]
+    # The closed form again, written out here: (softmax(z) - onehot(y))^T h / B, with z and h of the same batch.
+    h = features[0]  # of the check's first pass (the finite differences pass more, in float64)
+    delta = built.model.fc(h).detach().softmax(1) - torch.nn.functional.one_hot(y, 3)
+    torch.testing.assert_close(built.model.fc.weight.grad, delta.T @ h / 8, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(built.model.fc.bias.grad, delta.mean(0), rtol=1e-5, atol=1e-6)
+
+    wrong = build(config, ["blue", "green", "red"])
+    wrong.model.fc.weight.register_hook(lambda grad: grad * 1.01)  # an autograd bug in the head's weight gradient
+    check = check_gradients(wrong, [x], [y], config).checks[2]
+    assert not check.passed and "weight: max rel. error 1.0" in check.detail, check
 
 
 def test_cli_json_without_data_uses_a_random_batch():

@@ -108,7 +108,7 @@ def test_config_keys_and_their_errors():
 
 def test_feature_source_serves_the_balanced_order_from_images_and_from_the_cache(tmp_path, colour_data):
     """The cached path (filled first, in the plain order) gives the very batches the image path gives."""
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     from finetune.config.loading import load_config
     from finetune.data.folders import image_samples, load_datasets
@@ -120,7 +120,7 @@ def test_feature_source_serves_the_balanced_order_from_images_and_from_the_cache
     data.train = torch.utils.data.Subset(data.train, list(range(20)))  # 12 blue, 8 green, no red
     targets = [t for _, t in image_samples(data.train)]
     weights = sampling_weights("balanced", targets, 3)
-    built = build(config, data.classes, progress=False)
+    built = build(config, data.classes, show_download=False)
     fast = FastModel(built.model.eval(), built.arch, built.plan, built.bn_modes, "fp32")
     source = lambda cache: FeatureSource(fast, data.train, 8, shuffle=True, seed=0, workers=0, weights=weights,
                                          cache_bytes=2**30 if cache else None, folder=tmp_path)
@@ -143,10 +143,9 @@ def test_balanced_training_resumes_exactly(tmp_path, colour_data, trainable):
     """data.sampler: balanced and train.class_weights: balanced keep the exact-resume guarantee."""
     import json
 
-    from conftest import SignalAtStep, assert_same_weights, tiny_config, weights
+    from helpers import assert_same_weights, interrupt, tiny_config, weights
 
     from finetune.config.loading import load_config
-    from finetune.errors import FinetuneError
     from finetune.training.reporter import Reporter
     from finetune.training.run import train
 
@@ -154,8 +153,7 @@ def test_balanced_training_resumes_exactly(tmp_path, colour_data, trainable):
                      train={"epochs": 3, "batch_size": 6, "class_weights": "balanced"})
     train(load_config(tiny_config(tmp_path / "whole", colour_data, **overrides)), Reporter())
     parted = load_config(tiny_config(tmp_path / "parted", colour_data, **overrides))
-    with pytest.raises(FinetuneError):
-        train(parted, SignalAtStep(epoch=1, step=2))
+    interrupt(train, parted, epoch=1, step=2)
     train(parted, Reporter(), resume=tmp_path / "parted" / "run")
     assert_same_weights(weights(tmp_path / "parted" / "run"), weights(tmp_path / "whole" / "run"))
     rows = [json.loads(line) for line in (tmp_path / "whole" / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_cli, tiny_config
+from helpers import run_cli, tiny_config
 from torch import nn
 
 from finetune.analysis.lr_find import (

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CodeRunningPayload, write_config
+from helpers import CodeRunningPayload, write_config
 from torch import nn
 
 from finetune.config.loading import load_config
@@ -21,7 +21,7 @@ BACKBONE_KEYS = 120  # resnet18 state-dict entries without fc.weight / fc.bias
 
 
 def make(*sets: str, num_classes: int = 10):
-    return build_model(load_config(None, list(sets)), num_classes, progress=False)
+    return build_model(load_config(None, list(sets)), num_classes, show_download=False)
 
 
 def weights_error(spec, num_classes: int = 10) -> str:
@@ -103,7 +103,7 @@ def test_local_file_path_relative_to_config(tmp_path, resnet_state, monkeypatch)
     (tmp_path / "cfg" / "w" / "r18.pth").write_bytes(resnet_state.read_bytes())
     monkeypatch.chdir(tmp_path)  # not the config's folder
     path = write_config(tmp_path / "cfg" / "c.yaml", "model:\n  weights: w/r18.pth\n")
-    model, info = build_model(load_config(path), 10, progress=False)
+    model, info = build_model(load_config(path), 10, show_download=False)
     assert info.pretrained
     assert_backbone_equals(model, torch.load(resnet_state, weights_only=True))
 

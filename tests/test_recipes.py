@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, SignalAtStep, assert_same_weights, run_cli, tiny_config, weights
+from helpers import REPO, SignalAtStep, assert_same_weights, run_cli, tiny_config, weights
 from torch import nn
 
 from finetune.config.loading import load_config
@@ -17,11 +17,11 @@ from finetune.data.imagecache import plan_image_caches
 from finetune.data.loaders import SeededSamples, make_loader
 from finetune.data.mixing import Mixer
 from finetune.deploy.artifacts import TTA_NOTE, load_trained
-from finetune.deploy.tta import probabilities
+from finetune.deploy.tta import averaged_logits
 from finetune.errors import FinetuneError
 from finetune.models.build import build
 from finetune.training.ema import WeightEMA, served, warm_decay
-from finetune.training.metrics import hits
+from finetune.training.metrics import correct_count
 from finetune.training.reporter import Reporter
 from finetune.training.run import train
 
@@ -29,7 +29,7 @@ from finetune.training.run import train
 RECIPE = dict(freeze={"trainable": ["layer4", "fc"], "batchnorm": "train"},
               data={"augment": "trivialaugment", "crop_scale": 0.35, "random_erasing": 0.5, "workers": 2},
               train={"epochs": 1, "batch_size": 6, "mixup": 0.2, "cutmix": 1.0, "mix_prob": 0.8,
-                     "label_smoothing": 0.1, "class_weights": "balanced",
+                     "label_smoothing": 0.1, "class_weights": "balanced", "calibrate": True,
                      "ema": {"decay": 0.9, "use_for": "ema"}})
 
 
@@ -60,6 +60,10 @@ def test_a_recipe_run_records_the_ema_beside_the_raw_model(recipe_run):
     saved = torch.load(run_dir / "best.pt", weights_only=True)["ema"]
     assert best.weights == "ema"
     assert all(torch.equal(value, saved[f"module.{name}"]) for name, value in best.model.state_dict().items())
+    # train.calibrate fitted best.pt's temperature on the weights it serves: the EMA's
+    calibration = summary["calibration"]
+    assert best.temperature == calibration["temperature"]
+    assert calibration["before"]["accuracy"] == pytest.approx(rows[-1]["ema_val_acc"])
 
 
 def test_a_recipe_run_resumes_bit_for_bit(recipe_run, tmp_path, colour_data):
@@ -97,14 +101,14 @@ def test_evaluate_with_tta_reports_both_side_by_side_and_averages_the_flip(recip
     report = json.loads(result.stdout)
     trained = load_trained(run_dir / "best.pt")
     images, targets = next(iter(make_loader(load_datasets(trained.config).val, 100, shuffle=False)))
-    with torch.inference_mode():
-        plain = trained.model(images).softmax(1)
-        flipped = (plain + trained.model(images.flip(3)).softmax(1)) / 2
+    with torch.inference_mode():  # calibrated (train.calibrate): softmax(logits / temperature), of each view
+        plain = (trained.model(images) / trained.temperature).softmax(1)
+        flipped = (plain + (trained.model(images.flip(3)) / trained.temperature).softmax(1)) / 2
     assert report["top1"] == pytest.approx((plain.argmax(1) == targets).double().mean().item())
     assert report["tta"]["mode"] == "flip"
     assert report["tta"]["top1"] == pytest.approx((flipped.argmax(1) == targets).double().mean().item())
     nll = -flipped[torch.arange(len(targets)), targets].log().mean().item()
-    assert report["tta"]["loss"] == pytest.approx(nll, rel=1e-4)
+    assert report["tta"]["loss"] == pytest.approx(nll, rel=1e-4, abs=1e-6)
     table = run_cli("evaluate", str(run_dir / "best.pt"), "--tta-mode", "five-crop", "--output-dir", str(tmp_path))
     assert table.returncode == 0, table.stderr
     assert "accuracy (top-1)" in table.stdout and "with TTA (five-crop): loss" in table.stdout
@@ -121,7 +125,8 @@ def test_predict_with_tta_averages_the_softmax_of_the_views(recipe_run, colour_d
 
     x = load_image(str(image), eval_transform(32))[None]
     with torch.inference_mode():
-        expected = (trained.model(x).softmax(1) + trained.model(x.flip(3)).softmax(1))[0] / 2
+        logits = [trained.model(view) / trained.temperature for view in (x, x.flip(3))]
+        expected = (logits[0].softmax(1) + logits[1].softmax(1))[0] / 2
     assert got == pytest.approx(dict(zip(trained.classes, expected.tolist())), abs=1e-6)
 
 
@@ -129,9 +134,11 @@ def test_flip_views_average_what_the_model_says_of_each():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
     x = torch.randn(2, 3, 4, 4)
     expected = (model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2
-    assert torch.allclose(probabilities(model, x, "flip", 4), expected)
-    five = probabilities(lambda v: model(v.contiguous()), torch.randn(2, 3, 5, 5), "five-crop", 4)
+    assert torch.allclose(averaged_logits(model, x, "flip", 4).softmax(1), expected)
+    five = averaged_logits(lambda v: model(v.contiguous()), torch.randn(2, 3, 5, 5), "five-crop", 4).softmax(1)
     assert five.shape == (2, 3) and torch.allclose(five.sum(1), torch.ones(2))
+    labels = (model(x).sigmoid() + model(x.flip(-1)).sigmoid()) / 2  # multi-label: each label's sigmoid averaged
+    assert torch.allclose(averaged_logits(model, x, "flip", 4, multilabel=True).sigmoid(), labels, atol=1e-6)
 
 
 def test_bad_recipe_keys_are_reported_together_and_nothing_is_written(tmp_path, colour_data):
@@ -178,17 +185,19 @@ def test_presets_on_decode_threads_and_the_image_cache_equal_the_main_thread(tmp
     config = load_config(tiny_config(tmp_path, colour_data, data={"augment": preset, "random_erasing": 0.5,
                                                                  "cache_images": "on"}))
     data = load_datasets(config)
-    epoch = lambda workers, e: [batch for batch in make_loader(SeededSamples(data.train, 0), 8, shuffle=True,  # noqa: E731
-                                                               epoch=e, workers=workers)]
-    alone = [epoch(0, e) for e in (0, 1)]
     caches = plan_image_caches(config, data, feature_cached=(), epochs_left=2, folder=tmp_path)
-    threaded = [epoch(2, e) for e in (0, 1)]  # epoch 2 reads the cache
+    cache = caches.get("train")
+    epoch = lambda workers, e, cache=None: list(make_loader(SeededSamples(data.train, 0), 8, shuffle=True,  # noqa: E731
+                                                             epoch=e, workers=workers, cache=cache))
+    alone = [epoch(0, e) for e in (0, 1)]
+    threaded = [epoch(2, e, cache) for e in (0, 1)]  # epoch 1 reads the cache epoch 0 filled
     for a, b in zip(sum(alone, []), sum(threaded, [])):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(alone[0][0][0], alone[1][0][0])  # another epoch, other augmentations
     files, _ = image_files(data.train)
-    for index in files.cache.filled:  # the decoded pixels, never augmented ones
-        assert (files.cache.get(index) == files.pipeline.decode(files.samples[index][0])).all()
+    assert cache.filled
+    for index in cache.filled:  # the decoded pixels, never augmented ones
+        assert (cache.get(index) == files.pipeline.decode(files.samples[index][0])).all()
     caches.close()
 
 
@@ -206,8 +215,14 @@ def test_mixing_gives_soft_targets_seeded_per_batch():
     plain, one_hot = Mixer(config.train, num_classes=4)(images, targets, epoch=0, batch=0)
     assert torch.equal(plain, images) and torch.equal(one_hot, nn.functional.one_hot(targets, 4).float())
     logits = torch.tensor([[2.0, 1.0, 0, 0], [0, 3.0, 0, 0]])
-    assert hits(logits, torch.tensor([[0.7, 0.3, 0, 0], [0.6, 0.4, 0, 0]])) == pytest.approx(1.1)
-    assert hits(logits, torch.tensor([0, 0])) == 1
+    assert correct_count(logits, torch.tensor([[0.7, 0.3, 0, 0], [0.6, 0.4, 0, 0]])) == pytest.approx(1.1)
+    assert correct_count(logits, torch.tensor([0, 0])) == 1
+    # multi-label: multi-hot rows are mixed with the images' weights
+    hot = torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1]])
+    config.train.mix_prob, config.train.cutmix = 1.0, None
+    _, mixed_hot = Mixer(config.train, num_classes=4)(images, hot, epoch=0, batch=0)
+    weight = mixed_hot[0, 0]  # image 0 mixed with image 5 (the batch shifted by one): weight * row 0 + ... row 5
+    assert torch.allclose(mixed_hot, weight * hot + (1 - weight) * hot.roll(1, 0))
 
 
 def test_inspect_grads_holds_for_soft_targets_and_zero_started_branches(tmp_path, colour_data):
@@ -243,8 +258,10 @@ def test_ema_is_torchs_average_with_warmup_and_keeps_frozen_tensors_exact():
     assert not torch.equal(ema.module[1].running_mean, model[1].running_mean)
     assert warm_decay(0.999, 0, True) == 0.1 and warm_decay(0.999, 10**6, True) == 0.999
     assert warm_decay(0.999, 0, False) == 0.999
-    assert served("best", 0.8, 0.9) == "ema" and served("best", 0.9, 0.9) == "raw"
-    assert served("raw", 0.1, 0.9) == "raw" and served("ema", 0.9, 0.1) == "ema"
+    use = lambda choice: load_config(None, [f"train.ema.use_for={choice}"]).train.ema  # noqa: E731
+    assert served(use("best"), 0.8, 0.9) == "ema" and served(use("best"), 0.9, 0.9) == "raw"
+    assert served(use("raw"), 0.1, 0.9) == "raw" and served(use("ema"), 0.9, 0.1) == "ema"
+    assert served(None, 0.1, None) == "raw" and served(use("best"), None, 0.9) == "raw"
 
 
 def test_random_init_starts_residual_branches_at_zero(tmp_path, resnet_state):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OFFLINE_ENV, REPO, make_colour_split, tiny_config
+from helpers import OFFLINE_ENV, REPO, make_colour_split, tiny_config
 
 from finetune.training.rundir import RUN_FILES
 
@@ -107,7 +107,7 @@ def no_traceback(result: subprocess.CompletedProcess) -> bool:
 
 def interrupt(run_dir: Path, args: tuple[str, ...], after: str, signum: int, code: int) -> dict:
     """Start ``finetune ARGS``, send ``signum`` once a line starts with ``after``; check how it stopped and return
-    the progress its last.pt saved."""
+    the training state its last.pt saved."""
     run = Training(*args)
     run.wait_for(after)
     run.proc.send_signal(signum)
@@ -115,7 +115,7 @@ def interrupt(run_dir: Path, args: tuple[str, ...], after: str, signum: int, cod
     assert stopped.returncode == code, stopped.stdout + stopped.stderr
     assert f"finetune train --resume {run_dir}" in stopped.stderr and no_traceback(stopped)
     assert f"epoch {EPOCHS}/" not in stopped.stdout
-    return torch.load(run_dir / "last.pt", weights_only=True)["progress"]
+    return torch.load(run_dir / "last.pt", weights_only=True)["train_state"]
 
 
 def test_signals_save_then_resume_equals_an_uninterrupted_run(tmp_path, long_data, reference):
@@ -151,7 +151,7 @@ def test_second_sigint_stops_at_once(tmp_path, long_data):
     assert time.monotonic() - sent < 15  # not after the remaining epochs
     assert f"epoch {EPOCHS}/" not in result.stdout
     assert (run_dir / "last.pt").exists()  # epoch 1 had ended: its last.pt, or the one the first signal asked for
-    assert torch.load(run_dir / "last.pt", weights_only=True)["progress"]["epoch"] >= 1  # never half of one
+    assert torch.load(run_dir / "last.pt", weights_only=True)["train_state"]["epoch"] >= 1  # never half of one
 
 
 def test_sigkill_leaves_a_loadable_last_pt_and_no_half_written_files(tmp_path, long_data):
@@ -162,7 +162,7 @@ def test_sigkill_leaves_a_loadable_last_pt_and_no_half_written_files(tmp_path, l
     run.proc.send_signal(signal.SIGKILL)
     assert run.finish().returncode == -signal.SIGKILL
     checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
-    assert checkpoint["progress"]["epoch"] >= 1
+    assert checkpoint["train_state"]["epoch"] >= 1
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == list(range(1, len(rows) + 1)) and rows
     strays = [p.name for p in run_dir.iterdir() if p.name not in RUN_FILES and not TEMPORARY.match(p.name)]
@@ -175,8 +175,8 @@ def test_best_pt_holds_the_best_epoch_and_is_never_replaced_by_a_worse_one(refer
     assert [row["epoch"] for row in rows] == list(range(1, EPOCHS + 1))
     best = max(row["val_acc"] for row in rows)
     first_best = next(row["epoch"] for row in rows if row["val_acc"] == best)  # a tie does not replace it
-    progress = torch.load(run_dir / "best.pt", weights_only=True)["progress"]
-    assert progress["best_val_acc"] == best
-    assert progress["best_epoch"] == progress["epoch"] == first_best
+    state = torch.load(run_dir / "best.pt", weights_only=True)["train_state"]
+    assert state["best_val_acc"] == best
+    assert state["best_epoch"] == state["epoch"] == first_best
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["best_val_acc"], summary["best_epoch"]) == (best, first_best)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     Messages,
-    SignalAtStep,
     assert_same_weights,
+    interrupt,
     run_cli,
     tiny_config,
     weights,
@@ -17,7 +17,6 @@ from conftest import (
 
 from finetune.cli.live import summary_line
 from finetune.config.loading import load_config
-from finetune.errors import FinetuneError
 from finetune.training.reporter import Reporter
 from finetune.training.run import train
 
@@ -51,8 +50,7 @@ def test_early_stopping_ends_the_run_and_resume_says_it_is_finished(tmp_path, co
 def test_patience_counter_survives_an_interrupted_run(tmp_path, colour_data):
     whole = train(load_config(tiny_config(tmp_path / "whole", colour_data, **STALLED)), Reporter())
     parted = load_config(tiny_config(tmp_path / "parted", colour_data, **STALLED))
-    with pytest.raises(FinetuneError):
-        train(parted, SignalAtStep(epoch=2, step=2))  # inside epoch 3: one epoch without improvement so far
+    interrupt(train, parted, epoch=2, step=2)  # inside epoch 3: one epoch without improvement so far
     resumed = train(parted, Reporter(), resume=tmp_path / "parted" / "run")
     assert resumed["stopped"] == whole["stopped"] == "early_stopping"
     assert resumed["epochs_done"] == whole["epochs_done"] == 3
@@ -72,7 +70,7 @@ def test_time_limit_stops_after_a_step_with_exit_0_and_resumes_exactly(tmp_path,
     assert summary["stopped"] == "time_limit" and summary["epochs_done"] == 0
     last = result.stdout.strip().splitlines()[-1]  # the last line says why
     assert "no epoch finished" in last and "stopped by train.time_limit_min after 0 of 2 epochs" in last
-    assert torch.load(run_dir / "last.pt", weights_only=True)["progress"]["step"] == 1  # saved after one step
+    assert torch.load(run_dir / "last.pt", weights_only=True)["train_state"]["step"] == 1  # saved after one step
 
     result = run_cli("train", "--resume", str(run_dir), "--set", "train.time_limit_min=null")
     assert result.returncode == 0, result.stderr
@@ -94,7 +92,7 @@ def test_class_weights_change_the_loss_and_uniform_weights_do_not(tmp_path, colo
 
 
 def test_imbalanced_data_warn_at_the_start(tmp_path):
-    from conftest import make_colour_split
+    from helpers import make_colour_split
 
     root = make_colour_split(tmp_path / "data", 12, 2)
     for extra in sorted((root / "train" / "red").iterdir())[3:]:

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import SignalAtStep, assert_same_weights, run_cli, tiny_config, weights
+from helpers import assert_same_weights, interrupt, run_cli, tiny_config, weights
 
 from finetune.config.loading import load_config
 from finetune.config.schema import OptimConfig
-from finetune.errors import FinetuneError
 from finetune.models.arch import get_arch
 from finetune.models.build import build
 from finetune.training import run as engine
@@ -23,18 +22,18 @@ STAGED = dict(freeze={"trainable": ["fc"], "stages": [{"epoch": 2, "trainable": 
 
 
 class EpochRecorder(Reporter):
-    """What each epoch of training ran with: param groups, learning rates, requires_grad and BatchNorm mode."""
+    """What each epoch of training ran with, as the run tells its reporter: param groups, learning rates,
+    requires_grad and BatchNorm mode."""
 
     def __init__(self):
         super().__init__()
         self.seen = []
 
-    def epoch_start(self, epoch, run):
-        model, fast = run.model, run.phase.fast
-        self.seen.append({"epoch": epoch, "groups": len(run.optimizer.param_groups),
-                          "lrs": [g["lr"] for g in run.optimizer.param_groups],
-                          "layer4_trains": model.layer4[0].conv1.weight.requires_grad,
-                          "layer4_bn_training": model.layer4[0].bn1.training, "prefix": fast.prefix_names[-1]})
+    def epoch_start(self, epoch):
+        self.seen.append({"epoch": epoch.epoch, "groups": len(epoch.lrs), "lrs": list(epoch.lrs),
+                          "layer4_trains": "layer4.0.conv1.weight" in epoch.trainable,
+                          "layer4_bn_training": "layer4.0.bn1" in epoch.batchnorm_train,
+                          "prefix": epoch.frozen_prefix[-1]})
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +79,7 @@ def test_schedule_scales_groups_added_later():
 
 def test_resume_in_a_later_stage_equals_uninterrupted(tmp_path, colour_data, staged_run):
     parted = load_config(tiny_config(tmp_path / "parted", colour_data, **STAGED))
-    with pytest.raises(FinetuneError):
-        engine.train(parted, SignalAtStep(epoch=2, step=2))  # inside epoch 3, after the stage started
+    interrupt(engine.train, parted, epoch=2, step=2)  # inside epoch 3, after the stage started
     engine.train(parted, Reporter(), resume=tmp_path / "parted" / "run")
     assert_same_weights(weights(tmp_path / "parted" / "run"), weights(staged_run[2]))
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import SignalAtStep, assert_same_weights, run_cli, tiny_config, weights
+from helpers import SignalAtStep, assert_same_weights, run_cli, state_digest, tiny_config, weights
 
 from finetune.config.loading import load_config
 from finetune.errors import FinetuneError
@@ -18,11 +20,15 @@ METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_t
                "images_per_s"}
 
 
+# Random init as finetune did before residual branches started at zero: as tests/fixtures/format1 was written.
+OLD_INIT = {"weights": "none", "zero_init_residual": False}
+
+
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, colour_data):
     """One real `finetune train` through the CLI (not a terminal: plain logs)."""
     folder = tmp_path_factory.mktemp("cli_run")
-    config = tiny_config(folder, colour_data, train={"epochs": 3})
+    config = tiny_config(folder, colour_data, model=OLD_INIT, train={"epochs": 3})
     result = run_cli("train", "--config", str(config))
     assert result.returncode == 0, result.stderr
     return folder / "run", result
@@ -43,7 +49,7 @@ def test_run_directory_has_every_file_with_sane_values(cli_run):
     assert summary["frozen_unchanged"] is True and summary["frozen_tensors"] == 120  # 60 parameters + 3 buffers x 20 BN
     checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
     assert checkpoint["classes"] == ["blue", "green", "red"]
-    assert checkpoint["progress"]["epoch"] == summary["best_epoch"]
+    assert checkpoint["train_state"]["epoch"] == summary["best_epoch"]
     assert {"model", "optimizer", "scheduler", "rng", "config"} <= checkpoint.keys()
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = load_config(run_dir / "config.yaml")
@@ -71,10 +77,40 @@ def test_frozen_backbone_and_batchnorm_statistics_unchanged(cli_run):
 
 
 def test_same_config_gives_identical_weights(tmp_path, colour_data, cli_run):
-    config = tiny_config(tmp_path, colour_data, train={"epochs": 3})
+    config = tiny_config(tmp_path, colour_data, model=OLD_INIT, train={"epochs": 3})
     quiet = run_cli("train", "--config", str(config), "--quiet")
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
     assert_same_weights(weights(tmp_path / "run"), weights(cli_run[0]))
+
+
+def test_a_checkpoint_written_before_the_rename_resumes_evaluates_and_exports(tmp_path, colour_data, cli_run):
+    """tests/fixtures/format1/last.pt was written by finetune at commit 14ad97d (checkpoint format 1, the training
+    state under "progress") after epoch 1 of cli_run's config. To keep it small, the tensors head-only training left
+    at their seeded initialisation were left out; they are rebuilt here and checked against the original's digest
+    (see tests/fixtures/format1/make.py). It evaluates, exports, and resumes to cli_run's very weights."""
+    from finetune.deploy.export import export_checkpoint
+    from finetune.deploy.inference import evaluate_checkpoint
+    from finetune.models.weights import build_model
+
+    fixture = Path(__file__).parent / "fixtures" / "format1"
+    saved = torch.load(fixture / "last.pt", weights_only=True)
+    record = json.loads((fixture / "stripped.json").read_text())
+    config = load_config(tiny_config(tmp_path, colour_data, model=OLD_INIT, train={"epochs": 3}))
+    initial = build_model(config, 3, show_download=False)[0].state_dict()
+    saved["model"] = {**{name: initial[name] for name in record["stripped"]}, **saved["model"]}
+    assert state_digest(saved["model"]) == record["sha256_of_model"] and saved["format"] == 1
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    torch.save(saved, run_dir / "last.pt")
+
+    evaluated = evaluate_checkpoint(run_dir / "last.pt", colour_data, tmp_path / "eval")
+    assert evaluated["top1"] == saved["progress"]["history"][-1]["val_acc"]  # the run's own validation
+    exported = export_checkpoint(run_dir / "last.pt", "state-dict", tmp_path / "old.pth")
+    assert json.loads(Path(exported["metadata_path"]).read_text())["source"]["epoch"] == 1
+    train(config, Reporter(), resume=run_dir)
+    assert_same_weights(weights(run_dir), weights(cli_run[0]))
+    resumed = torch.load(run_dir / "last.pt", weights_only=True)
+    assert resumed["format"] == 2 and resumed["train_state"]["epoch"] == 3 and "progress" not in resumed
 
 
 @pytest.mark.parametrize("augment", [False, True])
@@ -83,14 +119,16 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, colour_data, au
     overrides = dict(freeze={"trainable": ["layer4", "fc"], "batchnorm": "train"},
                      data={"augment": augment}, optim={"lr": 0.02, "schedule": "cosine", "warmup_epochs": 1},
                      train={"epochs": 3, "batch_size": 6})
+    before = torch.get_rng_state(), random.getstate()
     train(load_config(tiny_config(tmp_path / "whole", colour_data, **overrides)), Reporter())
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]  # the run's are its own
 
     parted = load_config(tiny_config(tmp_path / "parted", colour_data, **overrides))
     with pytest.raises(FinetuneError) as stopped:
         train(parted, SignalAtStep(epoch=1, step=2))  # mid-epoch 2 of 3
     assert stopped.value.exit_code == 130
     assert "--resume" in str(stopped.value)
-    partial = torch.load(tmp_path / "parted" / "run" / "last.pt", weights_only=True)["progress"]
+    partial = torch.load(tmp_path / "parted" / "run" / "last.pt", weights_only=True)["train_state"]
     assert (partial["epoch"], partial["step"]) == (1, 2)
     assert (tmp_path / "parted" / "run" / "curves.png").is_file()  # drawn however a run ends: epoch 1's curves
     train(parted, Reporter(), resume=tmp_path / "parted" / "run")
@@ -194,8 +232,8 @@ def test_curves_are_redrawn_during_a_run_only_when_due(tmp_path, colour_data, mo
     seen = {}
 
     class WatchCurves(Reporter):
-        def epoch_start(self, epoch, run):
-            seen[epoch] = (run.run_dir / "curves.png").exists()
+        def epoch_start(self, epoch):
+            seen[epoch.epoch] = (tmp_path / "run" / "curves.png").exists()
 
     train(load_config(tiny_config(tmp_path, colour_data)), WatchCurves())
     assert seen == {1: False, 2: drawn_during_the_run}

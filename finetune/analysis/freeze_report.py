@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from finetune.config.schema import Config
-from finetune.data.folders import class_names_or_none
+from finetune.data.folders import data_classes
 from finetune.models.build import Built, build
 from finetune.training.optim import build_optimizer
+from finetune.training.validate import validate
 from finetune.utils.hardware import PrecisionChoice, precision_for_config
 
 
@@ -50,10 +51,12 @@ class FreezeReport:
 def build_freeze_report(config: Config, epoch: int = 1) -> FreezeReport:
     """Build the model exactly as ``train`` would for (1-based) ``epoch`` and report on it.
 
-    Needs no data when ``model.num_classes`` is set.
+    Reads no image (only the class folders' names, when ``model.num_classes`` is null). Raises FinetuneError for a
+    config with problems (see ``validate``).
     """
+    validate(config)
     precision = precision_for_config(config)
-    classes = class_names_or_none(config) if config.model.num_classes is None else None
+    classes = data_classes(config) if config.model.num_classes is None else None
     built = build(config, classes, epoch=epoch)
     return freeze_report(built, build_optimizer(built.model, config.optim, built.arch), precision, epoch)
 

@@ -1,6 +1,6 @@
 """The gradient checks behind ``finetune inspect-grads``.
 
-The model is built exactly as ``train`` builds it. It takes N real batches (or one
+The model is prepared exactly as ``train`` prepares it (``training.setup.prepare``). It takes N real batches (or one
 random batch when ``data.root`` is not set), and backward accumulates their mean
 gradient. Then five checks run:
 
@@ -13,7 +13,9 @@ gradient. Then five checks run:
    dL/dW = (softmax(z) - q)^T h / B and dL/db = mean(softmax(z) - q), with q the
    (label-smoothed) targets - one-hot, or the soft targets of MixUp/CutMix when
    ``train.mixup``/``train.cutmix`` mix the batches as training does - and h the
-   features entering ``fc``;
+   features entering ``fc``; for ``model.task: multilabel``, of binary cross-entropy
+   averaged over the B x C logits: dL/dz = (sigmoid(z) - q) / (B C), q the (smoothed,
+   and mixed when training mixes) multi-hot targets;
 4. float64 finite differences agree with autograd: ``torch.autograd.gradcheck`` on
    the head, and central differences along a random direction per trainable
    module group of the whole network (residual branches that start at zero get a
@@ -34,12 +36,15 @@ import torch
 from torch import nn
 
 from finetune.config.schema import Config
-from finetune.data.folders import class_names_or_none, load_datasets
 from finetune.data.loaders import make_loader
 from finetune.data.mixing import Mixer
-from finetune.models.build import Built, build
+from finetune.models.build import Built
 from finetune.models.freeze import frozen_tensors, set_train_mode
+from finetune.training.losses import validation_loss
+from finetune.training.multilabel import binary_targets
 from finetune.training.optim import build_optimizer
+from finetune.training.setup import Setup, prepare
+from finetune.training.validate import validate
 
 HEAD_TOLERANCE = 1e-5  # max |autograd - closed form|, relative to max |closed form| (float32 sums)
 FD_TOLERANCE = 1e-4  # relative error of float64 central differences
@@ -72,12 +77,12 @@ class GradReport:
 
 
 def inspect_grads(config: Config, batches: int = 1, epoch: int = 1) -> GradReport:
-    """Build the model as ``train`` would for (1-based) ``epoch``, run ``batches`` batches forward and backward,
-    and check the gradients."""
-    classes = class_names_or_none(config)
-    built = build(config, classes, progress=False, epoch=epoch)
-    images, targets, source = _batches(config, built.num_classes, batches)
-    return check_gradients(built, images, targets, config, source)
+    """Prepare the model as ``train`` does for (1-based) ``epoch``, run ``batches`` batches forward and backward,
+    and check the gradients. Raises FinetuneError for a config with problems (see ``validate``)."""
+    validate(config)
+    setup = prepare(config, epoch=epoch)
+    images, targets, source = _batches(setup, batches)
+    return check_gradients(setup.built, images, targets, config, source)
 
 
 def check_gradients(built: Built, images: list[torch.Tensor], targets: list[torch.Tensor], config: Config,
@@ -90,11 +95,12 @@ def check_gradients(built: Built, images: list[torch.Tensor], targets: list[torc
     features: list[torch.Tensor] = []
     hook = model.fc.register_forward_hook(lambda module, inputs, output: features.append(inputs[0].detach()))
     smoothing = config.train.label_smoothing
+    loss_fn = validation_loss(config)  # the training loss without class weights
     logits = []
     try:
         for x, y in zip(images, targets):
             out = model(x)
-            loss = nn.functional.cross_entropy(out, y, label_smoothing=smoothing) / len(images)
+            loss = loss_fn(out, y) / len(images)
             loss.backward()
             logits.append(out.detach())
     finally:
@@ -105,34 +111,36 @@ def check_gradients(built: Built, images: list[torch.Tensor], targets: list[torc
     report.checks = [
         _frozen_untouched(model, built),
         _trainable_finite(model, built),
-        _head_closed_form(model, built, features, logits, targets, smoothing),
+        _head_closed_form(model, built, features, logits, targets, smoothing, config.model.task == "multilabel"),
         _finite_differences(start, built, torch.cat(images)[:FD_SAMPLES], torch.cat(targets)[:FD_SAMPLES],
-                            features, targets, smoothing),
+                            features, loss_fn),
         _one_step(model, built, before, config),
     ]
     return report
 
 
-def _batches(config: Config, num_classes: int, count: int):
+def _batches(setup: Setup, count: int):
     """Batches of (images, targets), mixed as the first batches of training are when MixUp/CutMix is on."""
-    images, targets, source = _unmixed_batches(config, num_classes, count)
-    mixer = Mixer.from_config(config.train, num_classes)
+    images, targets, source = _unmixed_batches(setup, count)
+    mixer = Mixer.from_config(setup.config.train, setup.built.num_classes)
     if mixer is None:
         return images, targets, source
     mixed = [mixer(x, y, epoch=0, batch=i) for i, (x, y) in enumerate(zip(images, targets))]
     return [x for x, _ in mixed], [y for _, y in mixed], f"{source}, mixed by MixUp/CutMix (soft targets)"
 
 
-def _unmixed_batches(config: Config, num_classes: int, count: int):
+def _unmixed_batches(setup: Setup, count: int):
+    config = setup.config
     generator = torch.Generator().manual_seed(config.train.seed)
-    if config.data.root is None:
+    if setup.data is None:
         size, batch = config.data.image_size, config.train.batch_size
         images = [torch.randn(batch, 3, size, size, generator=generator)]
-        targets = [torch.randint(num_classes, (batch,), generator=generator)]
+        targets = [torch.randint(2, (batch, setup.built.num_classes), generator=generator).float()
+                   if config.model.task == "multilabel"
+                   else torch.randint(setup.built.num_classes, (batch,), generator=generator)]
         return images, targets, (f"one random batch of {batch} images at {size}x{size} "
                                  "(data.root is not set)")
-    train = load_datasets(config).train
-    loader = make_loader(train, config.train.batch_size, shuffle=True, seed=config.train.seed, epoch=0)
+    loader = make_loader(setup.data.train, config.train.batch_size, shuffle=True, seed=config.train.seed, epoch=0)
     images, targets = [], []
     for x, y in loader:
         images.append(x)
@@ -186,12 +194,12 @@ def _trainable_finite(model: nn.Module, built: Built) -> Check:
                  f"all {len(trainable)} trainable tensors have finite{'' if quiet else ', non-zero'} gradients{why}")
 
 
-def _head_closed_form(model, built: Built, features, logits, targets, smoothing: float) -> Check:
-    name = "head gradient equals the softmax cross-entropy closed form"
+def _head_closed_form(model, built: Built, features, logits, targets, smoothing: float, binary: bool) -> Check:
+    name = f"head gradient equals the {'sigmoid binary' if binary else 'softmax'} cross-entropy closed form"
     fc = model.fc
     if fc.weight.grad is None and fc.bias.grad is None:
         return Check(name, True, "skipped: fc is frozen")
-    expected_w, expected_b = _closed_form(features, logits, targets, smoothing, fc.out_features)
+    expected_w, expected_b = _closed_form(features, logits, targets, smoothing, fc.out_features, binary)
     errors = []
     for label, grad, expected in (("weight", fc.weight.grad, expected_w), ("bias", fc.bias.grad, expected_b)):
         if grad is None:
@@ -204,19 +212,23 @@ def _head_closed_form(model, built: Built, features, logits, targets, smoothing:
     return Check(name, passed, f"{detail} (tolerance {HEAD_TOLERANCE:.0e})")
 
 
-def _closed_form(features, logits, targets, smoothing: float, classes: int):
-    """dL/dW and dL/db of the mean over batches of mean cross-entropy, in float64."""
+def _closed_form(features, logits, targets, smoothing: float, classes: int, binary: bool):
+    """dL/dW and dL/db of the mean over batches of mean cross-entropy (``binary``: of binary cross-entropy averaged
+    over every logit), in float64."""
     grad_w = torch.zeros(classes, features[0].shape[1], dtype=torch.float64)
     grad_b = torch.zeros(classes, dtype=torch.float64)
     for h, z, y in zip(features, logits, targets):
-        q = (y if y.dim() == 2 else nn.functional.one_hot(y, classes)).double() * (1 - smoothing) + smoothing / classes
-        delta = (z.double().softmax(1) - q) / len(y) / len(features)
+        if binary:
+            delta = (z.double().sigmoid() - binary_targets(y.double(), smoothing)) / y.numel() / len(features)
+        else:  # class indices, or the soft targets of MixUp/CutMix
+            q = (y if y.dim() == 2 else nn.functional.one_hot(y, classes)).double() * (1 - smoothing) + smoothing / classes
+            delta = (z.double().softmax(1) - q) / len(y) / len(features)
         grad_w += delta.T @ h.double()
         grad_b += delta.sum(0)
     return grad_w, grad_b
 
 
-def _finite_differences(start: nn.Module, built: Built, x, y, features, targets, smoothing: float) -> Check:
+def _finite_differences(start: nn.Module, built: Built, x, y, features, loss_fn) -> Check:
     name = "float64 finite differences agree with autograd"
     model = start.double()
     set_train_mode(model, built.bn_modes)
@@ -224,15 +236,15 @@ def _finite_differences(start: nn.Module, built: Built, x, y, features, targets,
     with torch.no_grad():
         for block, last in zero_branches:
             model.get_submodule(f"{block}.{last}").weight.fill_(FD_BRANCH_WEIGHT)
-    x, y = x.double(), (y.double() if y.is_floating_point() else y)  # soft targets match the float64 logits
-    loss_of = lambda: nn.functional.cross_entropy(model(x), y, label_smoothing=smoothing)  # noqa: E731
+    x, y = x.double(), y.double() if y.is_floating_point() else y  # soft targets match the float64 logits
+    loss_of = lambda: loss_fn(model(x), y)  # noqa: E731
     details, passed = [], True
     if any(built.plan[f"fc.{p}"].trainable for p in ("weight", "bias")):
         h = features[0][:FD_SAMPLES].double()
         w = model.fc.weight.detach().clone().requires_grad_(True)
         b = model.fc.bias.detach().clone().requires_grad_(True)
         head_ok = torch.autograd.gradcheck(
-            lambda w, b: nn.functional.cross_entropy(h @ w.T + b, y, label_smoothing=smoothing), (w, b),
+            lambda w, b: loss_fn(h @ w.T + b, y), (w, b),
             eps=FD_STEPS[0], atol=1e-7, rtol=FD_TOLERANCE, raise_exception=False, fast_mode=True)
         passed &= head_ok
         details.append(f"gradcheck(fc): {'ok' if head_ok else 'MISMATCH'}")

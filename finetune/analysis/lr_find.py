@@ -4,10 +4,10 @@ It trains for a few dozen steps while the learning rate grows exponentially from
 ``start`` to ``end``, and watches the loss: it falls, flattens, then blows up. The
 rate to train at sits on the steep part of the fall, before the minimum.
 
-What it sweeps is exactly what ``train`` trains in epoch 1: the model built through
-:func:`finetune.models.build.build` (weights, head, freeze rules, BatchNorm modes), the
-optimizer with its param groups, the loss (label smoothing, class weights), the
-data order, gradient clipping and precision. ``optim.lr`` is the swept value; every
+What it sweeps is exactly what ``train`` trains in epoch 1, prepared by the same
+:func:`finetune.training.setup.prepare` and stepped by the same ``train_step``: the model
+(weights, head, freeze rules, BatchNorm modes), the optimizer with its param groups, the
+loss (label smoothing, class weights), the data order, gradient clipping and precision. ``optim.lr`` is the swept value; every
 param group's rate is scaled with it, so layer_lr_decay and param_groups keep their
 ratios. When the frozen prefix can be cached (as in training) the images pass through
 it at most once and the later steps run from the feature cache. The model and the
@@ -28,18 +28,12 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
-from torch import nn
 
-from finetune.config.loading import config_error
 from finetune.config.schema import Config
-from finetune.data.folders import ensure_demo_data, image_samples, load_datasets
 from finetune.errors import FinetuneError
-from finetune.models.build import build
-from finetune.models.fastpath import FastModel, feature_sources
-from finetune.models.freeze import set_train_mode
-from finetune.training.losses import sampling_weights, training_loss
-from finetune.training.optim import build_optimizer
-from finetune.utils.hardware import precision_for_config, select_device
+from finetune.training.epoch import Updated, train_step
+from finetune.training.setup import prepare
+from finetune.training.validate import validate
 
 SMOOTHING = 0.98  # fastai's: the loss of one batch is noisy, the curve needs about 50 of them to settle
 DIVERGED = 4.0  # stop once the smoothed loss is this many times its minimum
@@ -76,34 +70,31 @@ class Curve:
 
 def range_test(fast, optimizer: torch.optim.Optimizer, batches: Iterable, criterion, lrs: Sequence[float],
                base_lr: float, grad_clip: Optional[float] = None) -> Curve:
-    """One optimizer step per learning rate in ``lrs`` over ``batches`` of (prefix features, targets).
+    """One training step (``train_step``, as ``train`` takes it) per learning rate in ``lrs`` over ``batches`` of
+    (prefix features, targets).
 
     Each param group trains at its base rate (``initial_lr``) times ``lr / base_lr``. The sweep stops early
-    when the smoothed loss exceeds ``DIVERGED`` times its minimum, or at a non-finite loss (that step is
-    left out and not taken). ``fast.model`` and ``optimizer`` are restored to their state before the sweep.
+    when the smoothed loss exceeds ``DIVERGED`` times its minimum, or at a step that fails (a non-finite loss or
+    gradient: that step is left out and not taken). ``fast.model`` and ``optimizer`` are restored to their state
+    before the sweep.
     """
     model_state = copy.deepcopy(fast.model.state_dict())
     optimizer_state = copy.deepcopy(optimizer.state_dict())
     base_rates = [group["initial_lr"] for group in optimizer.param_groups]
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    updated = Updated.of(fast.model)
     curve, smoother, best = Curve(), Smoother(), math.inf
     try:
         for lr, (features, targets) in zip(lrs, batches):
             for group, base in zip(optimizer.param_groups, base_rates):
                 group["lr"] = base * lr / base_lr
-            loss = criterion(fast.head(features), targets.to(fast.device))
-            value = loss.item()
-            if not math.isfinite(value):
-                curve.stopped = f"the loss turned {value} at lr {lr:.2e}"
+            step = train_step(fast, features, targets, criterion, optimizer, updated, grad_clip=grad_clip)
+            if step.problem:
+                what = f"the loss turned {step.loss}" if not math.isfinite(step.loss) else step.problem
+                curve.stopped = f"{what} at lr {lr:.2e}"
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                nn.utils.clip_grad_norm_(trainable, grad_clip)
-            optimizer.step()
-            smoothed = smoother(value)
+            smoothed = smoother(step.loss)
             curve.lrs.append(lr)
-            curve.losses.append(value)
+            curve.losses.append(step.loss)
             curve.smoothed.append(smoothed)
             best = min(best, smoothed)
             if smoothed > DIVERGED * best:
@@ -220,57 +211,39 @@ def check_range(start: float, end: float, steps: int) -> None:
         raise FinetuneError(f"--steps {steps} is too few for a curve; use at least {MIN_POINTS} (100 is usual).")
 
 
-def plot_path(output: Optional[Path]) -> Path:
-    """``--output``: a ``.png`` file, or else a folder to put lr_find.png in; the current folder by default."""
-    path = Path(output) if output is not None else Path.cwd()
-    return path if path.suffix.lower() == ".png" else path / "lr_find.png"
-
-
 def lr_find(config: Config, start: float = 1e-6, end: float = 1.0, steps: int = 100,
             output: Optional[Path] = None, sets: Sequence[str] = ()) -> LRFind:
     """Run the range test over what ``train`` trains in epoch 1 and write the plot; returns curve and suggestion.
 
     ``sets`` are the ``--set`` options given, repeated in the suggested command. Raises FinetuneError (exit 2)
-    for a bad range, a config without training data, or nothing to train.
+    for a bad range or config (see ``validate``; lr-find needs training data).
     """
-    from finetune.utils.plots import plot_lr_find
+    from finetune.utils.plots import plot_lr_find, plot_path
 
     check_range(start, end, steps)
-    if config.data.root is None:
-        raise config_error(config, [("data.root", "is not set; lr-find trains on the training images, so give "
-                                     "an ImageFolder tree (e.g. --set data.root=data/shapes)")])
+    validate(config, data_needed_by="lr-find")
     began = time.perf_counter()
-    ensure_demo_data(config)
-    data = load_datasets(config)
-    built = build(config, data.classes, progress=False)
-    out = plot_path(output)
-    targets = [target for _, target in image_samples(data.train)]
-    device = torch.device(select_device(config.train.device, torch.cuda.is_available()))
-    precision = precision_for_config(config).precision  # train.precision: auto resolves as in training
-    fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, precision, device)
-    set_train_mode(built.model, built.bn_modes)
-    optimizer = build_optimizer(built.model, config.optim, built.arch)
-    criterion = training_loss(config, targets, built.num_classes, device)
+    setup = prepare(config)
+    optimizer = setup.optimizer
+    out = plot_path(output, "lr_find.png")
     with tempfile.TemporaryDirectory(prefix="finetune-lr-find-") as spill:
-        source, val_source, _ = feature_sources(config, fast, data, Path(spill),
-                                                weights=sampling_weights(config.data.sampler, targets,
-                                                                         built.num_classes))
-        use_cache = source.caching
+        phase = setup.phase(setup.built.plan, Path(spill))
         try:
-            curve = range_test(fast, optimizer, itertools.chain.from_iterable(map(source.epoch, itertools.count())),
-                               criterion, ramp(start, end, steps), config.optim.lr, config.optim.grad_clip)
+            batches = itertools.chain.from_iterable(map(phase.train_source.epoch, itertools.count()))
+            curve = range_test(phase.fast, optimizer, batches, setup.loss_fn, ramp(start, end, steps),
+                               config.optim.lr, config.optim.grad_clip)
         finally:
-            source.close()
-            val_source.close()
+            phase.close()
     suggestion = suggest(curve.lrs, curve.smoothed)
     if suggestion.lr is not None:
         suggestion.lr = float(f"{suggestion.lr:.2g}")  # a rate people can type; the curve is not that precise
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_lr_find(curve.lrs, curve.losses, curve.smoothed, suggestion.lr, out)
-    names = fast.prefix_names
+    names = phase.fast.prefix_names
     where = (f"the feature cache (the images pass once through the frozen prefix {names[0]} .. {names[-1]})"
-             if use_cache else f"images through the whole model{' (frozen prefix without autograd)' if names else ''}")
-    where += f", precision {precision}"
+             if phase.train_source.caching else
+             f"images through the whole model{' (frozen prefix without autograd)' if names else ''}")
+    where += f", precision {setup.precision.precision}"
     new = overrides(config, suggestion.lr) if suggestion.lr is not None else []
     return LRFind(curve, suggestion, start, end, steps, where,
                   [{"lr_ratio": group["initial_lr"] / config.optim.lr, "tensors": len(group["params"])}

@@ -20,8 +20,8 @@ from finetune.errors import FinetuneError
 # Between parallel regions torch's OpenMP threads (GNU libgomp) spin 300,000 times before they sleep, and the
 # spinning takes the cores from the decode threads. 10,000 keeps small kernels as fast and lets decoding run beside
 # the compute: the first epoch on camera photos went from 37 to 46 img/s head-only and 20 to 22 img/s full
-# (README, "Fast on a CPU"). Read once when torch loads, so set here, before any command imports it; a value the
-# user set is kept.
+# (docs/performance.md, "Fast on a CPU"). Read once when torch loads, so set here, before any command imports it;
+# a value the user set is kept.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 app = typer.Typer(
@@ -196,12 +196,12 @@ def train(
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Train in this many processes on this machine "
                                        "(launches torchrun; train.batch_size is the global batch).")] = 1,
 ) -> None:
-    """Fine-tune a ResNet (model.arch) on an ImageFolder tree and write a run directory.
+    """Fine-tune a ResNet (model.arch) on an ImageFolder tree or a label file (data.labels); write a run directory.
 
     Example:  finetune train --config configs/quickstart.yaml --set train.epochs=3
     """
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from finetune.training.distributed import launch
+        from finetune.utils.distributed import launch
 
         raise typer.Exit(launch(nproc, _without_option(sys.argv[1:], "--nproc")))
     if resume is not None and config is None:
@@ -217,32 +217,45 @@ def train(
         reporter.close()
 
 
+ThresholdOption = Annotated[Optional[float], typer.Option(
+    "--threshold", min=0.0, max=1.0, help="Multi-label models: predict a label at this probability or above, for "
+    "every label (default: each label's own threshold, chosen on the validation split).", show_default=False)]
+
+
 @app.command("evaluate")
 @_user_errors
 def evaluate_command(
     checkpoint: ModelArgument,
-    data: Annotated[Optional[Path], typer.Option("--data", help="ImageFolder tree to evaluate on (its val/ if it "
-                                                 "has one); default: the run's validation split.",
+    data: Annotated[Optional[Path], typer.Option("--data", help="An ImageFolder tree (its SPLIT/ folder if it has "
+                                                 "one) or a label file (its rows of SPLIT if it has a split "
+                                                 "column); default: the run's own data.",
                                                  show_default=False)] = None,
+    split: Annotated[str, typer.Option("--split", help="val or test: the run's validation images, or its test "
+                                       "images (data.root/test, or the label file's rows of split test).")] = "val",
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Where to write confusion.png "
                                                        "(default: beside the checkpoint).", show_default=False)] = None,
     top_losses: Annotated[int, typer.Option("--top-losses", "-t", min=0, max=100, help="Also write top_losses.png "
                                             "(the K images with the highest loss) and predictions.csv (every "
                                             "image, by loss).", show_default=False)] = 0,
+    threshold: ThresholdOption = None,
     tta: TtaOption = False,
     tta_mode: TtaModeOption = None,
     json: JsonOption = False,
 ) -> None:
     """Loss, top-1/top-5, per-class precision/recall/F1, balanced accuracy and macro F1, with a confusion matrix.
 
-    With --tta the headline metrics with test-time augmentation are shown beside those without.
+    A multi-label model: mAP, micro/macro F1 and exact match; per label precision, recall, F1, AP and support;
+    pr_curves.png and predictions.csv (every label's probability). With --tta the headline metrics with test-time
+    augmentation are shown beside those without.
 
     Example:  finetune evaluate runs/quickstart/best.pt --data data/shapes --top-losses 16 --tta
     """
+    if split not in ("val", "test"):
+        raise FinetuneError(f"--split {split!r}: use val or test.")
     from finetune.cli.render import print_evaluation, print_json
     from finetune.deploy.inference import evaluate_checkpoint
 
-    result = evaluate_checkpoint(checkpoint, data, output_dir, top_losses, _tta(tta, tta_mode))
+    result = evaluate_checkpoint(checkpoint, data, output_dir, top_losses, split, threshold, _tta(tta, tta_mode))
     print_json(result) if json else print_evaluation(result)
 
 
@@ -251,19 +264,23 @@ def evaluate_command(
 def predict(
     checkpoint: ModelArgument,
     images: Annotated[list[Path], typer.Argument(help="Image files or folders (walked for images).")],
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to show per image.")] = 3,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to show per image "
+                                       "(multi-class models).")] = 3,
+    threshold: ThresholdOption = None,
     tta: TtaOption = False,
     tta_mode: TtaModeOption = None,
     json: JsonOption = False,
 ) -> None:
     """Predict the classes of images with a trained checkpoint, or a model written by `finetune export`.
 
+    A multi-label model shows every label at or above its threshold, with its probability.
+
     Example:  finetune predict runs/quickstart/best.pt data/shapes/val/star --top-k 2 --tta
     """
     from finetune.cli.render import print_json, print_predictions
     from finetune.deploy.inference import predict as run_predict
 
-    results = run_predict(checkpoint, images, top_k, _tta(tta, tta_mode))
+    results = run_predict(checkpoint, images, top_k, threshold, _tta(tta, tta_mode))
     print_json(results) if json else print_predictions(results)
 
 
@@ -273,29 +290,141 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint: RUN_DIR/best.pt or last.pt.")],
     format_: Annotated[str, typer.Option("--format", "-f", help="onnx, torchscript or state-dict.")] = "onnx",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The file to write (default: beside the "
-                                                   "checkpoint: best.onnx, best.torchscript.pt or "
+                                                   "checkpoint: best.onnx, best.int8.onnx, best.torchscript.pt or "
                                                    "best.state_dict.pth + best.state_dict.json).",
                                                    show_default=False)] = None,
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default 18).",
                                                  show_default=False)] = None,
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8: quantize the ONNX model "
+                                                    "(ONNX Runtime static quantization, QDQ, per-channel weights), "
+                                                    "then check its accuracy and time it.",
+                                                    show_default=False)] = None,
+    calibration_images: Annotated[Optional[int], typer.Option("--calibration-images", help="Images the int8 "
+                                                              "ranges are calibrated on (default 300).",
+                                                              show_default=False)] = None,
+    calibration_data: Annotated[Optional[Path], typer.Option("--calibration-data", help="Calibrate on this "
+                                                             "ImageFolder tree (DIR/<class>/<image>, its train/ if "
+                                                             "it has one) instead of the run's training split.",
+                                                             show_default=False)] = None,
+    max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Refuse int8 (exit code "
+                                                               "1, no file) when its validation top-1 accuracy is "
+                                                               "more than this many points below fp32's "
+                                                               "(default 1).", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     json: JsonOption = False,
 ) -> None:
     """Export a checkpoint as ONNX, TorchScript or a plain state dict, verified against the checkpoint.
 
-    ONNX and TorchScript take float32 RGB in [0, 1], N x 3 x S x S, and normalise it themselves.
+    ONNX and TorchScript take float32 RGB in [0, 1], N x 3 x S x S, and normalise it themselves; of a calibrated
+    checkpoint they output its calibrated probabilities.
 
-    Their metadata names the classes, the preprocessing, the architecture and the source run.
+    Their metadata names the classes, the preprocessing, the temperature, the architecture and the source run.
 
-    The export is loaded back and compared on up to 32 of the run's validation images: exit code 1, no file, above 1e-4.
+    The export is loaded back and compared on up to 32 of the run's validation images: exit code 1, no file, when
+    it differs by more than 1e-4 + 1e-5 x the image's largest |logit| or picks another class.
 
-    Example:  finetune export runs/quickstart/best.pt --format onnx
+    With --quantize int8 the ONNX model is quantized, its accuracy checked on the validation split against fp32,
+    and both timed on this CPU (in its metadata).
+
+    Example:  finetune export runs/quickstart/best.pt --quantize int8
     """
     from finetune.cli.render import print_export, print_json
     from finetune.deploy.export import export_checkpoint
+    from finetune.deploy.quantize import int8_options
 
-    result = export_checkpoint(checkpoint, format_, output, opset, overwrite)
+    int8 = int8_options(quantize, calibration_images, calibration_data, max_accuracy_drop)
+    result = export_checkpoint(checkpoint, format_, output, opset, overwrite, int8)
     print_json(result) if json else print_export(result)
+
+
+@app.command()
+@_user_errors
+def runs(
+    folders: Annotated[Optional[list[Path]], typer.Argument(metavar="DIR...", help="Run directories, or folders "
+                                                            "that hold them (default: runs/).",
+                                                            show_default=False)] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Compare the given run directories: overlay their "
+                                          "validation curves in one plot and list the config keys that differ.")
+                       ] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="With --compare: where to write the plot, "
+                                                   "a .png file or a folder (default: compare.png in the current "
+                                                   "folder).", show_default=False)] = None,
+    json: JsonOption = False,
+) -> None:
+    """List the runs in run folders, best validation accuracy first: model, trained parameters, epochs, how each
+    ended, best and final val_acc, training time, images/s.
+
+    Broken or partial run directories are listed as such.
+
+    Example:  finetune runs
+
+    Compare:  finetune runs --compare runs/a runs/b runs/c --output compare.png
+    """
+    from finetune.analysis.runs import compare_runs, list_runs
+    from finetune.cli.render import print_comparison, print_json, print_runs
+
+    if compare:
+        result = compare_runs(folders or [], output)
+        print_json(result.to_json()) if json else print_comparison(result)
+        return
+    if output is not None:
+        raise FinetuneError("--output is the plot of --compare; add --compare and the run directories to compare.")
+    folders = folders or [Path("runs")]
+    found = list_runs(folders)
+    print_json([row.to_json() for row in found]) if json else print_runs(found, folders)
+
+
+@app.command()
+@_user_errors
+def calibrate(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint: RUN_DIR/best.pt or last.pt.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Fit again a checkpoint that is already "
+                                            "calibrated.")] = False,
+    json: JsonOption = False,
+) -> None:
+    """Calibrate a checkpoint's probabilities: fit a temperature on the run's validation split and store it.
+
+    Reports NLL, expected calibration error (15 bins) and accuracy before and after, on held-out images
+    (5-fold cross-fitting), and writes reliability.png beside the checkpoint. The weights are not touched.
+
+    evaluate, predict and export then use the temperature.
+
+    Example:  finetune calibrate runs/quickstart/best.pt
+    """
+    from finetune.cli.render import print_calibration, print_json
+    from finetune.deploy.calibrate import calibrate as run_calibration
+
+    result = run_calibration(checkpoint, overwrite)
+    print_json(result) if json else print_calibration(result)
+
+
+@app.command()
+@_user_errors
+def benchmark(
+    model: ModelArgument,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Batch size of the throughput "
+                                            "measurement.")] = 32,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="Compute threads (default: one "
+                                                   "per core).", show_default=False)] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", "-i", help="Time decoding and preprocessing on these "
+                                                   "image files (a folder is walked; default: a synthetic "
+                                                   "1024x768 JPEG).", show_default=False)] = None,
+    seconds: Annotated[float, typer.Option("--seconds", min=0.01, help="Time each measurement for at least this "
+                                           "long, after warm-up.")] = 3.0,
+    json: JsonOption = False,
+) -> None:
+    """Time a model on this CPU: latency at batch 1 (p50, p95), throughput at --batch-size, and image decoding +
+    preprocessing, measured apart.
+
+    Takes a checkpoint, an exported .onnx (fp32 or int8) or a TorchScript export.
+
+    Example:  finetune benchmark runs/quickstart/best.int8.onnx --images data/shapes/val
+    """
+    from finetune.cli.render import print_benchmark, print_json
+    from finetune.deploy.benchmark import benchmark as run_benchmark
+
+    result = run_benchmark(model, batch_size, threads, images, seconds)
+    print_json(result) if json else print_benchmark(result)
 
 
 @app.command("make-dataset")
@@ -311,22 +440,33 @@ def make_dataset(
     imbalance: Annotated[float, typer.Option("--imbalance", help="Make the classes imbalanced: the first class gets "
                                              "this many times the images of the last (in train and val), the "
                                              "others in between. 1 = balanced.")] = 1.0,
+    format_: Annotated[Optional[str], typer.Option("--format", help="folders: an ImageFolder tree; csv: images/ "
+                                                   "and a label file, labels.csv (path, label, split). [default: "
+                                                   "folders; csv with --multilabel]", show_default=False)] = None,
+    multilabel: Annotated[bool, typer.Option("--multilabel", help="One to three shapes per image, all named in "
+                                             "its label (a label file; train/val-per-class x classes images).")]
+    = False,
 ) -> None:
-    """Generate the built-in demo data set (shapes on noisy backgrounds) as an ImageFolder tree.
+    """Generate the built-in demo data set (shapes on noisy backgrounds) as an ImageFolder tree or a label file.
 
     Example:  finetune make-dataset shapes data/shapes --classes 6 --seed 1
     Imbalanced:  finetune make-dataset shapes data/shapes-imb --imbalance 10
+    Label file:  finetune make-dataset shapes data/shapes-csv --format csv
+    Multi-label:  finetune make-dataset shapes data/shapes-multilabel --multilabel
     """
     if kind != "shapes":
         raise FinetuneError(f"Unknown demo data set {kind!r}; the one available is 'shapes'.")
     from finetune.data.demo import make_shapes
 
     info = make_shapes(out_dir, classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
-                       image_size=image_size, seed=seed, imbalance=imbalance)
-    names = info["classes"] if imbalance == 1 else [
+                       image_size=image_size, seed=seed, imbalance=imbalance,
+                       layout=format_ or ("csv" if multilabel else "folders"), multilabel=multilabel)
+    counted = imbalance != 1 or multilabel
+    names = info["classes"] if not counted else [
         f"{name} {train}/{val}" for name, train, val in zip(info["classes"], info["train_sizes"], info["val_sizes"])]
     typer.echo(f"Wrote {info['train']} train and {info['val']} val images of {len(info['classes'])} classes "
-               f"({', '.join(names)}{' train/val images' if imbalance != 1 else ''}) to {info['root']}")
+               f"({', '.join(names)}{' train/val images' if counted else ''}) to {info['root']}"
+               + (f"; labels in {info['labels']}" if "labels" in info else ""))
 
 
 def main() -> None:

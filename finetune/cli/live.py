@@ -15,13 +15,36 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from finetune.cli.render import calibration_line
 from finetune.training.reporter import Reporter
+
+# The scores an epoch line and the summary table show, by task: (key in the metrics row, table heading).
+SCORES = {
+    "multiclass": [("train_acc", "train acc"), ("val_loss", "val loss"), ("val_acc", "val acc"),
+                   ("val_top5", "val top-5")],
+    "multilabel": [("train_exact_match", "train exact"), ("val_loss", "val loss"), ("val_map", "val mAP"),
+                   ("val_micro_f1", "val micro F1"), ("val_macro_f1", "val macro F1"),
+                   ("val_exact_match", "val exact")],
+}
+
+
+# The weight EMA's validation score, beside the raw weights' when train.ema is on.
+EMA_SCORES = [("ema_val_acc", "EMA val acc"), ("ema_val_map", "EMA val mAP")]
+
+
+def _scores(row: dict) -> list[tuple[str, str]]:
+    return SCORES["multilabel" if "val_map" in row else "multiclass"] + [s for s in EMA_SCORES if s[0] in row]
+
+
+def _value(key: str, value) -> str:
+    if value is None:  # undefined (0/0), e.g. mAP without a positive label among the validation images
+        return "-"
+    return f"{value:.4f}" if key.endswith("_loss") else f"{value:.2%}"
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
-    ema = f"ema_val_acc {row['ema_val_acc']:.2%}  " if "ema_val_acc" in row else ""
-    return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.2%}  "
-            f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.2%}  {ema}val_top5 {row['val_top5']:.2%}  "
+    scores = "  ".join(f"{key} {_value(key, row[key])}" for key, _ in _scores(row))
+    return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  {scores}  "
             f"lr {row['lr']:.3g}  grad_norm {row['grad_norm']:.3g}  {row['seconds']:.1f}s  "
             f"{row['images_per_s']:.0f} img/s")
 
@@ -30,13 +53,15 @@ STOPPED = {"early_stopping": "stopped early by train.early_stopping", "time_limi
 
 
 def summary_line(summary: dict) -> str:
+    score = summary["score"]
     weights = " (EMA weights)" if summary.get("best_weights") == "ema" else ""
-    best = (f"best val_acc {summary['best_val_acc']:.2%}{weights} at epoch {summary['best_epoch']}"
+    best = (f"best {score} {summary[f'best_{score}']:.2%}{weights} at epoch {summary['best_epoch']}"
             if summary["best_epoch"] else "no epoch finished")
     stopped = (f"; {STOPPED[summary['stopped']]} after {summary['epochs_done']} of {summary['epochs']} epochs "
                "(resume to go on)" if summary["stopped"] else "")
+    calibrated = f"; {calibration_line(summary['calibration'])}" if summary.get("calibration") else ""
     return (f"done: {best}, {summary['total_seconds']:.1f}s in all; {summary['frozen_tensors']} frozen tensors "
-            f"unchanged; run directory {summary['run_dir']}{stopped}")
+            f"unchanged; run directory {summary['run_dir']}{stopped}{calibrated}")
 
 
 class PlainReporter(Reporter):
@@ -101,13 +126,12 @@ class RichReporter(PlainReporter):
     def finish(self, summary: dict, history: list[dict]) -> None:
         self.bars.stop()
         table = Table(title="Epochs", title_justify="left")
-        for column in ("epoch", "train loss", "train acc", "val loss", "val acc", "val top-5", "lr", "grad norm",
-                       "time"):
+        scores = _scores(history[0]) if history else []
+        for column in ("epoch", "train loss", *(heading for _, heading in scores), "lr", "grad norm", "time"):
             table.add_column(column, justify="right")
         for row in history:
             style = "bold green" if row["epoch"] == summary["best_epoch"] else None
-            table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", f"{row['train_acc']:.2%}",
-                          f"{row['val_loss']:.4f}", f"{row['val_acc']:.2%}", f"{row['val_top5']:.2%}",
+            table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", *(_value(key, row[key]) for key, _ in scores),
                           f"{row['lr']:.3g}", f"{row['grad_norm']:.3g}", f"{row['seconds']:.1f}s", style=style)
         self.console.print(table)
         self.console.print(escape(summary_line(summary)), highlight=False)

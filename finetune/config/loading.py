@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from finetune.config.schema import Config
-from finetune.errors import FinetuneError
-from finetune.models.arch import WEIGHT_NAMES
+from finetune.config.schema import Config, is_weights_name
+from finetune.errors import FinetuneError, Problem
 
 # Keys holding paths; in a config file they are relative to the file's folder.
-PATH_KEYS = ("model.weights", "data.root", "train.output_dir")
+PATH_KEYS = ("model.weights", "data.root", "data.labels", "train.output_dir", "train.mlflow.tracking_uri")
+# A tracking URI with a scheme (http://, file:, sqlite:, databricks://) or MLflow's bare "databricks" is no path.
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:|^databricks$")
 
 
 class _Source:
@@ -78,9 +80,15 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
     return config
 
 
-def config_error(config: Config, problems: list[tuple[str, str]]) -> FinetuneError:
-    """A FinetuneError for problems ``[(key, message)]`` found after the schema check."""
+def config_error(config: Config, problems: list[Problem]) -> FinetuneError:
+    """A FinetuneError for problems found after the schema check, each under the file and line of its key."""
     return FinetuneError(_format_problems(config.path, [f"{config.where(k)}  {k}: {m}" for k, m in problems]))
+
+
+def raise_problems(config: Config, problems: list[Problem]) -> None:
+    """Raise :func:`config_error` for ``problems``, if there are any."""
+    if problems:
+        raise config_error(config, problems)
 
 
 def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
@@ -119,20 +127,25 @@ def _key_lines(node, prefix: str = "") -> dict[str, int]:
 
 def _resolve_paths(raw: dict, folder: Path) -> None:
     for key in PATH_KEYS:
-        section, name = key.split(".")
-        value = raw.get(section, {}).get(name) if isinstance(raw.get(section), dict) else None
-        if not _is_path(value):
-            continue
-        raw[section][name] = str((folder / _expand_user(value)).resolve())
+        *sections, name = key.split(".")
+        node = raw
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        value = node.get(name) if isinstance(node, dict) else None
+        if _is_path(key, value):
+            node[name] = str((folder / _expand_user(value)).resolve())
 
 
 def _resolve_paths_of(config: Config) -> None:
     """Make every path absolute; what is still relative here came from the defaults: the current directory."""
     for key in PATH_KEYS:
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if _is_path(value) and not Path(value).is_absolute():
-            setattr(getattr(config, section), name, str(_expand_user(value).resolve()))
+        *sections, name = key.split(".")
+        node = config
+        for section in sections:
+            node = getattr(node, section)
+        value = getattr(node, name)
+        if _is_path(key, value) and not Path(value).is_absolute():
+            setattr(node, name, str(_expand_user(value).resolve()))
 
 
 def _expand_user(value: str) -> Path:
@@ -143,8 +156,10 @@ def _expand_user(value: str) -> Path:
     return Path(os.path.expanduser(value))
 
 
-def _is_path(value) -> bool:
-    return isinstance(value, str) and value not in WEIGHT_NAMES and value != "none"
+def _is_path(key: str, value) -> bool:
+    if key == "train.mlflow.tracking_uri" and isinstance(value, str) and _URI.match(value):
+        return False
+    return isinstance(value, str) and not is_weights_name(value) and value != "none"
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -157,7 +172,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise FinetuneError(f"Invalid --set {item!r}: the value is not valid YAML ({exc.problem}).") from None
-    if key in PATH_KEYS and _is_path(parsed):
+    if key in PATH_KEYS and _is_path(key, parsed):
         parsed = str(_expand_user(parsed).resolve())  # relative to the current directory
     return key, parsed
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -18,46 +20,84 @@ from pydantic import (
     PrivateAttr,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
-
-from finetune.models.arch import ARCH_NAMES, ARCHS, DEFAULT_ARCH, WEIGHT_NAMES
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def is_weights_name(value: str) -> bool:
+    """True for a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V2``...): a ``model.weights`` value that is
+    not a file path. Which names an architecture has is the models' to say (``models.arch.problems``)."""
+    return re.fullmatch(r"[A-Z][A-Z0-9_]*", value) is not None
+
+
 class ModelConfig(_Section):
-    arch: Literal[ARCH_NAMES] = DEFAULT_ARCH
-    weights: str = "DEFAULT"  # after arch: its validator reads arch
-    weights_fallback: Literal["error", "random"] = "error"
-    num_classes: Optional[int] = Field(None, ge=2)
+    # Architecture names and their weights are checked by validate() (models.arch knows them): the config, below
+    # the models in the package layering, knows only their shape.
+    arch: str = Field("resnet18", description=(
+        "The torchvision network to fine-tune (see `finetune models`). Freeze patterns, the reports, stages, "
+        "layer_lr_decay, the feature cache, DDP, export, evaluate and predict work the same for each."))
+    weights: str = Field("DEFAULT", description=(
+        "Where the pretrained weights come from: DEFAULT (the architecture's best torchvision weights), "
+        "IMAGENET1K_V1 or IMAGENET1K_V2 (not resnet18/34) through torchvision's weights API (its cache, then a "
+        "download with progress and a 20 s network timeout); none for random init; or a path to a state-dict "
+        "file (loaded with weights_only=True; its 1000-class ImageNet head is replaced)."))
+    weights_fallback: Literal["error", "random"] = Field("error", description=(
+        "When torchvision's weights cannot be had (offline): error stops with three ways out; random warns "
+        "loudly, trains from random weights and records it in summary.json."))
+    num_classes: Optional[int] = Field(None, ge=2, description=(
+        "Classes of the new head; null: the number of class folders in the data. Set it to run freeze-report or "
+        "inspect-grads without data."))
+    task: Literal["multiclass", "multilabel"] = Field(
+        "multiclass", description="multiclass: one class per image (softmax, cross-entropy); multilabel: any number "
+        "of labels per image, none included (a sigmoid per label, binary cross-entropy; needs data.labels).")
+    threshold: Optional[float] = Field(
+        None, gt=0, lt=1, description="multilabel: the probability at which a label is predicted, the same for "
+        "every label; null: one threshold per label, chosen on the validation split to maximise its F1.")
     zero_init_residual: bool = Field(True, description=(
         "When the model starts from random weights (model.weights: none, or the fallback), start the last "
         "BatchNorm of every residual branch at zero, so each block starts as the identity (torchvision's "
         "zero_init_residual, timm's zero_init_last). Pretrained weights are never changed."))
 
-    @field_validator("weights")
-    @classmethod
-    def _weights_of_arch(cls, weights: str, info: ValidationInfo) -> str:
-        arch = ARCHS.get(info.data.get("arch"))
-        if arch and weights in WEIGHT_NAMES and weights != "DEFAULT" and weights not in arch.weight_names:
-            raise ValueError(f"torchvision has no {weights} weights for {arch.name}; use DEFAULT or "
-                             f"{' or '.join(arch.weight_names)}, a state-dict file, or none")
-        return weights
+
+class LabelColumns(_Section):
+    path: str = Field("path", min_length=1, description="The column holding image paths, relative to data.root.")
+    label: str = Field("label", min_length=1, description="The column holding the label (multilabel: the labels, "
+                       "split by data.label_delim).")
+    split: Optional[str] = Field(None, min_length=1, description="The column holding train, val or test, which the "
+                                 "file must then have; null: the column named split, if the file has one.")
 
 
 AUGMENT_PRESETS = ("none", "light", "trivialaugment", "randaugment", "augmix")
 
 
 class DataConfig(_Section):
-    root: Optional[str] = None
-    image_size: int = Field(224, ge=32, le=1024)
-    val_fraction: float = Field(0.2, gt=0, lt=1)
+    root: Optional[str] = Field(None, description=(
+        "The ImageFolder tree: root/train/<class>/* and root/val/<class>/*, or root/<class>/* split by "
+        "val_fraction. Relative to the config file's folder. With data.labels: the folder its image paths are "
+        "relative to (null: the label file's folder)."))
+    labels: Optional[str] = Field(
+        None, description="A CSV or TSV label file (columns path, label and optionally split), relative to the "
+        "config file's folder; null: class folders under data.root (torchvision ImageFolder layout).")
+    columns: LabelColumns = Field(default_factory=LabelColumns,
+                                  description="The label file's column names, e.g. {path: image, label: class}.")
+    classes: Optional[list[str]] = Field(
+        None, min_length=2, description="The class names in the order of the model's outputs; null: sorted names.")
+    label_delim: str = Field(" ", min_length=1, description="multilabel: what separates the labels of one image "
+                             "in the label column.")
+    image_size: int = Field(224, ge=32, le=1024, description="Images are resized and center-cropped to this many "
+                            "pixels a side.")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description=(
+        "Share of each class held out for validation when there is no root/val (stratified, seeded by "
+        "train.seed)."))
     augment: Literal[AUGMENT_PRESETS] = Field("none", description=(
         "Training augmentation preset: none; light (random resized crop + horizontal flip; true means light, "
         "false none); trivialaugment, randaugment or augmix (light, then torchvision's TrivialAugmentWide, "
-        "RandAugment or AugMix)."))
+        "RandAugment or AugMix). Seeded by (seed, epoch, image index) and run in the decode threads, after the "
+        "image cache (augmented pixels are never cached)."))
     magnitude: int = Field(9, ge=0, le=30, description=(  # after augment: its validator reads augment
         "RandAugment's magnitude (0-30, torchvision's default 9); only with data.augment: randaugment."))
     crop_scale: float = Field(0.08, gt=0, le=1, description=(
@@ -70,12 +110,44 @@ class DataConfig(_Section):
     random_erasing: float = Field(0.0, ge=0, le=1, description=(
         "Probability of erasing a random rectangle of each training image (torchvision's RandomErasing, after "
         "normalisation); 0 turns it off."))
-    sampler: Literal["shuffle", "balanced"] = "shuffle"
-    workers: Optional[int] = Field(None, ge=0)  # decode threads; None: data.default_workers()
-    fast_decode: bool = True  # JPEGs decoded at the smallest DCT scale that still covers the stored size
-    cache_images: Literal["auto", "on", "off"] = "auto"
-    demo: Optional[Literal["shapes"]] = None
-    skip_bad_images: bool = False
+    sampler: Literal["shuffle", "balanced"] = Field("shuffle", description=(
+        "shuffle: every training image once per epoch; balanced: as many draws with replacement, every class "
+        "equally likely (for imbalanced classes)."))
+    workers: Optional[int] = Field(None, ge=0, description=(  # None: data.loaders.default_workers()
+        "Decode threads that work ahead of training; 0: decode in the main thread; null: one per core, at most "
+        "8."))
+    fast_decode: bool = Field(True, description=(
+        "Decode JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) that still covers data.image_size (1.5 x with "
+        "data.augment); false: full-size decode, bit-identical to torchvision's classic pipeline."))
+    cache_images: Literal["auto", "on", "off"] = Field("auto", description=(
+        "Keep each decoded, resized image (uint8) after its first read: in memory up to train.cache_max_gb, the "
+        "rest in a file in the run directory (deleted at the end). auto: when later epochs read images again "
+        "and they fit the budget or the disk."))
+    demo: Optional[Literal["shapes", "shapes-multilabel"]] = Field(None, description=(
+        "shapes: generate the demo data set at data.root if that folder is missing; shapes-multilabel: its "
+        "multi-label variant (one to three shapes per image) with its label file, data.root/labels.csv."))
+    skip_bad_images: bool = Field(False, description=(
+        "true: leave out unreadable or truncated image files (named in a warning and in summary.json) instead "
+        "of stopping with an error that names them."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _root_of_labels(cls, data):
+        # Before the fields: a label file's paths are relative to its own folder unless data.root says otherwise.
+        if isinstance(data, dict) and data.get("root") is None and isinstance(data.get("labels"), str):
+            return {**data, "root": os.path.dirname(data["labels"]) or "."}
+        return data
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_unique(cls, classes: Optional[list[str]]) -> Optional[list[str]]:
+        if classes is not None:
+            repeated = sorted({name for name in classes if classes.count(name) > 1})
+            if repeated:
+                raise ValueError(f"names each class once (repeated: {', '.join(repeated)})")
+            if any(not name.strip() for name in classes):
+                raise ValueError("holds an empty class name")
+        return classes
 
     @field_validator("augment", mode="before")
     @classmethod
@@ -104,16 +176,26 @@ class DataConfig(_Section):
 
 
 class Stage(_Section):
-    epoch: int = Field(ge=1)  # 1-based, as in the logs: the first epoch these patterns train in
-    trainable: list[str] = Field(min_length=1)
+    epoch: int = Field(ge=1, description=(  # 1-based, as in the logs
+        "The first epoch (1-based, as in the logs) these patterns train in; at most train.epochs."))
+    trainable: list[str] = Field(min_length=1, description=(
+        "Glob patterns of parameter names that join freeze.trainable from this epoch on."))
 
 
 class FreezeConfig(_Section):
-    default: Literal["frozen", "trainable"] = "frozen"
-    trainable: list[str] = Field(default_factory=lambda: ["fc"])
-    frozen: list[str] = Field(default_factory=list)
-    batchnorm: Literal["eval", "train"] = "eval"
-    stages: list[Stage] = Field(default_factory=list)
+    default: Literal["frozen", "trainable"] = Field("frozen", description=(
+        "What a parameter is when no pattern matches."))
+    trainable: list[str] = Field(default_factory=lambda: ["fc"], description=(
+        "Glob patterns of parameter names to train; layer4 also means layer4.*. The most specific matching "
+        "pattern wins."))
+    frozen: list[str] = Field(default_factory=list, description=(
+        "Glob patterns of parameter names to freeze; a tie with a freeze.trainable pattern goes to frozen."))
+    batchnorm: Literal["eval", "train"] = Field("eval", description=(
+        "eval: BatchNorm layers whose parameters are all frozen run in eval mode, so their running statistics "
+        "never change; train: every BatchNorm layer updates its statistics, as the tutorials do."))
+    stages: list[Stage] = Field(default_factory=list, description=(
+        "Gradual unfreezing: [{epoch: E, trainable: [patterns]}, ...], epochs strictly increasing. Newly "
+        "trainable parameters join the optimizer as new param groups with fresh momentum."))
 
     @field_validator("stages")
     @classmethod
@@ -125,23 +207,34 @@ class FreezeConfig(_Section):
 
 
 class ParamGroup(_Section):
-    params: list[str] = Field(min_length=1)
-    lr: float = Field(gt=0, le=10)
+    params: list[str] = Field(min_length=1, description="Glob patterns of parameter names that get this rate.")
+    lr: float = Field(gt=0, le=10, description="Their learning rate; the schedule multiplies it as it does "
+                      "optim.lr.")
 
 
 class OptimConfig(_Section):
-    lr: float = Field(0.01, gt=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False  # after momentum: its validator reads momentum
-    weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["constant", "step", "cosine"] = "constant"
-    step_size: int = Field(1, ge=1)
-    gamma: float = Field(0.1, gt=0, le=1)
-    warmup_epochs: int = Field(0, ge=0)
-    grad_clip: Optional[float] = Field(None, gt=0)
-    param_groups: list[ParamGroup] = Field(default_factory=list)
-    layer_lr_decay: Optional[float] = Field(None, gt=0, le=1)
-    no_decay_bn_bias: bool = False
+    lr: float = Field(0.01, gt=0, le=10, description="SGD learning rate (lr-find suggests one).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    # after momentum: its validator reads momentum
+    nesterov: bool = Field(False, description="Nesterov momentum (needs momentum > 0).")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
+    schedule: Literal["constant", "step", "cosine"] = Field("constant", description=(
+        "The learning-rate schedule, stepped every batch; it multiplies every param group's own base rate."))
+    step_size: int = Field(1, ge=1, description="step schedule: multiply the rate by gamma every step_size "
+                           "epochs.")
+    gamma: float = Field(0.1, gt=0, le=1, description="step schedule: the factor.")
+    warmup_epochs: int = Field(0, ge=0, description="Linear warm-up from lr/steps to lr over these epochs, then "
+                               "the schedule.")
+    grad_clip: Optional[float] = Field(None, gt=0, description="Clip the global gradient norm to this value; "
+                                       "null: no clipping.")
+    param_groups: list[ParamGroup] = Field(default_factory=list, description=(
+        "Learning rates by pattern: [{params: [patterns], lr: X}, ...]; the most specific pattern wins, and it "
+        "takes precedence over layer_lr_decay."))
+    layer_lr_decay: Optional[float] = Field(None, gt=0, le=1, description=(
+        "d: the head gets lr, each stage below it one more factor d (for ResNets fc lr, layer4 lr*d, ... the "
+        "stem lr*d^5)."))
+    no_decay_bn_bias: bool = Field(False, description="No weight decay on BatchNorm weights and biases or on any "
+                                   "bias.")
 
     @field_validator("nesterov")
     @classmethod
@@ -151,10 +244,33 @@ class OptimConfig(_Section):
         return nesterov
 
 
+MULTICLASS_SCORES = ("val_acc", "val_balanced_acc")  # what early stopping may monitor for one task only
+MULTILABEL_SCORES = ("val_map", "val_micro_f1", "val_exact_match")
+
+
 class EarlyStopping(_Section):
-    monitor: Literal["val_acc", "val_loss", "val_balanced_acc", "val_macro_f1"] = "val_acc"
-    patience: int = Field(3, ge=0)  # epochs without improvement before stopping
-    min_delta: float = Field(0.0, ge=0)  # a smaller change is no improvement
+    monitor: Literal[("val_loss", "val_macro_f1") + MULTICLASS_SCORES + MULTILABEL_SCORES] = Field(
+        "val_acc", description="The validation metric to watch (val_loss improves downwards, the others upwards): "
+        "val_loss or val_macro_f1; for multiclass val_acc or val_balanced_acc; for multilabel val_map (the default "
+        "there), val_micro_f1 or val_exact_match.")
+    patience: int = Field(3, ge=0, description=(
+        "Epochs without improvement before the run stops; 0: at the first epoch that does not improve."))
+    min_delta: float = Field(0.0, ge=0, description="A change of at most this much is no improvement.")
+
+
+LOGGERS = ("tensorboard", "mlflow")
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str = Field("mlruns", min_length=1, description=(
+        "Where MLflow records runs: a folder (a local file store; relative to the config file, or to the current "
+        "folder by default) or a URI such as http://host:5000. Nothing is sent over a network unless you give one."))
+    experiment: str = Field("finetune", min_length=1, description="The MLflow experiment the run is recorded under "
+                            "(created when missing).")
+    run_name: Optional[str] = Field(None, min_length=1, description="The MLflow run's name; default: the run "
+                                    "directory's name.")
+    log_checkpoint: bool = Field(False, description="Also upload best.pt as an artifact when the run ends (a "
+                                 "ResNet-18 checkpoint is about 45 MB).")
 
 
 class EmaConfig(_Section):
@@ -170,23 +286,53 @@ class EmaConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(32, ge=1)
-    seed: int = 0
-    output_dir: str = "runs/default"
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    class_weights: Union[Literal["none", "balanced"], list[float]] = "none"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where native (finetune.utils.hardware)
-    cache_features: Literal["auto", "on", "off"] = "auto"
-    cache_max_gb: float = Field(2.0, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    sync_batchnorm: bool = False
-    dist_timeout_s: int = Field(600, ge=10)
-    early_stopping: Optional[EarlyStopping] = None
-    time_limit_min: Optional[float] = Field(None, gt=0)
+    epochs: int = Field(5, ge=1, description="Epochs to train.")
+    batch_size: int = Field(32, ge=1, description="The global batch: under DDP each of N processes takes "
+                            "batch_size / N images per step.")
+    seed: int = Field(0, description=(
+        "Seeds the head, the split, the data order and augmentation: the same config gives the same weights, "
+        "bit for bit, on the same machine."))
+    output_dir: str = Field("runs/default", description="The run directory (--output-dir overrides it).")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    class_weights: Union[Literal["none", "balanced"], list[float]] = Field("none", description=(
+        "Weights of the training loss per class: none; balanced (inverse class frequency, normalised to mean 1); "
+        "or a list of one positive weight per class, in the sorted order of the class folders."))
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=(  # auto: finetune.utils.hardware
+        "bf16 autocasts the forward pass; weights, gradients and the optimizer stay fp32. auto: bf16 only where "
+        "it is native (a CPU with avx512_bf16 or amx_bf16, a CUDA GPU with compute capability >= 8.0), else "
+        "fp32; an explicit bf16 elsewhere trains but warns: it is several times slower."))
+    cache_features: Literal["auto", "on", "off"] = Field("auto", description=(
+        "Compute the frozen prefix's outputs once, during the first epoch, and train later epochs from them. "
+        "auto: when the prefix is frozen, its BatchNorm layers run in eval mode and the training images do not change from epoch to epoch (data.augment, data.random_erasing, "
+        "train.mixup and train.cutmix off); on: an error when that is not so."))
+    cache_max_gb: float = Field(2.0, ge=0, description=(
+        "Memory for the feature cache, and for the image cache; beyond it a cache goes to a file in the run "
+        "directory, deleted when the run ends."))
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else the CPU.")
+    sync_batchnorm: bool = Field(False, description=(
+        "Under DDP, sync trainable BatchNorm statistics across processes (CUDA only)."))
+    dist_timeout_s: int = Field(600, ge=10, description="Timeout in seconds of collective operations under DDP.")
+    early_stopping: Optional[EarlyStopping] = Field(None, description=(
+        "Stop when monitor has not improved by more than min_delta for patience epochs, e.g. {monitor: val_acc, "
+        "patience: 3, min_delta: 0.0}; null: train every epoch."))
+    time_limit_min: Optional[float] = Field(None, gt=0, description=(
+        "Stop cleanly after this many minutes of this invocation: after the current step, saving last.pt as on "
+        "SIGTERM, exit code 0."))
+    loggers: list[str] = Field(default_factory=list, description=(
+        "Experiment trackers the run also writes to: tensorboard (event files in RUN/tensorboard/), mlflow (see "
+        "train.mlflow; needs pip install 'finetune[mlflow]'). Empty: the run directory only."))
+    log_every_steps: int = Field(10, ge=1, description="Trackers record the training loss and learning rate every "
+                                 "this many optimizer steps (epoch metrics are recorded every epoch).")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="Where train.loggers: [mlflow] records "
+                                 "the run.")
+    calibrate: bool = Field(False, description=(
+        "At the end of training, fit a temperature on best.pt's validation logits so that its probabilities are "
+        "calibrated (as `finetune calibrate` does): stored in best.pt, used by evaluate, predict and export; "
+        "reliability.png in the run directory."))
     mixup: Optional[float] = Field(None, gt=0, description=(
         "MixUp's alpha (torchvision's MixUp): mix a batch with itself shifted by one, with weight ~ Beta(alpha, "
-        "alpha); null turns it off. timm's ImageNet recipes use 0.1-0.8."))
+        "alpha); null turns it off. timm's ImageNet recipes use 0.1-0.8. Multi-label: the multi-hot targets are "
+        "mixed the same way (binary cross-entropy takes soft targets)."))
     cutmix: Optional[float] = Field(None, gt=0, description=(
         "CutMix's alpha (torchvision's CutMix): paste a box of the shifted batch, of area ~ Beta(alpha, alpha); "
         "null turns it off. Usually 1.0."))
@@ -195,7 +341,19 @@ class TrainConfig(_Section):
         "uses either with equal chance (timm's switch_prob 0.5)."))
     ema: Optional[EmaConfig] = Field(None, description=(
         "Keep an exponential moving average of the weights, validated every epoch beside the raw weights; "
-        "null turns it off, {} uses the defaults."))
+        "null turns it off, {} uses the defaults. It cannot change on --resume."))
+
+    @field_validator("loggers")
+    @classmethod
+    def _known_loggers(cls, loggers: list[str]) -> list[str]:
+        for name in loggers:
+            if name not in LOGGERS:
+                close = difflib.get_close_matches(name, LOGGERS, n=1, cutoff=0.5)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ValueError(f"unknown logger {name!r}; {hint}the loggers are {', '.join(LOGGERS)}")
+        if len(set(loggers)) < len(loggers):
+            raise ValueError("a logger is named twice")
+        return loggers
 
     @field_validator("class_weights", mode="before")
     @classmethod
@@ -214,13 +372,26 @@ class TrainConfig(_Section):
 
 
 class Config(_Section):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description=(
+        "The network: architecture, pretrained weights and the size of the new head."))
+    data: DataConfig = Field(default_factory=DataConfig, description=(
+        "The images: where they are, how they are decoded, augmented, sampled and cached."))
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig, description=(
+        "What trains and what stays frozen, BatchNorm modes, and gradual unfreezing."))
+    optim: OptimConfig = Field(default_factory=OptimConfig, description=(
+        "SGD with momentum over the trainable parameters only: learning rates, their schedule, weight decay."))
+    train: TrainConfig = Field(default_factory=TrainConfig, description=(
+        "The run: epochs, batches, seed, run directory, loss, precision, caches, devices and when to stop."))
 
     _source: Any = PrivateAttr(default=None)  # a config.loading._Source: where each key was set
+
+    @model_validator(mode="after")
+    def _monitor_of_task(self) -> "Config":
+        # val_acc, the default, is a multi-class metric: a multi-label run watches val_map unless told otherwise.
+        stopping = self.train.early_stopping
+        if stopping and self.model.task == "multilabel" and "monitor" not in stopping.model_fields_set:
+            stopping.monitor = "val_map"
+        return self
 
     def where(self, key: str) -> str:
         """Where ``key`` was set, for messages: ``file:line``, ``--set key`` or the file."""

@@ -126,29 +126,33 @@ def _disk_error(path: Path, exc: OSError, size: int) -> FinetuneError:
 
 @dataclass
 class ImageCaches:
-    """The image caches of one run, attached to its train and val images, and why they are on or off."""
+    """The image caches of one run, by split ("train", "val"), and why they are on or off. A loader reads a
+    split's images through its cache (``make_loader(..., cache=caches.get(split))``)."""
 
     why: str  # for the log, e.g. "on (...)" or "off (...)"
-    caches: list[tuple[ImageFiles, ImageCache]] = field(default_factory=list)
+    by_split: dict[str, ImageCache] = field(default_factory=dict)
+
+    def get(self, split: str) -> Optional[ImageCache]:
+        return self.by_split.get(split)
 
     def describe(self) -> str:
         """How full the caches are, e.g. ``120 images, 17.2 MiB in memory, 0.0 MiB on disk``."""
-        held = sum(len(cache.filled) for _, cache in self.caches)
-        memory = sum(cache.memory_bytes for _, cache in self.caches)
-        disk = sum(cache.disk_bytes for _, cache in self.caches)
+        caches = self.by_split.values()
+        held = sum(len(cache.filled) for cache in caches)
+        memory = sum(cache.memory_bytes for cache in caches)
+        disk = sum(cache.disk_bytes for cache in caches)
         return f"{held} images held, {_mib(memory)} in memory, {_mib(disk)} on disk"
 
     def close(self) -> None:
-        """Detach the caches, free their memory and delete their files."""
-        for files, cache in self.caches:
-            files.cache = None
+        """Free the caches' memory and delete their files."""
+        for cache in self.by_split.values():
             cache.close()
-        self.caches.clear()
+        self.by_split.clear()
 
 
 def plan_image_caches(config: Config, data: Datasets, *, feature_cached: Collection[str], epochs_left: int,
                       folder: Path, suffix: str = "") -> ImageCaches:
-    """Attach image caches to ``data``'s train and val images as ``data.cache_images`` says.
+    """Image caches for ``data``'s train and val images as ``data.cache_images`` says.
 
     ``auto`` caches when images are read in more than one of the ``epochs_left`` (the feature cache, for the
     splits in ``feature_cached`` when no freeze stage replaces it, serves later epochs instead) and the images
@@ -175,20 +179,18 @@ def plan_image_caches(config: Config, data: Datasets, *, feature_cached: Collect
     caches = ImageCaches("")
     left = budget
     try:
-        for split, files, _ in parts:
+        for split, _, _ in parts:
             cache = ImageCache(shapes[split], left, folder / ON_DISK_NAME.format(split=split + suffix))
             left -= cache.memory_bytes
-            files.cache = cache
-            caches.caches.append((files, cache))
+            caches.by_split[split] = cache
     except FinetuneError:
         caches.close()
         raise
     why = "data.cache_images: on" if setting == "on" else "later epochs read the images again"
-    memory = sum(cache.memory_bytes for _, cache in caches.caches)
-    on_disk = [cache for _, cache in caches.caches if cache.disk_bytes]
+    memory = sum(cache.memory_bytes for cache in caches.by_split.values())
     where = f"{_mib(memory)} in memory (train.cache_max_gb {config.train.cache_max_gb:g})" + "".join(
-        f", {_mib(cache.disk_bytes)} in {cache.path}" for cache in on_disk)
-    images = sum(len(cache.shapes) for _, cache in caches.caches)
+        f", {_mib(cache.disk_bytes)} in {cache.path}" for cache in caches.by_split.values() if cache.disk_bytes)
+    images = sum(len(cache.shapes) for cache in caches.by_split.values())
     served_by_features = "".join(f"; {split} from the feature cache" for split in ("train", "val") if split in served)
     caches.why = f"on ({why}; {images} images: {where}{served_by_features})"
     return caches

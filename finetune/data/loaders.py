@@ -6,6 +6,7 @@ and a resumed run see exactly the same batches.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import os
@@ -23,7 +24,7 @@ from torch.utils.data import (
 )
 
 from finetune.data.folders import ImageFiles, image_files
-from finetune.data.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (imported from here by export)
+from finetune.data.imagecache import ImageCache
 from finetune.errors import FinetuneError
 from finetune.utils.seeding import mix_seed, seeded
 
@@ -73,7 +74,9 @@ def _seeded_item(dataset: Dataset, index: int, seed: int):
     if isinstance(dataset, Subset):
         return _seeded_item(dataset.dataset, dataset.indices[index], seed)
     if isinstance(dataset, ImageFiles):
-        return dataset.item(index, seed)
+        return dataset.read(index, seed=seed)
+    if isinstance(dataset, _Reading):
+        return dataset.files.read(index, dataset.cache, dataset.ahead, seed)
     with seeded(seed):
         return dataset[index]
 
@@ -162,36 +165,38 @@ def for_epoch(dataset: Dataset, epoch: int) -> Dataset:
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
                 skip_batches: int = 0, workers: int = 0, rank: int = 0, world: int = 1,
-                weights: Optional[torch.Tensor] = None):
+                weights: Optional[torch.Tensor] = None, cache: Optional[ImageCache] = None):
     """A loader whose order is a function of (seed, epoch) only, so runs and resumes repeat exactly.
 
     ``workers``: over image files (:class:`ImageFiles`, also under a Subset or wrapper) that many decode threads
-    work ahead of the main thread, which finishes each item (the seeded random transforms) and collates, so the
-    batches are the same for any count; over other datasets, DataLoader worker processes.
-    ``weights``: weighted sampling with replacement (see :func:`epoch_sampler`)."""
+    work ahead of the main thread (and finish items with random transforms there, each under its own seed), and
+    the main thread finishes the rest and collates, so the batches are the same for any count; over other datasets, DataLoader worker processes.
+    ``weights``: weighted sampling with replacement (see :func:`epoch_sampler`).
+    ``cache``: the image cache of the image files (``imagecache``): what it holds is not decoded again."""
     dataset = for_epoch(dataset, epoch)
     sampler = epoch_sampler(len(dataset), shuffle=shuffle, seed=seed, epoch=epoch, skip=skip_batches * batch_size,
                             rank=rank, world=world, weights=weights)
-    return _loader(dataset, workers, list(sampler), PREFETCH_BATCHES * batch_size, batch_size=batch_size,
+    return _loader(dataset, workers, list(sampler), PREFETCH_BATCHES * batch_size, cache, batch_size=batch_size,
                    sampler=sampler, drop_last=drops_last(len(dataset), batch_size, shuffle, world))
 
 
-def batch_loader(dataset: Dataset, batches: list[list[int]], workers: int = 0):
-    """A loader of exactly ``batches`` (lists of indices), in order, with :func:`make_loader`'s decode threads."""
+def batch_loader(dataset: Dataset, batches: list[list[int]], workers: int = 0, cache: Optional[ImageCache] = None):
+    """A loader of exactly ``batches`` (lists of indices), in order, with :func:`make_loader`'s decode threads and
+    image cache."""
     order = list(itertools.chain.from_iterable(batches))
-    return _loader(dataset, workers, order, PREFETCH_BATCHES * max(map(len, batches), default=1),
+    return _loader(dataset, workers, order, PREFETCH_BATCHES * max(map(len, batches), default=1), cache,
                    batch_sampler=batches)
 
 
-def _loader(dataset: Dataset, workers: int, order: list[int], ahead: int, **batching):
-    files = image_files(dataset) if workers else None
-    loader = DataLoader(dataset, num_workers=0 if files else workers, collate_fn=collate_channels_last, **batching)
+def _loader(dataset: Dataset, workers: int, order: list[int], ahead: int, cache: Optional[ImageCache],
+            **batching):
+    files = image_files(dataset) if workers or cache is not None else None
     if files is None:
-        return loader
+        return _data_loader(dataset, workers, batching)
     base, index = files
     seeds = _seeds(dataset) if base.pipeline.random else None
-    return _PrefetchingLoader(loader, base, [(index[i], seeds and seeds.item_seed(i)) for i in order], workers,
-                              ahead)
+    order = [(index[i], seeds.item_seed(i) if seeds else None) for i in order]
+    return _ReadingLoader(dataset, base, cache, order, workers, ahead, batching)
 
 
 def _seeds(dataset: Dataset) -> Optional[SeededSamples]:
@@ -206,12 +211,13 @@ PREFETCH_BATCHES = 2  # how far decode threads work ahead of training
 
 class _Prefetch:
     """Decode threads working through ``order`` ((index of ``files``, seed or None) pairs) ahead of the main
-    thread, at most ``ahead`` images at a time. An item with a seed is decoded (or taken from the cache) and
-    finished with its random transforms there; one without is only decoded, and left to the main thread when the
-    cache holds it already."""
+    thread, at most ``ahead`` images at a time. An item with a seed is decoded (or taken from ``cache``) and
+    finished with its random transforms there; one without is only decoded, and left to the main thread when
+    ``cache`` holds it already."""
 
-    def __init__(self, files: ImageFiles, order: list[tuple[int, Optional[int]]], threads: int, ahead: int):
-        self.files, self.order, self.ahead = files, iter(order), ahead
+    def __init__(self, files: ImageFiles, cache: Optional[ImageCache], order: list[tuple[int, Optional[int]]],
+                 threads: int, ahead: int):
+        self.files, self.cache, self.order, self.ahead = files, cache, iter(order), ahead
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="finetune-decode")
         self.pending: dict[int, Future] = {}
         self._top_up()
@@ -222,7 +228,6 @@ class _Prefetch:
         return future
 
     def _top_up(self) -> None:
-        cache = self.files.cache
         while len(self.pending) < self.ahead:
             index, seed = next(self.order, (None, None))
             if index is None:
@@ -230,33 +235,65 @@ class _Prefetch:
             if index in self.pending:
                 continue
             if seed is not None:
-                self.pending[index] = self.pool.submit(self.files.finished, index, seed)
-            elif not (cache is not None and cache.holds(index)):
-                self.pending[index] = self.pool.submit(self.files.decode, index)
+                self.pending[index] = self.pool.submit(self.files.finished, index, seed, self.cache)
+            elif not (self.cache is not None and self.cache.holds(index)):
+                self.pending[index] = self.pool.submit(self.files.decode, index, self.cache)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-class _PrefetchingLoader:
-    """``loader`` (run in the main thread) with decode threads working ahead of it."""
+class _Reading(Dataset):
+    """``files`` read through an image cache and decode threads working ahead (either may be None)."""
 
-    def __init__(self, loader: DataLoader, files: ImageFiles, order: list[tuple[int, Optional[int]]], threads: int,
-                 ahead: int):
-        self.loader, self.files, self.order, self.threads, self.ahead = loader, files, order, threads, ahead
+    def __init__(self, files: ImageFiles, cache: Optional[ImageCache], ahead: Optional[_Prefetch]):
+        self.files, self.cache, self.ahead = files, cache, ahead
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        return self.files.read(index, self.cache, self.ahead)
+
+
+def _read_through(dataset: Dataset, files: ImageFiles, reading: _Reading) -> Dataset:
+    """A copy of the wrappers around ``files`` (Subset, SeededSamples, Indexed...) over ``reading`` instead."""
+    if dataset is files:
+        return reading
+    wrapper = copy.copy(dataset)
+    wrapper.dataset = _read_through(dataset.dataset, files, reading)
+    return wrapper
+
+
+class _ReadingLoader:
+    """A DataLoader (run in the main thread) over ``dataset``, whose image files are read through ``cache`` and
+    ``threads`` decode threads working ahead through ``order``; both belong to one iteration."""
+
+    def __init__(self, dataset: Dataset, files: ImageFiles, cache: Optional[ImageCache],
+                 order: list[tuple[int, Optional[int]]], threads: int, ahead: int, batching: dict):
+        self.dataset, self.files, self.cache, self.order = dataset, files, cache, order
+        self.threads, self.ahead, self.batching = threads, ahead, batching
+
+    def __len__(self) -> int:
+        return len(self._over(self.dataset))
 
     def __iter__(self):
-        batches = iter(self.loader)  # before the threads start: it draws its base seed from torch's generator
-        prefetch = _Prefetch(self.files, self.order, self.threads, self.ahead)
-        self.files.prefetch = prefetch
+        prefetch = _Prefetch(self.files, self.cache, self.order, self.threads, self.ahead) if self.threads else None
         try:
-            yield from batches
+            yield from self._over(_read_through(self.dataset, self.files, _Reading(self.files, self.cache, prefetch)))
         finally:
-            self.files.prefetch = None
-            prefetch.close()
+            if prefetch is not None:
+                prefetch.close()
+
+    def _over(self, dataset: Dataset) -> DataLoader:
+        return _data_loader(dataset, 0, self.batching)
+
+
+def _data_loader(dataset: Dataset, workers: int, batching: dict) -> DataLoader:
+    # Each iteration of a DataLoader draws a seed for its worker processes from its generator, by default torch's
+    # global one: a generator of its own leaves the global random state (and a run's, finetune.training.rng) alone.
+    return DataLoader(dataset, num_workers=workers, collate_fn=collate_channels_last, generator=torch.Generator(),
+                      **batching)
 
 
 def steps_per_epoch(dataset: Dataset, batch_size: int, world: int = 1) -> int:

@@ -4,7 +4,8 @@
 As timm's ``Mixup`` does, each batch is mixed with probability ``mix_prob``, by MixUp or CutMix (either with equal
 chance when both are on); the pairing is the batch and itself shifted by one, as torchvision's ``MixUp``/``CutMix``
 pair them. Every batch gets soft targets (one row of class weights per image; one-hot when the batch is not mixed),
-so that the loss is the same function in every step. The draws are seeded by (seed, epoch, batch, process), so a
+so that the loss is the same function in every step; multi-hot targets (``model.task: multilabel``) are mixed with
+the images' weights. The draws are seeded by (seed, epoch, batch, process), so a
 resumed run mixes exactly as the uninterrupted one did.
 """
 
@@ -36,7 +37,12 @@ class Mixer:
         return cls(train, num_classes, rank)
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, epoch: int, batch: int):
-        """Batch number ``batch`` of (0-based) ``epoch``, mixed or not as its seed draws; targets (N, classes)."""
+        """Batch number ``batch`` of (0-based) ``epoch``, mixed or not as its seed draws; targets (N, classes).
+
+        ``targets``: class indices, or multi-hot rows (multi-label), which are mixed with the same weights as the
+        images (binary cross-entropy takes the soft rows as they are)."""
+        if targets.dim() == 2:
+            targets = targets.float()
         with seeded(mix_seed(self.seed, epoch, batch, self.rank)):
             images, targets = self.transform(images, targets)
         if targets.dim() == 1:  # not mixed this time

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from finetune import __version__
-from finetune.data.folders import load_datasets
+from finetune.data.folders import load_datasets, spread_indices
 from finetune.data.images import IMAGENET_MEAN, IMAGENET_STD
 from finetune.deploy.artifacts import (
-    _TEXT_KEYS,
     INPUT_NAME,
     METADATA_FILE,
     OUTPUT_NAME,
+    PROBABILITIES,
     SUFFIXES,
     TTA_NOTE,
     Preprocessed,
@@ -39,23 +39,33 @@ from finetune.deploy.artifacts import (
     load_onnx,
     load_torchscript,
     load_trained,
+    set_onnx_metadata,
     to_pixels,
 )
+from finetune.deploy.quantize import Int8Options, calibration_pixels, quantize_export
 from finetune.errors import FinetuneError, describe
 from finetune.models.arch import get_arch
 from finetune.utils.files import atomic_write
 
 MIN_OPSET = 18  # the lowest the torch.export-based exporter writes; onnxruntime reads it since 1.14
-TOLERANCE = 1e-4  # largest absolute logit difference from the checkpoint that passes verification
+# Verification passes an output that differs from the checkpoint's by at most TOLERANCE + RELATIVE_TOLERANCE x the
+# image's largest |output|, as torch.testing.assert_close adds an absolute and a relative part, but relative to the
+# whole row: float rounding grows with the sums that made every logit of the image, so a logit near 0 beside ones
+# near 6e4 carries the same absolute error. A ResNet-50 trained head-only from random weights, BatchNorm frozen,
+# reaches logits of 6e4 at 224 px; onnxruntime's then differ by 0.016, a relative 2.5e-7: float noise.
+TOLERANCE = 1e-4
+RELATIVE_TOLERANCE = 1e-5
 VERIFY_IMAGES = 32
 
 
 def metadata(trained: Trained, fmt: str) -> dict:
-    """What an artifact says about itself: classes, preprocessing, architecture, version and source run."""
+    """What an artifact says about itself: classes, preprocessing, output, temperature, architecture, version and
+    source run."""
     size = trained.config.data.image_size
     inside = fmt != "state-dict"
-    progress = trained.progress
-    history = progress.get("history") or [{}]
+    probabilities = inside and trained.temperature is not None
+    state = trained.train_state
+    history = state.get("history") or [{}]
     return {
         "classes": trained.classes,
         "image_size": size,
@@ -64,21 +74,26 @@ def metadata(trained: Trained, fmt: str) -> dict:
         "input": (f"float32 RGB in [0, 1], N x 3 x {size} x {size}; "
                   + ("the model normalises it with mean and std itself" if inside
                      else "normalise it with (x - mean) / std before the model")),
+        "output": (PROBABILITIES if probabilities else OUTPUT_NAME),
+        "temperature": trained.temperature,
+        "calibration": trained.calibration,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "arch": trained.config.model.arch,
-        "weights": trained.weights,
+        "task": trained.config.model.task,
+        "thresholds": trained.thresholds,  # multilabel: a label is predicted at sigmoid(logit) >= its threshold
+        "weights": trained.weights,  # raw, or ema: the weight EMA's (train.ema.use_for)
         "tta": TTA_NOTE,
         "finetune_version": __version__,
-        "source": {"checkpoint": str(trained.path.resolve()), "epoch": progress.get("epoch"),
+        "source": {"checkpoint": str(trained.path.resolve()), "epoch": state.get("epoch"),
                    "val_acc": history[-1].get("val_acc")},
         "config": trained.config.model_dump(mode="json"),
     }
 
 
-def default_output(checkpoint: Path, fmt: str) -> Path:
+def default_output(checkpoint: Path, fmt: str, int8: bool = False) -> Path:
     checkpoint = Path(checkpoint)
-    return checkpoint.with_name(checkpoint.stem + SUFFIXES[fmt])
+    return checkpoint.with_name(checkpoint.stem + (".int8" if int8 else "") + SUFFIXES[fmt])
 
 
 def sidecar(output: Path) -> Path:
@@ -87,28 +102,37 @@ def sidecar(output: Path) -> Path:
 
 
 def export_checkpoint(checkpoint: Path, fmt: str = "onnx", output: Optional[Path] = None,
-                      opset: Optional[int] = None, overwrite: bool = False) -> dict:
+                      opset: Optional[int] = None, overwrite: bool = False, int8: Optional[Int8Options] = None) -> dict:
     """Export ``checkpoint`` as ``fmt`` (onnx, torchscript, state-dict), verify it, then write it.
 
-    ``output`` defaults to the checkpoint's name with the format's suffix, beside it. Returns
-    ``{path, format, bytes, max_abs_diff, images, classes, verified_on, tolerance}`` (plus ``opset``
-    or ``metadata_path``).
-    Raises FinetuneError: exit code 2 for bad input (nothing written), 1 when verification fails
-    (nothing written either).
+    ``output`` defaults to the checkpoint's name with the format's suffix, beside it. A calibrated checkpoint's
+    ONNX and TorchScript exports output its calibrated probabilities in place of the logits. With ``int8`` the
+    verified ONNX model is quantized (:mod:`finetune.deploy.quantize`) and checked and timed before it is written.
+    Returns ``{path, format, bytes, compared, max_abs_diff, max_rel_diff, top1_agreement, images, classes,
+    verified_on, tolerance}`` (plus ``opset``, ``metadata_path``, ``temperature`` or ``quantization``).
+    Raises FinetuneError: exit code 2 for bad input (nothing written), 1 when verification fails or int8 loses
+    too much accuracy (nothing written either).
     """
     if fmt not in SUFFIXES:
         raise FinetuneError(f"Unknown export format {fmt!r} (--format); use one of {', '.join(SUFFIXES)}.")
+    if int8 is not None and fmt != "onnx":
+        raise FinetuneError(f"--quantize int8 applies to --format onnx only (the format is {fmt}): the int8 model "
+                            "is ONNX Runtime's. Leave out --format, or --quantize.")
     opset = _check_opset(fmt, opset)
     checkpoint = Path(checkpoint)
-    output = Path(output) if output is not None else default_output(checkpoint, fmt)
+    output = Path(output) if output is not None else default_output(checkpoint, fmt, int8 is not None)
     targets = [output] + ([sidecar(output)] if fmt == "state-dict" else [])
     _check_outputs(checkpoint, fmt, targets, overwrite)
     trained = load_trained(checkpoint)
+    calibration = calibration_pixels(trained, int8) if int8 is not None else None  # bad images fail before work
 
     meta = metadata(trained, fmt)
     data = _serialise(trained, fmt, meta, opset)
     batch, verified_on = verification_batch(trained)
-    diff = _verify(trained, fmt, data, batch)
+    check = _verify(trained, fmt, data, batch)
+    quantization = None
+    if int8 is not None:
+        data, quantization = quantize_export(trained, data, meta, int8, calibration)
     _write(output, data)
     if fmt == "state-dict":
         try:
@@ -116,12 +140,15 @@ def export_checkpoint(checkpoint: Path, fmt: str = "onnx", output: Optional[Path
         except FinetuneError:
             output.unlink()  # a state dict without its JSON would be half an export
             raise
-    result = {"path": str(output), "format": fmt, "bytes": len(data), "max_abs_diff": diff, "images": len(batch),
-              "classes": trained.classes, "verified_on": verified_on, "tolerance": TOLERANCE}
+    result = {"path": str(output), "format": fmt, "bytes": len(data), **check, "images": len(batch),
+              "classes": trained.classes, "verified_on": verified_on, "temperature": trained.temperature,
+              "tolerance": tolerance_text(check["compared"])}
     if fmt == "onnx":
         result["opset"] = opset
     if fmt == "state-dict":
         result["metadata_path"] = str(targets[1])
+    if quantization is not None:
+        result["quantization"] = quantization
     return result
 
 
@@ -177,25 +204,48 @@ def _serialise(trained: Trained, fmt: str, meta: dict, opset: Optional[int]) -> 
         buffer = io.BytesIO()
         torch.save({k: v.contiguous() for k, v in trained.model.state_dict().items()}, buffer)
         return buffer.getvalue()
-    module = Preprocessed(trained.model).eval()
     if fmt == "torchscript":
         buffer = io.BytesIO()
         with _quiet_jit():
-            torch.jit.save(torch.jit.script(module), buffer, _extra_files={METADATA_FILE: json.dumps(meta)})
+            module = torch.jit.script(Preprocessed(trained.model, trained.temperature).eval())
+            torch.jit.save(module, buffer, _extra_files={METADATA_FILE: json.dumps(meta)})
         return buffer.getvalue()
+    model = _onnx_graph(trained, opset)
+    if trained.temperature is not None:
+        _append_probabilities(model, trained.temperature)
+    set_onnx_metadata(model, meta)
+    return model.SerializeToString()
+
+
+def _onnx_graph(trained: Trained, opset: int):
+    """The checkpoint's network behind its normalisation (:class:`Preprocessed`), traced by torch's exporter into
+    an ONNX ModelProto: pixels in, logits out, any batch size."""
     size = trained.config.data.image_size
     example = torch.rand(2, 3, size, size)  # batch 2: a batch of 1 would fix the batch dimension to 1
     try:
-        program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset,
+        program = torch.onnx.export(Preprocessed(trained.model).eval(), (example,), dynamo=True, opset_version=opset,
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
                                     verbose=False)
     except Exception as exc:
         raise FinetuneError(f"torch.onnx.export failed on {trained.path}: {type(exc).__name__}: {exc}",
                             exit_code=1) from None
-    program.model.metadata_props.update(
-        {key: value if key in _TEXT_KEYS else json.dumps(value) for key, value in meta.items()})
-    return program.model_proto.SerializeToString()
+    return program.model_proto
+
+
+def _append_probabilities(model, temperature: float) -> None:
+    """Make the graph's output softmax(logits / temperature), named PROBABILITIES: what :class:`Preprocessed` with
+    a temperature computes (verification compares the two). Two nodes after the traced network, which stays as it
+    is without a temperature."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph, divided = model.graph, "logits_over_temperature"
+    graph.initializer.append(numpy_helper.from_array(np.array(temperature, dtype=np.float32), "temperature"))
+    graph.node.extend([
+        helper.make_node("Div", [OUTPUT_NAME, "temperature"], [divided], name="calibration_temperature"),
+        helper.make_node("Softmax", [divided], [PROBABILITIES], name="calibration_softmax", axis=1)])
+    graph.output[0].name = PROBABILITIES  # same type and shape as the logits
 
 
 def verification_batch(trained: Trained) -> tuple[torch.Tensor, str]:
@@ -210,9 +260,8 @@ def verification_batch(trained: Trained) -> tuple[torch.Tensor, str]:
         return _random_batch(size), f"random inputs (the run's data cannot be read: {reason})"
     if len(val) == 0:
         return _random_batch(size), "random inputs (the run's validation split is empty)"
-    count = min(VERIFY_IMAGES, len(val))
-    indices = sorted({round(i * (len(val) - 1) / max(1, count - 1)) for i in range(count)})
-    items = [item for item in map(val.__getitem__, indices) if item is not None]  # None: skipped as unreadable
+    items = [item for item in map(val.__getitem__, spread_indices(len(val), VERIFY_IMAGES))
+             if item is not None]  # None: skipped as unreadable
     if not items:
         return _random_batch(size), "random inputs (no readable image in the run's validation split)"
     images = torch.stack([image for image, _ in items]).contiguous()
@@ -226,8 +275,10 @@ def _random_batch(size: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _verify(trained: Trained, fmt: str, data: bytes, batch: torch.Tensor) -> float:
-    """The largest absolute logit difference between the artifact (loaded back from ``data``) and the checkpoint.
+def _verify(trained: Trained, fmt: str, data: bytes, batch: torch.Tensor) -> dict:
+    """Compare the artifact (loaded back from ``data``) with the checkpoint on ``batch``: its outputs (logits, or the
+    calibrated probabilities of a calibrated checkpoint) within the tolerance, and the same top-1 class but where
+    the checkpoint's top two are within it. Returns what was compared, the largest differences and the agreement.
 
     The artifact runs the batch in two calls, of 1 and of the rest, so a fixed batch size would fail here.
     """
@@ -243,16 +294,47 @@ def _verify(trained: Trained, fmt: str, data: bytes, batch: torch.Tensor) -> flo
         problem = str(exc) if isinstance(exc, FinetuneError) else describe(exc)
         raise FinetuneError(f"Verification failed: {what} does not load back and run: {problem}\n"
                             "Nothing was written.", exit_code=1) from None
-    expected = trained.model.eval()(batch)
+    expected = (trained.model if fmt == "state-dict" else Preprocessed(trained.model, trained.temperature))(inputs)
+    compared = OUTPUT_NAME if fmt == "state-dict" or trained.temperature is None else PROBABILITIES
     if got.shape != expected.shape:
-        raise FinetuneError(f"Verification failed: {what} gives logits of shape {tuple(got.shape)}, the checkpoint "
-                            f"{tuple(expected.shape)}.\nNothing was written.", exit_code=1)
-    diff = (got.float() - expected).abs().max().item()
-    if not diff <= TOLERANCE:  # also catches NaN
-        raise FinetuneError(f"Verification failed: {what} differs from the checkpoint by up to {diff:.3g} in the "
-                            f"logits of {len(batch)} images (tolerance {TOLERANCE:g}).\nNothing was written.",
-                            exit_code=1)
-    return diff
+        raise FinetuneError(f"Verification failed: {what} gives {compared} of shape {tuple(got.shape)}, the "
+                            f"checkpoint {tuple(expected.shape)}.\nNothing was written.", exit_code=1)
+    check = compare_outputs(got.float(), expected)
+    check["compared"] = compared
+    if check["over"]:
+        raise FinetuneError(f"Verification failed: {what} differs from the checkpoint by up to "
+                            f"{check['max_abs_diff']:.3g} in the {compared} of {len(batch)} images, beyond the "
+                            f"tolerance ({tolerance_text(compared)}) "
+                            f"on {check['over']} of them.\nNothing was written.", exit_code=1)
+    if check["flipped"]:
+        raise FinetuneError(f"Verification failed: {what} picks another top-1 class than the checkpoint on "
+                            f"{check['flipped']} of {len(batch)} images.\nNothing was written.", exit_code=1)
+    return {key: value for key, value in check.items() if key not in ("over", "flipped")}
+
+
+def tolerance_text(compared: str) -> str:
+    """The verification tolerance in words, for ``compared`` outputs (logits or probabilities)."""
+    one = {OUTPUT_NAME: "logit", PROBABILITIES: "probability"}[compared]
+    return f"{TOLERANCE:g} + {RELATIVE_TOLERANCE:g} x the image's largest |{one}|"
+
+
+def compare_outputs(got: torch.Tensor, expected: torch.Tensor) -> dict:
+    """How far ``got`` is from ``expected`` (N x classes): ``max_abs_diff``; ``max_rel_diff``, relative to each
+    image's largest |expected|; ``over``, the images with a difference beyond TOLERANCE + RELATIVE_TOLERANCE x that
+    (NaN counts); ``top1_agreement``; and ``flipped``, the images whose top-1 class differs although the expected
+    top-1 leads the other class by more than the image's tolerance (a closer tie may flip on rounding)."""
+    diff = (got - expected).abs()
+    scale = expected.abs().amax(1, keepdim=True)
+    allowed = TOLERANCE + RELATIVE_TOLERANCE * scale
+    top_got, top_expected = got.argmax(1, keepdim=True), expected.argmax(1, keepdim=True)
+    lead = expected.gather(1, top_expected) - expected.gather(1, top_got)
+    return {"max_abs_diff": _largest(diff), "max_rel_diff": _largest(diff / scale.clamp_min(TOLERANCE)),
+            "over": int((~(diff <= allowed)).any(1).sum()), "top1_agreement": (top_got == top_expected).double()
+            .mean().item(), "flipped": int((lead > allowed).sum())}
+
+
+def _largest(values: torch.Tensor) -> float:
+    return values.max().item() if values.numel() else 0.0
 
 
 def _fresh_torchvision(trained: Trained, data: bytes) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Test-time augmentation (``evaluate --tta``, ``predict --tta``): the softmax averaged over views of each image.
+"""Test-time augmentation (``evaluate --tta``, ``predict --tta``): the probabilities (softmax; multi-label: each
+label's sigmoid) averaged over views of each image.
 
 - ``flip``: the image as evaluated without TTA, and its mirror image (fastai's ``learn.tta`` default);
 - ``five-crop``: the image resized to ``image_size / 0.875`` (256 px for 224, as torchvision's ImageNet evaluation
@@ -44,7 +45,14 @@ def views(mode: str, batch: torch.Tensor, image_size: int) -> list[torch.Tensor]
     return [view.contiguous(memory_format=torch.channels_last) for view in F.five_crop(batch, [image_size] * 2)]
 
 
-def probabilities(model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, mode: str,
-                  image_size: int) -> torch.Tensor:
-    """The softmax of ``model``'s logits averaged over the views of ``batch``."""
-    return torch.stack([model(view).float().softmax(1) for view in views(mode, batch, image_size)]).mean(0)
+def averaged_logits(logits_of: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, mode: str,
+                    image_size: int, multilabel: bool = False) -> torch.Tensor:
+    """Logits whose softmax is the softmax of ``logits_of`` averaged over the views of ``batch`` (their log); for a
+    ``multilabel`` model, whose sigmoid is the averaged sigmoid of each label (their logit). Every metric and
+    threshold then reads them as it reads one pass's logits."""
+    outputs = [logits_of(view).float() for view in views(mode, batch, image_size)]
+    tiny = torch.finfo(torch.float32).tiny  # keeps log(0) finite
+    if multilabel:
+        probs = torch.stack([out.sigmoid() for out in outputs]).mean(0)
+        return probs.clamp_min(tiny).log() - (1 - probs).clamp_min(tiny).log()
+    return torch.stack([out.softmax(1) for out in outputs]).mean(0).clamp_min(tiny).log()

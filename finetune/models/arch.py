@@ -31,16 +31,18 @@ architecture and weights names instantly.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from finetune.config.schema import ModelConfig, is_weights_name
+from finetune.errors import Problem
+
 if TYPE_CHECKING:
     from torch import nn
-
-DEFAULT_ARCH = "resnet18"
 
 
 @dataclass(frozen=True)
@@ -156,3 +158,19 @@ Arch = ResNet  # the interface every description provides (see the module docstr
 
 def get_arch(name: str) -> Arch:
     return ARCHS[name]
+
+
+def problems(model: ModelConfig) -> list[Problem]:
+    """``model.arch`` that names no architecture finetune knows, and ``model.weights`` naming torchvision weights
+    the architecture lacks."""
+    arch = ARCHS.get(model.arch)
+    if arch is None:
+        close = difflib.get_close_matches(model.arch, ARCH_NAMES, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        return [Problem("model.arch", f"{model.arch!r} is not an architecture finetune knows; {hint}"
+                                      f"use one of {', '.join(ARCH_NAMES)}")]
+    weights = model.weights
+    if is_weights_name(weights) and weights != "DEFAULT" and weights not in arch.weight_names:
+        return [Problem("model.weights", f"torchvision has no {weights} weights for {arch.name}; use DEFAULT or "
+                                         f"{' or '.join(arch.weight_names)}, a state-dict file, or none")]
+    return []

@@ -21,12 +21,13 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 from torch.utils.data import BatchSampler
 
+from finetune.data.imagecache import ImageCache, ImageCaches
 from finetune.data.loaders import (
     Indexed,
     SeededSamples,
@@ -38,9 +39,10 @@ from finetune.data.loaders import (
     skipped_batch_error,
 )
 from finetune.data.mixing import Mixer
+from finetune.errors import Problem
 from finetune.models.arch import Arch
 from finetune.models.freeze import Decision
-from finetune.training.distributed import Dist
+from finetune.utils.distributed import Dist
 
 ON_DISK_NAME = "feature-cache-{split}.bin"
 
@@ -71,13 +73,13 @@ class FastModel:
                  precision: str, device: torch.device = torch.device("cpu")):
         self.device = device
         self.model = model.to(device, memory_format=torch.channels_last)
+        self.bn_modes = bn_modes  # the mode ('train' or 'eval') of each BatchNorm layer while training
         chain = arch.stages(model)
-        self.split = frozen_prefix_length(chain, plan)
+        self.split, self.prefix_deterministic = _prefix(chain, plan, bn_modes)
         self.prefix, self.suffix = chain[:self.split], chain[self.split:]
         self.trainable_part: nn.Module = nn.Sequential(OrderedDict(
             (name.replace(".", "_"), module) for name, module in self.suffix))
         self.bf16 = precision == "bf16"
-        self.prefix_deterministic = prefix_is_deterministic(self.prefix_names, bn_modes)
 
     @classmethod
     def whole(cls, model: nn.Module, arch: Arch) -> "FastModel":
@@ -119,23 +121,49 @@ class FastModel:
         return self.head(self.features(images))
 
 
-def cache_decision(setting: str, fast: FastModel, augment: Union[bool, str]) -> tuple[bool, str]:
-    """Whether to cache prefix features (``train.cache_features``) and why, in words for the log; ``augment``:
-    whether the inputs change every epoch (True: data.augment), or the key that makes them (:func:`changing_key`)."""
-    return _cache_decision(setting, fast.split, fast.prefix_deterministic, augment)
+class CachePlan(NamedTuple):
+    """Which splits the feature cache holds, and why, in words for the log."""
+    train: bool
+    val: bool
+    why: str
+
+    @property
+    def splits(self) -> list[str]:
+        return [split for split, cached in (("train", self.train), ("val", self.val)) if cached]
 
 
-def cache_problems(config, arch: Arch, model: nn.Module, plan: dict[str, Decision],
-                   bn_modes: dict[str, str]) -> list[tuple[str, str]]:
+def cache_plan(config, arch: Arch, model: nn.Module, plan: dict[str, Decision],
+               bn_modes: dict[str, str]) -> CachePlan:
+    """Where ``train.cache_features`` caches the frozen prefix's features for ``model`` frozen as ``plan`` says
+    (``model`` may be on the meta device): never for augmented training images; validation is never augmented."""
+    return _cache_plan(config, *_prefix(arch.stages(model), plan, bn_modes))
+
+
+def _cache_plan(config, split: int, deterministic: bool) -> CachePlan:
+    setting = config.train.cache_features
+    train, why = _cache_decision(setting, split, deterministic, changing_key(config))
+    val, _ = _cache_decision(setting, split, deterministic, augment=False)
+    if val and not train:
+        why += "; on for validation (its images are not augmented)"
+    return CachePlan(train, val, why)
+
+
+def problems(config, arch: Arch, model: nn.Module, plan: dict[str, Decision],
+             bn_modes: dict[str, str]) -> list[Problem]:
     """``train.cache_features: on`` where the cache cannot be used (``model`` may be on the meta device)."""
     if config.train.cache_features != "on":
         return []
-    chain = arch.stages(model)
+    split, deterministic = _prefix(arch.stages(model), plan, bn_modes)
+    usable, why = _cache_decision("on", split, deterministic, changing_key(config))
+    return [] if usable else [Problem("train.cache_features", f"is 'on' but the cache cannot be used: "
+                                                              f"{why.removeprefix('off (').rstrip(')')}; use auto "
+                                                              "or off")]
+
+
+def _prefix(chain: list[tuple[str, nn.Module]], plan: dict[str, Decision], bn_modes: dict[str, str]) -> tuple[int, bool]:
+    """The frozen prefix's length and whether it is deterministic (see :func:`prefix_is_deterministic`)."""
     split = frozen_prefix_length(chain, plan)
-    prefix = [name for name, _ in chain[:split]]
-    usable, why = _cache_decision("on", split, prefix_is_deterministic(prefix, bn_modes), changing_key(config))
-    return [] if usable else [("train.cache_features", f"is 'on' but the cache cannot be used: "
-                                                       f"{why.removeprefix('off (').rstrip(')')}; use auto or off")]
+    return split, prefix_is_deterministic([name for name, _ in chain[:split]], bn_modes)
 
 
 def changing_key(config) -> Optional[str]:
@@ -167,13 +195,15 @@ class FeatureCache:
     """Prefix outputs of one data split, by sample index: in memory, or memory-mapped in the run directory."""
 
     features: torch.Tensor
-    targets: torch.Tensor
+    targets: torch.Tensor  # class indices, or multi-hot rows (multi-label)
     filled: torch.Tensor  # bool per sample
     skipped: torch.Tensor  # bool per sample: an unreadable image left out (data.skip_bad_images), found when decoded
     path: Optional[Path] = None
 
     @classmethod
-    def create(cls, size: int, shape: tuple, max_bytes: float, folder: Path, split: str) -> "FeatureCache":
+    def create(cls, size: int, shape: tuple, max_bytes: float, folder: Path, split: str,
+               targets: torch.Tensor) -> "FeatureCache":
+        """Room for ``size`` samples of features of ``shape``, and targets shaped as a batch of ``targets``."""
         numel = size * math.prod(shape)
         path = None
         if numel * 4 <= max_bytes:
@@ -183,7 +213,8 @@ class FeatureCache:
             with open(path, "wb") as f:
                 f.truncate(numel * 4)
             features = torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32).view(size, *shape)
-        return cls(features, torch.zeros(size, dtype=torch.long), torch.zeros(size, dtype=torch.bool),
+        return cls(features, torch.zeros((size, *targets.shape[1:]), dtype=targets.dtype),
+                   torch.zeros(size, dtype=torch.bool),
                    torch.zeros(size, dtype=torch.bool), path)
 
     @property
@@ -208,18 +239,22 @@ class FeatureCache:
         count = dist.sum_tensor(self.filled.float()).clamp(min=1)
         per_sample = count.view(-1, *[1] * (self.features.dim() - 1))
         self.features.copy_(dist.sum_tensor(self.features.clone()) / per_sample)
-        self.targets.copy_((dist.sum_tensor((self.targets * self.filled).double()) / count).round().long())
+        per_target = count.view(-1, *[1] * (self.targets.dim() - 1))
+        filled = self.filled.view_as(per_target)
+        targets = dist.sum_tensor((self.targets * filled).double()) / per_target
+        self.targets.copy_(targets.round().to(self.targets.dtype))
         self.filled.copy_(dist.sum_tensor(self.filled.float()) > 0)
         self.skipped.copy_(dist.sum_tensor(self.skipped.float()) > 0)
 
     def batches(self, sampler, batch_size: int, drop_last: bool):
-        """(features, targets) batches in the sampler's order: the same batches the image loader would give."""
+        """(features, targets, sample indices) batches in the sampler's order: the same batches the image loader
+        would give."""
         for indices in BatchSampler(sampler, batch_size, drop_last):
             index = torch.as_tensor(indices)
             index = index[~self.skipped[index]]  # unreadable images skipped: left out, as the image loader does
             if not len(index):
                 raise skipped_batch_error()
-            yield self.features[index], self.targets[index]
+            yield self.features[index], self.targets[index], index
 
     def close(self) -> None:
         if self.path is not None:
@@ -243,10 +278,13 @@ class FeatureSource:
 
     def __init__(self, fast: FastModel, dataset, batch_size: int, *, shuffle: bool, seed: int, workers: int,
                  cache_bytes: Optional[float] = None, folder: Optional[Path] = None, split: str = "train",
-                 dist: Dist = Dist(), weights: Optional[torch.Tensor] = None, mixer: Optional[Mixer] = None):
-        self.fast, self.dataset, self.batch_size, self.weights, self.mixer = fast, dataset, batch_size, weights, mixer
+                 dist: Dist = Dist(), weights: Optional[torch.Tensor] = None,
+                 image_cache: Optional[ImageCache] = None, mixer: Optional[Mixer] = None):
+        self.fast, self.dataset, self.batch_size, self.weights = fast, dataset, batch_size, weights
+        self.mixer = mixer  # MixUp/CutMix of the image batches (train.mixup, train.cutmix)
         self.shuffle, self.seed, self.workers, self.dist = shuffle, seed, workers, dist
         self.cache_bytes, self.folder, self.split = cache_bytes, folder, split
+        self.image_cache = image_cache  # decoded images, read by the loaders (data.cache_images)
         self.cache: Optional[FeatureCache] = None
 
     @property
@@ -254,6 +292,12 @@ class FeatureSource:
         return self.cache_bytes is not None
 
     def epoch(self, epoch: int, skip_batches: int = 0):
+        """(features, targets) batches of (0-based) ``epoch``, less its first ``skip_batches``."""
+        for features, targets, _ in self.indexed_epoch(epoch, skip_batches):
+            yield features, targets
+
+    def indexed_epoch(self, epoch: int, skip_batches: int = 0):
+        """:meth:`epoch`'s batches with the dataset index of each sample: (features, targets, indices)."""
         if self.caching and (self.cache_complete or epoch > 0 or self.weights is not None):
             self.complete_cache()
             yield from self.cache.batches(self._sampler(epoch, skip_batches * self.batch_size), self.batch_size,
@@ -278,14 +322,14 @@ class FeatureSource:
     def _from_images(self, epoch: int, skip_batches: int):
         loader = make_loader(Indexed(self.dataset), self.batch_size, shuffle=self.shuffle, seed=self.seed,
                              epoch=epoch, skip_batches=skip_batches, workers=self.workers, rank=self.dist.rank,
-                             world=self.dist.world, weights=self.weights)
+                             world=self.dist.world, weights=self.weights, cache=self.image_cache)
         for batch, (images, targets, indices) in enumerate(loader, start=skip_batches):
             if self.mixer is not None:  # on the images, before the frozen prefix: it never runs with the cache
                 images, targets = self.mixer(images, targets, epoch, batch)
             features = self.fast.features(images)
             if self.caching and epoch == 0:
                 self._store(indices, features, targets)
-            yield features, targets
+            yield features, targets, indices
 
     def complete_cache(self) -> None:
         """Compute what the cache lacks, batch by batch in the first epoch's order (the last partial batch too).
@@ -297,8 +341,8 @@ class FeatureSource:
             return
         missing = [indices for indices in BatchSampler(self._sampler(0, weighted=False), self.batch_size, False)
                    if self.cache is None or not bool(self.cache.filled[indices].all())]
-        for indices, (images, targets, kept) in zip(missing, batch_loader(Indexed(self.dataset), missing,
-                                                                          self.workers)):
+        images_of = batch_loader(Indexed(self.dataset), missing, self.workers, self.image_cache)
+        for indices, (images, targets, kept) in zip(missing, images_of):
             self._store(kept, self.fast.features(images), targets)
             self.cache.skip(sorted(set(indices) - set(kept.tolist())))  # unreadable images, skipped
         if self.dist.active:
@@ -307,7 +351,7 @@ class FeatureSource:
     def _store(self, indices, features, targets) -> None:
         if self.cache is None:
             self.cache = FeatureCache.create(len(self.dataset), tuple(features.shape[1:]), self.cache_bytes,
-                                             self.folder, self.split)
+                                             self.folder, self.split, targets)
         self.cache.put(indices, features, targets)
 
     def describe(self) -> str:
@@ -322,28 +366,31 @@ class FeatureSource:
 
 
 def feature_sources(config, fast: FastModel, data, folder: Path, *, weights: Optional[torch.Tensor] = None,
-                    dist: Dist = Dist()) -> tuple[FeatureSource, FeatureSource, str]:
+                    dist: Dist = Dist(), image_caches: Optional[ImageCaches] = None
+                    ) -> tuple[FeatureSource, FeatureSource, str]:
     """The train and val sources training reads, with the feature cache when ``train.cache_features`` allows it
-    (a spilled cache goes to ``folder``), and why the cache is on or off. ``weights``: the train sampling weights."""
-    setting, budget = config.train.cache_features, config.train.cache_max_gb * 2**30
-    use_cache, why = cache_decision(setting, fast, changing_key(config))
-    val_cache, _ = cache_decision(setting, fast, augment=False)  # validation is never augmented
-    if val_cache and not use_cache:
-        why += "; on for validation (its images are not augmented)"
+    (a spilled cache goes to ``folder``), and why the cache is on or off. ``weights``: the train sampling weights;
+    ``image_caches``: the run's image caches, which the loaders read through."""
+    images = image_caches or ImageCaches("off")
+    budget = config.train.cache_max_gb * 2**30
+    use_cache, val_cache, why = _cache_plan(config, fast.split, fast.prefix_deterministic)
     common = _source_settings(config, dist, folder)
     rank = f"-rank{dist.rank}" if dist.active else ""  # spilled caches: one file per process
     train_set = SeededSamples(data.train, config.train.seed) if config.data.random_transforms else data.train
     mixer = Mixer.from_config(config.train, len(data.classes), dist.rank)
     return (FeatureSource(fast, train_set, shuffle=True, split=f"train{rank}", weights=weights,
-                          cache_bytes=budget if use_cache else None, mixer=mixer, **common),
+                          cache_bytes=budget if use_cache else None, image_cache=images.get("train"), mixer=mixer,
+                          **common),
             FeatureSource(fast, data.val, shuffle=False, split=f"val{rank}",
-                          cache_bytes=budget if val_cache else None, **common), why)
+                          cache_bytes=budget if val_cache else None, image_cache=images.get("val"), **common), why)
 
 
-def image_source(config, fast: FastModel, dataset, dist: Dist = Dist()) -> FeatureSource:
-    """``dataset`` in order, run through ``fast``'s prefix every time: no cache (e.g. the EMA model's validation
-    when its frozen prefix is not the trained model's)."""
-    return FeatureSource(fast, dataset, shuffle=False, **_source_settings(config, dist, folder=None))
+def image_source(config, fast: FastModel, dataset, dist: Dist = Dist(), image_cache: Optional[ImageCache] = None
+                 ) -> FeatureSource:
+    """``dataset`` in order, run through ``fast``'s prefix every time, without a feature cache (the EMA model's
+    validation when its frozen prefix is not a fixed function of the image)."""
+    return FeatureSource(fast, dataset, shuffle=False, image_cache=image_cache,
+                         **_source_settings(config, dist, folder=None))
 
 
 def _source_settings(config, dist: Dist, folder: Optional[Path]) -> dict:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Iterable
 
+from finetune.errors import Problem
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -38,7 +40,7 @@ def plan_freeze(names: Iterable[str], freeze, epoch: int = 1) -> dict[str, Decis
 
     ``freeze`` is the ``freeze`` section of the config; its stages that start by
     ``epoch`` add their patterns to ``freeze.trainable``. Patterns are checked by
-    :func:`check_patterns`.
+    :func:`problems`.
     """
     rules = [(p, False, "frozen") for p in freeze.frozen] + [(p, True, "trainable") for p in freeze.trainable]
     rules += [(p, True, f"stage@{stage.epoch}") for stage in freeze.stages if stage.epoch <= epoch
@@ -55,20 +57,36 @@ def plan_freeze(names: Iterable[str], freeze, epoch: int = 1) -> dict[str, Decis
     return plan
 
 
-def check_patterns(names: list[str], freeze) -> list[tuple[str, str]]:
-    """Problems ``[(key, message)]`` for freeze patterns that match no parameter, with the closest names."""
+def problems(names: list[str], freeze, epochs: int) -> list[Problem]:
+    """Freeze rules that cannot work for a model with parameters ``names`` trained for ``epochs``: patterns that
+    match no parameter (with the closest names), stages that never start, and rules that leave nothing to train."""
     candidates = sorted(set(names) | {n.rsplit(".", i)[0] for n in names for i in range(1, n.count(".") + 1)})
     keyed = [(f"freeze.{kind}[{i}]", p) for kind in ("trainable", "frozen")
              for i, p in enumerate(getattr(freeze, kind))]
     keyed += [(f"freeze.stages[{s}].trainable[{i}]", p) for s, stage in enumerate(freeze.stages)
               for i, p in enumerate(stage.trainable)]
-    problems = []
+    found = []
     for key, pattern in keyed:
         if not any(matches(pattern, n) for n in names):
             close = difflib.get_close_matches(pattern.rstrip(".*"), candidates, n=3, cutoff=0.5)
             hint = f"closest names: {', '.join(close)}" if close else "run `finetune freeze-report` to list names"
-            problems.append((key, f"pattern {pattern!r} matches no parameter; {hint}"))
-    return problems
+            found.append(Problem(key, f"pattern {pattern!r} matches no parameter; {hint}"))
+    found += [Problem(f"freeze.stages[{i}].epoch", f"is {stage.epoch} but train.epochs is {epochs}: the stage would "
+                                                   "never start") for i, stage in enumerate(freeze.stages)
+              if stage.epoch > epochs]
+    if not found and not any(decision.trainable for decision in plan_freeze(names, freeze).values()):
+        found.append(_nothing_to_train(freeze))
+    return found
+
+
+def _nothing_to_train(freeze) -> Problem:
+    rules = f"freeze.trainable is {freeze.trainable}"
+    if freeze.frozen:
+        rules += f", freeze.frozen is {freeze.frozen}"
+    return Problem("freeze.trainable", f"no parameter is trainable ({rules} and freeze.default is "
+                                       f"{freeze.default!r}), so there is nothing to train. Add patterns to "
+                                       "freeze.trainable (e.g. [fc] for the head only) or set freeze.default: "
+                                       "trainable")
 
 
 def apply_plan(model, plan: dict[str, Decision]) -> None:

@@ -33,14 +33,15 @@ class WeightsInfo:
     zero_init_residual: bool = False  # random init with every residual branch starting at zero
 
 
-def build_model(config: Config, num_classes: int, progress: bool = True) -> tuple[nn.Module, WeightsInfo]:
+def build_model(config: Config, num_classes: int, show_download: bool = True) -> tuple[nn.Module, WeightsInfo]:
     """``model.arch`` with the configured weights and a fresh ``num_classes`` head.
 
     The random initialisation is seeded by ``train.seed`` without touching the global RNG. A model that keeps
     random weights starts its residual branches at zero (``model.zero_init_residual``), as timm's do.
+    ``show_download``: torchvision's download bar (on stderr) when pretrained weights are fetched.
     """
     arch = get_arch(config.model.arch)
-    state, info = _load_weights(arch, config, progress)
+    state, info = _load_weights(arch, config, show_download)
     if state is None and config.model.zero_init_residual and arch.residual_zero_init:
         info.zero_init_residual = True
         info.source += ", residual branches start at zero"
@@ -56,13 +57,13 @@ def build_model(config: Config, num_classes: int, progress: bool = True) -> tupl
     return model, info
 
 
-def _load_weights(arch: Arch, config: Config, progress: bool):
+def _load_weights(arch: Arch, config: Config, show_download: bool):
     spec = config.model.weights
     if spec == "none":
         return None, WeightsInfo("none (random init)", pretrained=False)
     if spec in WEIGHT_NAMES:
         try:
-            state = _torchvision_state(arch, spec, progress)
+            state = _torchvision_state(arch, spec, show_download)
             return state, WeightsInfo(f"torchvision {arch.weights_class}.{spec}", True)
         except FinetuneError as exc:
             if config.model.weights_fallback != "random":
@@ -72,14 +73,14 @@ def _load_weights(arch: Arch, config: Config, progress: bool):
     return load_state_dict_file(Path(spec)), WeightsInfo(f"file {spec}", pretrained=True)
 
 
-def _torchvision_state(arch: Arch, name: str, progress: bool) -> dict:
+def _torchvision_state(arch: Arch, name: str, show_download: bool) -> dict:
     weights = arch.weights_enum().verify(name)
     cached = arch.cache_file(name)
     try:
         # torch.hub announces a download on stdout: keep stdout for results (--json), the notice for stderr.
-        notice = contextlib.redirect_stdout(sys.stderr if progress else io.StringIO())
+        notice = contextlib.redirect_stdout(sys.stderr if show_download else io.StringIO())
         with _socket_timeout(DOWNLOAD_TIMEOUT_S), notice:
-            state = weights.get_state_dict(progress=progress, check_hash=True, weights_only=True)
+            state = weights.get_state_dict(progress=show_download, check_hash=True, weights_only=True)
     except pickle.UnpicklingError as exc:
         if UNSAFE_MARK in str(exc):
             raise unsafe_file_error(cached, "cached weights file", exc) from None

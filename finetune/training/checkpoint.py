@@ -1,28 +1,26 @@
-"""Checkpoints (``last.pt``, ``best.pt``): saving, loading with a format check, and the RNG states they hold."""
+"""Checkpoints (``last.pt``, ``best.pt``): saving, and loading with a format check.
+
+Format 2 keeps the training state (epoch, step, metrics so far: ``epoch.TrainState``) under ``train_state`` and
+the run's random state under ``rng["torch"]``; format 1 (finetune 0.1.0 before the rename) called the training
+state ``progress`` and also saved Python's random state, which nothing drew from. Both load.
+"""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from finetune.config.schema import Config
 from finetune.errors import FinetuneError
+from finetune.models.arch import get_arch
+from finetune.models.weights import served_state_dict
 from finetune.utils.files import atomic_write, safe_load
-from finetune.utils.seeding import generator_state
 
-FORMAT = 1
-
-
-def rng_states() -> dict[str, Any]:
-    return {"torch": generator_state(), "python": random.getstate()}
-
-
-def restore_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
+FORMAT = 2
+TRAIN_STATE = "train_state"  # the key of the training state
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -30,15 +28,36 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a finetune checkpoint (``last.pt``/``best.pt``) safely."""
+    """Load a finetune checkpoint (``last.pt``/``best.pt``) safely, in the current format."""
     checkpoint = safe_load(path, "checkpoint")
     if isinstance(checkpoint, dict) and "model" in checkpoint:
         written = checkpoint.get("format")
+        if written == 1:
+            return _from_format_1(checkpoint)
         if written == FORMAT:
             return checkpoint
         if isinstance(written, int) and written > FORMAT:
             from finetune import __version__
 
             raise FinetuneError(f"{path} was written by a newer finetune (checkpoint format {written}); finetune "
-                                f"{__version__} reads format {FORMAT}. Upgrade finetune to use it.")
+                                f"{__version__} reads formats 1 to {FORMAT}. Upgrade finetune to use it.")
     raise FinetuneError(f"{path} is not a finetune checkpoint (last.pt or best.pt from a run directory).")
+
+
+def _from_format_1(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    upgraded = {key: value for key, value in checkpoint.items() if key != "progress"}
+    upgraded.update(format=FORMAT, **{TRAIN_STATE: checkpoint.get("progress")})
+    return upgraded
+
+
+def restore_model(checkpoint: dict[str, Any]) -> tuple[nn.Module, list[str], Config]:
+    """The model of a loaded checkpoint with the weights it serves (the raw ones, or the EMA's:
+    ``models.weights.served_state_dict``), in eval mode, its class names and its run's config.
+
+    Raises what validating the config, building the model or loading its weights raises (a damaged or foreign file).
+    """
+    classes = [str(name) for name in checkpoint["classes"]]
+    config = Config.model_validate(checkpoint["config"])
+    model = get_arch(config.model.arch).build(len(classes))
+    model.load_state_dict(served_state_dict(checkpoint))  # the raw weights, or the EMA's (train.ema.use_for)
+    return model.eval(), classes, config

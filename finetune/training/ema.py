@@ -53,15 +53,16 @@ class WeightEMA:
         self.averaged.load_state_dict(state)
 
 
-def served(use_for: str, val_acc: float, ema_val_acc: Optional[float]) -> str:
-    """``"ema"`` or ``"raw"``: the weights an epoch's checkpoint serves, by ``train.ema.use_for``."""
-    if ema_val_acc is None or use_for == "raw":
+def served(ema: Optional[EmaConfig], score: Optional[float], ema_score: Optional[float]) -> str:
+    """``"ema"`` or ``"raw"``: the weights an epoch's checkpoint serves, by ``train.ema.use_for`` (``best``: the
+    higher validation score, the raw weights on a tie or when a score is undefined)."""
+    if ema is None or ema.use_for == "raw" or ema_score is None:
         return "raw"
-    if use_for == "ema":
+    if ema.use_for == "ema":
         return "ema"
-    return "ema" if ema_val_acc > val_acc else "raw"
+    return "ema" if score is not None and ema_score > score else "raw"
 
 
-def ema_weights(saved: dict) -> dict:
-    """The model state dict inside a saved :meth:`WeightEMA.state_dict` (without ``module.`` and the count)."""
-    return {name.removeprefix("module."): value for name, value in saved.items() if name.startswith("module.")}
+def ema_row(row: dict, score: str) -> dict:
+    """The weight EMA's validation loss and ``score`` (val_acc, or val_map) from its epoch row, as ``ema_`` keys."""
+    return {f"ema_{key}": row[key] for key in ("val_loss", score)}

@@ -1,8 +1,9 @@
-"""Imbalanced classes: class counts, loss weights (``train.class_weights``), sampling weights
+"""The training loss and imbalanced classes: class counts, loss weights (``train.class_weights``), sampling weights
 (``data.sampler: balanced``) and the warning at the start of training.
 
-Pure functions of the training targets (one class index per image), so the engine,
-``lr-find`` and the tests compute the very same numbers.
+Pure functions of the training targets (one class index per image; multi-hot rows for ``model.task: multilabel``,
+whose loss is :class:`~finetune.training.multilabel.BinaryLoss`), so the engine, ``lr-find`` and the tests compute the
+very same numbers.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+
+from finetune.errors import Problem
+from finetune.training import multilabel
 
 IMBALANCE_RATIO = 3  # warn when the largest class has at least this many times the images of the smallest
 
@@ -36,12 +40,23 @@ def class_weights(setting, targets: Sequence[int], num_classes: int) -> Optional
     return torch.tensor([float(w) for w in setting], dtype=torch.float32)
 
 
-def training_loss(config, targets: Sequence[int], num_classes: int, device="cpu") -> torch.nn.CrossEntropyLoss:
+def training_loss(config, targets: Sequence, num_classes: int, device="cpu") -> torch.nn.Module:
     """The loss training computes: cross-entropy with ``train.class_weights`` (on ``device``, beside the logits) and
-    ``train.label_smoothing``. ``lr-find`` sweeps the same loss."""
+    ``train.label_smoothing``; for ``model.task: multilabel`` binary cross-entropy with a ``pos_weight`` per label
+    instead (``multilabel.BinaryLoss``). ``lr-find`` sweeps the same loss."""
+    if config.model.task == "multilabel":
+        weights = multilabel.pos_weights(config.train.class_weights, targets, num_classes)
+        return multilabel.BinaryLoss(weights, config.train.label_smoothing).to(device)
     weights = class_weights(config.train.class_weights, targets, num_classes)
     return torch.nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
                                      label_smoothing=config.train.label_smoothing)
+
+
+def validation_loss(config) -> torch.nn.Module:
+    """The loss reported on validation images: the training loss without class weights, so that runs compare."""
+    if config.model.task == "multilabel":
+        return multilabel.BinaryLoss(smoothing=config.train.label_smoothing)
+    return torch.nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing)
 
 
 def sampling_weights(setting: str, targets: Sequence[int], num_classes: int) -> Optional[torch.Tensor]:
@@ -67,11 +82,11 @@ def imbalance_warning(targets: Sequence[int], classes: list[str]) -> Optional[st
             "and macro F1 (val_balanced_acc, val_macro_f1; finetune evaluate).")
 
 
-def problems(config, num_classes: int) -> list[tuple[str, str]]:
-    """Config problems ``[(key, message)]`` that need the number of classes: a ``train.class_weights``
-    list must hold one weight per class."""
+def problems(config, num_classes: int) -> list[Problem]:
+    """Config problems that need the number of classes: a ``train.class_weights`` list must hold one weight per
+    class."""
     weights = config.train.class_weights
     if isinstance(weights, list) and len(weights) != num_classes:
-        return [("train.class_weights", f"has {len(weights)} weights but there are {num_classes} classes; give "
+        return [Problem("train.class_weights", f"has {len(weights)} weights but there are {num_classes} classes; give "
                  f"one positive weight per class (in the sorted order of the class folders), or use balanced")]
     return []

@@ -33,10 +33,13 @@ def top_k_hits(logits, targets, k: int = 5):
     return (logits.topk(min(k, logits.shape[1]), dim=1).indices == targets[:, None]).any(1)
 
 
-def hits(logits, targets) -> float:
-    """Correct top-1 predictions of a batch. With soft targets (MixUp/CutMix: one row of class weights per image)
-    an image counts the weight its target gives the predicted class: 0.7 when it predicts the class that makes 70%
-    of a mixed image; for one-hot targets that is plain accuracy."""
+def correct_count(logits, targets, multilabel: bool = False) -> float:
+    """Training's running accuracy: the top-1 hits of class-index targets. Soft targets (MixUp/CutMix: a row of
+    class weights per image) count the weight the row gives the predicted class: 0.7 for predicting the class that
+    makes 70% of a mixed image. ``multilabel``: the images whose every label is right at probability 0.5 (a label
+    is positive where its target, mixed or not, is above 0.5)."""
+    if multilabel:
+        return ((logits > 0) == (targets > 0.5)).all(1).sum().item()
     predicted = logits.argmax(1)
     if targets.dim() == 2:
         return targets.gather(1, predicted[:, None]).sum().item()

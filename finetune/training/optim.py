@@ -15,6 +15,7 @@ import math
 import torch
 
 from finetune.config.schema import OptimConfig
+from finetune.errors import Problem
 from finetune.models.arch import Arch
 from finetune.models.freeze import matches, specificity
 
@@ -56,9 +57,9 @@ def param_groups(model: torch.nn.Module, names: list[str], optim: OptimConfig, a
     return list(groups.values())
 
 
-def check_patterns(names: list[str], optim: OptimConfig) -> list[tuple[str, str]]:
-    """Problems ``[(key, message)]`` for ``optim.param_groups`` patterns that match no parameter."""
-    return [(f"optim.param_groups[{i}].params[{j}]", f"pattern {pattern!r} matches no parameter")
+def problems(names: list[str], optim: OptimConfig) -> list[Problem]:
+    """``optim.param_groups`` patterns that match no parameter of ``names``."""
+    return [Problem(f"optim.param_groups[{i}].params[{j}]", f"pattern {pattern!r} matches no parameter")
             for i, group in enumerate(optim.param_groups) for j, pattern in enumerate(group.params)
             if not any(matches(pattern, n) for n in names)]
 

@@ -8,6 +8,7 @@ a resumed run needs ``last.pt`` and the same settings as the run's ``config.yaml
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from finetune.config.loading import load_config
@@ -15,11 +16,14 @@ from finetune.config.schema import Config
 from finetune.errors import FinetuneError
 from finetune.utils.files import atomic_write_text
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "summary.json")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "summary.json", "status.json",
+             "tensorboard", "reliability.png")
 # Keys a resumed run may change; anything else would make the result differ from an uninterrupted run.
-# The caches and decode threads change speed only: their batches are bit-identical.
+# The caches and decode threads change speed only: their batches are bit-identical; trackers only record.
 RESUMABLE_CHANGES = {"train.epochs", "train.output_dir", "data.workers", "data.cache_images", "train.time_limit_min",
-                     "train.early_stopping.patience"}
+                     "train.early_stopping.patience", "train.loggers", "train.log_every_steps",
+                     "train.mlflow.tracking_uri", "train.mlflow.experiment", "train.mlflow.run_name",
+                     "train.mlflow.log_checkpoint", "train.calibrate"}
 
 
 def check_new(run_dir: Path, overwrite: bool) -> None:
@@ -40,8 +44,11 @@ def check_new(run_dir: Path, overwrite: bool) -> None:
 def prepare_new(run_dir: Path, overwrite: bool) -> None:
     """Create the run directory (emptied of finetune's files with ``overwrite``) and check it is writable."""
     if overwrite:
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
+        for path in (run_dir / name for name in RUN_FILES):
+            if path.is_dir():  # tensorboard/
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -68,15 +75,17 @@ def check_resume(config: Config, run_dir: Path) -> None:
 
 def config_changes(saved: Config, given: Config) -> list[str]:
     """The dotted keys whose values differ between two configs, sorted."""
-    old, new = _flat(saved.model_dump()), _flat(given.model_dump())
-    return sorted(key for key in new if new[key] != old.get(key))
+    old, new = flat_config(saved.model_dump()), flat_config(given.model_dump())
+    # Both sides' keys: a section set on one side only (train.ema: {...} against null) has keys on that side only.
+    return sorted(key for key in new.keys() | old.keys() if key not in new or key not in old or new[key] != old[key])
 
 
-def _flat(data: dict, prefix: str = "") -> dict:
+def flat_config(data: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{dotted key: value}`` (``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``)."""
     flat = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
+            flat.update(flat_config(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -9,8 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from finetune.errors import FinetuneError
 
 
@@ -83,6 +81,8 @@ def safe_load(path: Path, what: str) -> Any:
 
     ``what`` names the file in messages ("weights file", "checkpoint").
     """
+    import torch  # here, not at the top: commands that only read run files (finetune runs) need no torch
+
     path = Path(path)
     if not path.is_file():
         raise FinetuneError(f"{what.capitalize()} not found: {path}")

@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, Problem
 
 # x86 instructions that compute in bf16 natively (dot products), not just convert to and from it.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # What decides the speed of oneDNN's convolutions: shown in benchmark headers and logs.
 SHOWN_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+# What decides the speed of int8 inference (ONNX Runtime's MLAS kernels): 8-bit dot products in one instruction with
+# VNNI (AVX-512 or AVX) or AMX; with AVX2 alone they take three.
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 # scripts/bench.py at 224 px, torch 2.14.1, bf16 against fp32: on a 2-core AVX2-only Zen 3 (issue #12) 7.9x head-only
 # and 12.2x full; on an AVX-512 EPYC with the kernels capped to AVX2, 4.6x and 11.7x.
 EMULATED_SLOWDOWN = "measured with AVX2 kernels: 5-8x for head-only training, 12x for a full fine-tune"
@@ -39,12 +42,13 @@ class CpuInfo:
     def native_bf16(self) -> list[str]:
         return [flag for flag in NATIVE_BF16_FLAGS if flag in self.flags]
 
-    def describe(self) -> str:
-        """One line for headers and logs: ``AMD EPYC, 2 cores; avx2 yes, avx512f yes, avx512_bf16 yes, amx_bf16 no``."""
+    def describe(self, shown: tuple[str, ...] = SHOWN_FLAGS) -> str:
+        """One line for headers and logs: ``AMD EPYC, 2 cores; avx2 yes, avx512f yes, avx512_bf16 yes, amx_bf16 no``
+        (the ``shown`` flags)."""
         if not self.flags:
             return f"{self.model}, {self.cores} cores; instruction flags unknown"
-        shown = ", ".join(f"{flag} {'yes' if flag in self.flags else 'no'}" for flag in SHOWN_FLAGS)
-        return f"{self.model}, {self.cores} cores; {shown}"
+        return f"{self.model}, {self.cores} cores; " + ", ".join(
+            f"{flag} {'yes' if flag in self.flags else 'no'}" for flag in shown)
 
 
 class PrecisionChoice(NamedTuple):
@@ -146,8 +150,15 @@ def precision_for_config(config, resumed: Optional[str] = None) -> PrecisionChoi
 
 def select_device(setting: str, cuda_available: bool) -> str:
     """``train.device``: auto means cuda when a GPU is there, else cpu; cuda without one is an error."""
+    for key, message in problems(setting, cuda_available):
+        raise FinetuneError(f"{key} {message}.")
     if setting == "auto":
         return "cuda" if cuda_available else "cpu"
-    if setting == "cuda" and not cuda_available:
-        raise FinetuneError("train.device is 'cuda' but no CUDA GPU is available; use train.device: auto or cpu.")
     return setting
+
+
+def problems(device: str, cuda_available: bool) -> list[Problem]:
+    """``train.device`` (``device``) set to cuda where there is no GPU."""
+    if device == "cuda" and not cuda_available:
+        return [Problem("train.device", "is 'cuda' but no CUDA GPU is available; use train.device: auto or cpu")]
+    return []

@@ -40,3 +40,9 @@ def generator_state() -> torch.Tensor:
     """torch's CPU generator state as the process left it (never a state :func:`seeded` holds for a moment)."""
     with _GENERATOR:
         return torch.get_rng_state()
+
+
+def set_generator_state(state: torch.Tensor) -> None:
+    """Set torch's CPU generator state, never while :func:`seeded` holds it."""
+    with _GENERATOR:
+        torch.set_rng_state(state)

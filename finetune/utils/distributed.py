@@ -16,8 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
-from finetune.config.schema import Config
-from finetune.utils.hardware import select_device
+from finetune.errors import Problem
 
 
 @dataclass
@@ -51,6 +50,18 @@ class Dist:
         torch_dist.all_reduce(reduced)
         return reduced.cpu()
 
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every process's ``rows`` (any number each, the same trailing shape), concatenated in rank order."""
+        if not self.active:
+            return rows
+        counts = torch.zeros(self.world, dtype=torch.float64)
+        counts[self.rank] = len(rows)
+        counts = [int(n) for n in self.sum_tensor(counts).tolist()]
+        padded = torch.zeros((self.world, max(counts), *rows.shape[1:]), dtype=torch.float64)
+        padded[self.rank, :len(rows)] = rows.double()  # float64 holds float32 values and small integers exactly
+        padded = self.sum_tensor(padded)
+        return torch.cat([padded[rank, :n] for rank, n in enumerate(counts)]).to(rows.dtype)
+
     def any(self, flag: bool) -> bool:
         """True on every process when it is true on any (so all stop at the same step)."""
         return bool(self.sum([float(flag)])[0]) if self.active else flag
@@ -64,10 +75,30 @@ class Dist:
         return self.device if torch_dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def setup(config: Config) -> Dist:
-    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE...), if any."""
-    device_type = select_device(config.train.device, torch.cuda.is_available())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def world_size() -> int:
+    """The number of processes torchrun started (WORLD_SIZE), 1 when not distributed."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def problems(batch_size: int, sync_batchnorm: bool, device_type: str) -> list[Problem]:
+    """A global ``train.batch_size`` that does not divide among the processes, and ``train.sync_batchnorm`` where
+    torch cannot sync BatchNorm (``device_type`` is where training runs)."""
+    found, world = [], world_size()
+    if batch_size % world:
+        found.append(Problem("train.batch_size", f"{batch_size} is the global batch and must divide evenly among "
+                                                 f"{world} processes"))
+    if world > 1 and sync_batchnorm and device_type != "cuda":
+        found.append(Problem("train.sync_batchnorm", "needs CUDA (torch's SyncBatchNorm has no CPU implementation); "
+                                                     "keep BatchNorm layers frozen in eval mode instead"))
+    return found
+
+
+def setup(device_type: str, timeout_s: float) -> Dist:
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE...), if any.
+
+    ``device_type``: cpu or cuda (``train.device`` resolved); ``timeout_s``: how long a collective may wait.
+    """
+    world = world_size()
     if world == 1:
         return Dist(device=torch.device(device_type))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -78,7 +109,7 @@ def setup(config: Config) -> Dist:
         device = torch.device("cpu")
     if not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
-                                      timeout=timedelta(seconds=config.train.dist_timeout_s))
+                                      timeout=timedelta(seconds=timeout_s))
     return Dist(rank=rank, world=world, device=device)
 
 
