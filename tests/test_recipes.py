@@ -292,3 +292,27 @@ def test_digits_script_writes_the_issues_split(tmp_path):
     assert digits.write_tree(tmp_path / "digits", few, image_size=32) == {"train": 3, "val": 3}
     written = sorted((tmp_path / "digits").rglob("*.png"))
     assert len(written) == 6 and all(path.parent.parent.name in ("train", "val") for path in written)
+
+
+def test_multilabel_mixes_multi_hot_targets_keeps_an_ema_and_averages_each_labels_sigmoid(tmp_path):
+    made = run_cli("make-dataset", "shapes", str(tmp_path / "data"), "--multilabel", "--classes", "3",
+                   "--train-per-class", "4", "--val-per-class", "2", "--image-size", "32")
+    assert made.returncode == 0, made.stderr
+    config = tiny_config(tmp_path, tmp_path / "data", model={"task": "multilabel", "weights": "none"},
+                         data={"labels": str(tmp_path / "data" / "labels.csv")},
+                         train={"epochs": 1, "batch_size": 4, "mixup": 0.4, "cutmix": 1.0,
+                                "ema": {"decay": 0.9, "use_for": "ema"}})
+    result = run_cli("train", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert 0 <= row["train_exact_match"] <= 1 and 0 <= row["ema_val_map"] <= 1 and "ema_val_map" in result.stdout
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert best["serves"] == "ema" and len(best["thresholds"]) == 3  # the EMA's thresholds, chosen on validation
+    evaluated = run_cli("evaluate", str(tmp_path / "run" / "best.pt"), "--tta", "--json",
+                        "--output-dir", str(tmp_path / "eval"))
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    assert {"map", "micro_f1", "macro_f1", "exact_match", "loss"} <= report["tta"].keys()
+    predicted = run_cli("predict", str(tmp_path / "run" / "best.pt"), str(tmp_path / "data" / "images"), "--tta",
+                        "--json")
+    assert predicted.returncode == 0, predicted.stderr
