@@ -28,15 +28,17 @@ PRESET = ["data.crop_scale=0.35", "data.hflip=0"]
 CONFIGS = {  # name -> (config file or None for the defaults, --set overrides); in the order they run
     "default": (None, []),
     "recipe": (RECIPE, []),
-    "no zero-init": (None, ["model.zero_init_residual=false"]),
     "ema": (None, ["train.ema={}"]),
-    "trivialaugment": (None, ["data.augment=trivialaugment", *PRESET]),
+    "light": (None, ["data.augment=light", *PRESET]),
     "mixup 0.2": (None, ["train.mixup=0.2"]),
     "cutmix 1.0": (None, ["train.cutmix=1.0"]),
+    "label smoothing 0.1": (None, ["train.label_smoothing=0.1"]),
+    "cosine": (None, ["optim.schedule=cosine"]),
+    "trivialaugment": (None, ["data.augment=trivialaugment", *PRESET]),
     "random_erasing 0.25": (None, ["data.random_erasing=0.25"]),
     "randaugment": (None, ["data.augment=randaugment", *PRESET]),
-    "light": (None, ["data.augment=light", *PRESET]),
     "augmix": (None, ["data.augment=augmix", *PRESET]),
+    "no zero-init": (None, ["model.zero_init_residual=false"]),
 }
 
 
