@@ -19,6 +19,12 @@ does, without validation), the whole run's wall time and its ratio (process star
 start-up included), and the peak RSS of the process (ru_maxrss). Smaller sections follow: the augmented case with
 an image cache that spills to disk, decoding beside compute with threads or with processes, and finetune's first
 epoch for data.workers 0, 1, 2 and null.
+
+``--recipes`` measures instead the cost of each accuracy-recipe piece against ``data.augment: light`` (head-only,
+two epochs: the first decodes the photos, the second reads the image cache), light first and last to show the
+drift of a shared machine; target: the first epoch of every augmentation preset within 15% of light's.
+
+    .venv/bin/python scripts/bench_photos.py --recipes --train 96 --val 16
 """
 
 from __future__ import annotations
@@ -194,9 +200,10 @@ def threads_or_processes(data: Path, image_size: int, rounds: int = 2) -> None:
     from torch import nn
     from torchvision.models import resnet18
 
+    from finetune.config.schema import DataConfig
     from finetune.data.folders import eval_transform
 
-    pipeline = eval_transform(image_size)
+    pipeline = eval_transform(DataConfig(image_size=image_size))
     paths = sorted(str(p) for p in (data / "train").rglob("*.jpg"))
 
     class Photos(torch.utils.data.Dataset):
@@ -262,6 +269,35 @@ def workers_sweep(data: Path, work: Path, image_size: int) -> None:
               f"(run {seconds:.1f} s)")
 
 
+RECIPE_PIECES = [  # (name, data keys, train keys): each against light
+    ("light", {"augment": "light"}, {}),
+    ("trivialaugment", {"augment": "trivialaugment"}, {}),
+    ("randaugment", {"augment": "randaugment"}, {}),
+    ("augmix", {"augment": "augmix"}, {}),
+    ("light + random_erasing 0.25", {"augment": "light", "random_erasing": 0.25}, {}),
+    ("light + mixup/cutmix", {"augment": "light"}, {"mixup": 0.2, "cutmix": 1.0}),
+    ("light + ema", {"augment": "light"}, {"ema": {}}),
+    ("light (again)", {"augment": "light"}, {}),
+]
+PRESET_TARGET = 1.15
+
+
+def recipe_costs(data: Path, work: Path, image_size: int) -> None:
+    """Images/s of each recipe piece against light, head-only, first epoch (decoding) and second (image cache)."""
+    print(f"\nrecipe pieces, head-only, 2 epochs (epoch 1 decodes the photos, epoch 2 reads the image cache), "
+          f"batch {BATCH}:")
+    print(f"  {'piece':<28} {'epoch 1 img/s':>14} {'x light':>8} {'epoch 2 img/s':>14} {'x light':>8}")
+    light = None
+    for name, data_keys, train_keys in RECIPE_PIECES:
+        config = finetune_config(work / f"recipe-{name.replace(' ', '_').replace('/', '-')}", data, "head-only",
+                                 False, 2, image_size, data_keys=data_keys, train_keys=train_keys)
+        _, _, speeds, _ = run_finetune(config)
+        light = light or speeds
+        slower = [light[i] / speeds[i] for i in range(2)]
+        mark = f" (target <={PRESET_TARGET:g}x)" if data_keys.get("augment") not in (None, "light") else ""
+        print(f"  {name:<28} {speeds[0]:>14.1f} {slower[0]:>7.2f}x {speeds[1]:>14.1f} {slower[1]:>7.2f}x{mark}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train", type=int, default=64, help="training photos (default 64)")
@@ -271,6 +307,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--data", type=Path, help="keep the photos in this folder (made once, reused later)")
     parser.add_argument("--skip-extra", action="store_true", help="only the end-to-end cases")
+    parser.add_argument("--recipes", action="store_true", help="only the cost of each accuracy-recipe piece")
     parser.add_argument("--plain-loop", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_loop:
@@ -293,6 +330,9 @@ def main() -> None:
                   f"({sum(p.stat().st_size for p in data.rglob('*.jpg')) / 2**20 / (args.train + args.val):.1f} MiB "
                   f"each) in {time.perf_counter() - start:.0f} s at {data}")
         work = Path(folder) / "runs"
+        if args.recipes:
+            recipe_costs(data, work, args.image_size)
+            return
         end_to_end(data, work, args.image_size)
         if not args.skip_extra:
             spilled_cache(data, work, args.image_size)

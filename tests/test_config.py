@@ -44,7 +44,7 @@ def test_set_values_are_parsed_as_yaml():
                                 "model.num_classes=10", "train.epochs=2", "data.workers=null"])
     assert config.optim.lr == 0.001 and isinstance(config.optim.lr, float)
     assert config.freeze.trainable == ["layer4.*", "fc.*"]
-    assert config.data.augment is True
+    assert config.data.augment == "light"  # true keeps meaning the light preset
     assert config.model.num_classes == 10 and config.train.epochs == 2 and config.data.workers is None
 
 

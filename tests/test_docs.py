@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # Pages that parallel changes add (issue #19 and the issues after it): the README links them already. Links to them
 # are allowed while they are missing; once a page exists its links and headings are checked like any other's.
-TOPICS = {REPO / "docs" / name for name in ("deployment.md", "tracking.md", "data.md", "models.md")}  # linked from the README
+TOPICS = {REPO / "docs" / name  # linked from the README
+          for name in ("deployment.md", "tracking.md", "data.md", "models.md", "recipes.md")}
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 

@@ -20,11 +20,15 @@ METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_t
                "images_per_s"}
 
 
+# Random init as finetune did before residual branches started at zero: as tests/fixtures/format1 was written.
+OLD_INIT = {"weights": "none", "zero_init_residual": False}
+
+
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, colour_data):
     """One real `finetune train` through the CLI (not a terminal: plain logs)."""
     folder = tmp_path_factory.mktemp("cli_run")
-    config = tiny_config(folder, colour_data, train={"epochs": 3})
+    config = tiny_config(folder, colour_data, model=OLD_INIT, train={"epochs": 3})
     result = run_cli("train", "--config", str(config))
     assert result.returncode == 0, result.stderr
     return folder / "run", result
@@ -73,7 +77,7 @@ def test_frozen_backbone_and_batchnorm_statistics_unchanged(cli_run):
 
 
 def test_same_config_gives_identical_weights(tmp_path, colour_data, cli_run):
-    config = tiny_config(tmp_path, colour_data, train={"epochs": 3})
+    config = tiny_config(tmp_path, colour_data, model=OLD_INIT, train={"epochs": 3})
     quiet = run_cli("train", "--config", str(config), "--quiet")
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
     assert_same_weights(weights(tmp_path / "run"), weights(cli_run[0]))
@@ -91,7 +95,7 @@ def test_a_checkpoint_written_before_the_rename_resumes_evaluates_and_exports(tm
     fixture = Path(__file__).parent / "fixtures" / "format1"
     saved = torch.load(fixture / "last.pt", weights_only=True)
     record = json.loads((fixture / "stripped.json").read_text())
-    config = load_config(tiny_config(tmp_path, colour_data, train={"epochs": 3}))
+    config = load_config(tiny_config(tmp_path, colour_data, model=OLD_INIT, train={"epochs": 3}))
     initial = build_model(config, 3, show_download=False)[0].state_dict()
     saved["model"] = {**{name: initial[name] for name in record["stripped"]}, **saved["model"]}
     assert state_digest(saved["model"]) == record["sha256_of_model"] and saved["format"] == 1

@@ -6,18 +6,24 @@ gradient. Then five checks run:
 
 1. frozen parameters have ``grad is None``: autograd never touched them;
 2. trainable parameters have finite, non-zero gradients (and finite values: CPU kernels
-   may swallow a NaN weight in the forward pass, so its gradient alone can look fine);
+   may swallow a NaN weight in the forward pass, so its gradient alone can look fine),
+   except inside residual branches that start at zero (``model.zero_init_residual``):
+   no gradient reaches those until the branch's last BatchNorm weight moves;
 3. the head's gradient equals the closed form of softmax cross-entropy:
    dL/dW = (softmax(z) - q)^T h / B and dL/db = mean(softmax(z) - q), with q the
-   (label-smoothed) one-hot targets and h the features entering the head (the final
-   ``Linear`` the architecture description names: ``fc``, ``classifier.3``...); for
-   ``model.task: multilabel``, of binary cross-entropy averaged over the B x C logits:
-   dL/dz = (sigmoid(z) - q) / (B C), q the (smoothed) multi-hot targets;
+   (label-smoothed) targets - one-hot, or the soft targets of MixUp/CutMix when
+   ``train.mixup``/``train.cutmix`` mix the batches as training does - and h the
+   features entering the head (the final ``Linear`` the architecture description
+   names: ``fc``, ``classifier.3``...); for ``model.task: multilabel``, of binary
+   cross-entropy averaged over the B x C logits: dL/dz = (sigmoid(z) - q) / (B C),
+   q the (smoothed, and mixed when training mixes) multi-hot targets;
 4. float64 finite differences agree with autograd: ``torch.autograd.gradcheck`` on
    the head, and central differences along a random direction per trainable
    module group of the whole network (dropout and stochastic depth draw the same
    numbers in every forward pass: the loss is one function of the weights; the frozen
-   prefix, the same in every pass, runs once);
+   prefix, the same in every pass, runs once; residual branches that start at zero get
+   a last BatchNorm weight of ``FD_BRANCH_WEIGHT`` there: a zero branch leaves ReLUs
+   exactly at their kink, where no finite difference agrees with any gradient);
 5. one SGD step on a copy leaves frozen parameters and frozen BatchNorm buffers
    bit-identical and moves every trainable parameter.
 """
@@ -34,6 +40,7 @@ from torch import nn
 
 from finetune.config.schema import Config
 from finetune.data.loaders import make_loader
+from finetune.data.mixing import Mixer
 from finetune.models.build import Built
 from finetune.models.fastpath import frozen_prefix_length
 from finetune.models.freeze import frozen_tensors, set_train_mode
@@ -48,6 +55,7 @@ FD_TOLERANCE = 1e-4  # relative error of float64 central differences
 # ReLU and max-pool kinks make a step that crosses one disagree; a real autograd bug disagrees at every step.
 FD_STEPS = (1e-6, 1e-7, 1e-8)
 FD_SAMPLES = 4  # images in the float64 slice
+FD_BRANCH_WEIGHT = 0.01
 
 
 @dataclass
@@ -108,7 +116,7 @@ def check_gradients(built: Built, images: list[torch.Tensor], targets: list[torc
     report.checks = [
         _frozen_untouched(model, built),
         _trainable_finite(model, built),
-        _head_closed_form(model, built, features, logits, targets, smoothing),
+        _head_closed_form(model, built, features, logits, targets, smoothing, config.model.task == "multilabel"),
         _finite_differences(start, built, torch.cat(images)[:FD_SAMPLES], torch.cat(targets)[:FD_SAMPLES],
                             features, loss_fn),
         _one_step(model, built, before, config),
@@ -117,6 +125,16 @@ def check_gradients(built: Built, images: list[torch.Tensor], targets: list[torc
 
 
 def _batches(setup: Setup, count: int):
+    """Batches of (images, targets), mixed as the first batches of training are when MixUp/CutMix is on."""
+    images, targets, source = _unmixed_batches(setup, count)
+    mixer = Mixer.from_config(setup.config.train, setup.built.num_classes)
+    if mixer is None:
+        return images, targets, source
+    mixed = [mixer(x, y, epoch=0, batch=i) for i, (x, y) in enumerate(zip(images, targets))]
+    return [x for x, _ in mixed], [y for _, y in mixed], f"{source}, mixed by MixUp/CutMix (soft targets)"
+
+
+def _unmixed_batches(setup: Setup, count: int):
     config = setup.config
     generator = torch.Generator().manual_seed(config.train.seed)
     if setup.data is None:
@@ -161,6 +179,7 @@ def _frozen_untouched(model: nn.Module, built: Built) -> Check:
 def _trainable_finite(model: nn.Module, built: Built) -> Check:
     problems = []
     trainable = [(n, p) for n, p in model.named_parameters() if built.plan[n].trainable]
+    silent = built.arch.silent_parameters(model)
     for name, p in trainable:
         if not torch.isfinite(p).all():
             problems.append(f"{name}: non-finite values in the parameter itself")
@@ -168,22 +187,24 @@ def _trainable_finite(model: nn.Module, built: Built) -> Check:
             problems.append(f"{name}: no gradient")
         elif not torch.isfinite(p.grad).all():
             problems.append(f"{name}: non-finite gradient")
-        elif not p.grad.any():
+        elif not p.grad.any() and name not in silent:
             problems.append(f"{name}: all-zero gradient")
     if problems:
         return Check("trainable gradients are finite and non-zero", False,
                      f"{len(problems)} of {len(trainable)}: {'; '.join(problems[:5])}")
+    quiet = sum(name in silent for name, _ in trainable)
+    why = (f" ({quiet} of them zero: inside residual branches that start at zero, model.zero_init_residual, "
+           "until their last BatchNorm weight moves)") if quiet else ""
     return Check("trainable gradients are finite and non-zero", True,
-                 f"all {len(trainable)} trainable tensors have finite, non-zero gradients")
+                 f"all {len(trainable)} trainable tensors have finite{'' if quiet else ', non-zero'} gradients{why}")
 
 
-def _head_closed_form(model, built: Built, features, logits, targets, smoothing: float) -> Check:
-    binary = targets[0].dim() == 2  # multi-hot targets: multi-label
+def _head_closed_form(model, built: Built, features, logits, targets, smoothing: float, binary: bool) -> Check:
     name = f"head gradient equals the {'sigmoid binary' if binary else 'softmax'} cross-entropy closed form"
     head = model.get_submodule(built.arch.head)
     if head.weight.grad is None and head.bias.grad is None:
         return Check(name, True, f"skipped: the head ({built.arch.head}) is frozen")
-    expected_w, expected_b = _closed_form(features, logits, targets, smoothing, head.out_features)
+    expected_w, expected_b = _closed_form(features, logits, targets, smoothing, head.out_features, binary)
     errors = []
     for label, grad, expected in (("weight", head.weight.grad, expected_w), ("bias", head.bias.grad, expected_b)):
         if grad is None:
@@ -196,16 +217,16 @@ def _head_closed_form(model, built: Built, features, logits, targets, smoothing:
     return Check(name, passed, f"{detail} (tolerance {HEAD_TOLERANCE:.0e})")
 
 
-def _closed_form(features, logits, targets, smoothing: float, classes: int):
-    """dL/dW and dL/db of the mean over batches of mean cross-entropy (multi-hot targets: of binary cross-entropy
-    averaged over every logit), in float64."""
+def _closed_form(features, logits, targets, smoothing: float, classes: int, binary: bool):
+    """dL/dW and dL/db of the mean over batches of mean cross-entropy (``binary``: of binary cross-entropy averaged
+    over every logit), in float64."""
     grad_w = torch.zeros(classes, features[0].shape[1], dtype=torch.float64)
     grad_b = torch.zeros(classes, dtype=torch.float64)
     for h, z, y in zip(features, logits, targets):
-        if y.dim() == 2:
+        if binary:
             delta = (z.double().sigmoid() - binary_targets(y.double(), smoothing)) / y.numel() / len(features)
-        else:
-            q = nn.functional.one_hot(y, classes).double() * (1 - smoothing) + smoothing / classes
+        else:  # class indices, or the soft targets of MixUp/CutMix
+            q = (y if y.dim() == 2 else nn.functional.one_hot(y, classes)).double() * (1 - smoothing) + smoothing / classes
             delta = (z.double().softmax(1) - q) / len(y) / len(features)
         grad_w += delta.T @ h.double()
         grad_b += delta.sum(0)
@@ -216,21 +237,12 @@ def _finite_differences(start: nn.Module, built: Built, x, y, features, loss_fn)
     name = "float64 finite differences agree with autograd"
     model = start.double()
     set_train_mode(model, built.bn_modes)
-    x, y = x.double(), y.double() if y.is_floating_point() else y
-    chain = built.arch.stages(model)
-    split = frozen_prefix_length(chain, built.plan)
-    with torch.no_grad(), _frozen_bn_buffers(model):
-        prefix_out = x
-        for _, module in chain[:split]:
-            prefix_out = module(prefix_out)
-
-    def loss_of():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # the same dropout masks in every pass
-            out = prefix_out
-            for _, module in chain[split:]:
-                out = module(out)
-            return loss_fn(out, y)
+    zero_branches = built.arch.zero_branches(model)
+    with torch.no_grad():
+        for block, last in zero_branches:
+            model.get_submodule(f"{block}.{last}").weight.fill_(FD_BRANCH_WEIGHT)
+    x, y = x.double(), y.double() if y.is_floating_point() else y  # soft targets match the float64 logits
+    loss_of = _loss_after_prefix(model, built, x, y, loss_fn)
     details, passed = [], True
     head_name = built.arch.head
     if any(built.plan[f"{head_name}.{p}"].trainable for p in ("weight", "bias")):
@@ -272,8 +284,29 @@ def _finite_differences(start: nn.Module, built: Built, x, y, features, loss_fn)
     passed &= worst <= FD_TOLERANCE
     details.append(f"directional derivatives on {len(groups)} module group(s) of {len(x)} images: "
                    f"max rel. error {worst:.2e} (best of steps {', '.join(f'{h:.0e}' for h in FD_STEPS)}; "
-                   f"tolerance {FD_TOLERANCE:.0e})")
+                   f"tolerance {FD_TOLERANCE:.0e})"
+                   + (f"; {len(zero_branches)} zero-started residual branches at last BatchNorm weight "
+                      f"{FD_BRANCH_WEIGHT:g}" if zero_branches else ""))
     return Check(name, passed, "; ".join(details))
+
+
+def _loss_after_prefix(model: nn.Module, built: Built, x, y, loss_fn):
+    """The loss as a function of the trainable weights: the frozen prefix, the same in every pass, runs once."""
+    chain = built.arch.stages(model)
+    split = frozen_prefix_length(chain, built.plan)
+    with torch.no_grad(), _frozen_bn_buffers(model):
+        prefix_out = x
+        for _, module in chain[:split]:
+            prefix_out = module(prefix_out)
+
+    def loss_of():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same dropout masks in every pass
+            out = prefix_out
+            for _, module in chain[split:]:
+                out = module(out)
+            return loss_fn(out, y)
+    return loss_of
 
 
 def _central_difference(loss_of, params: dict, direction: dict, norm: float, step: float) -> float:
@@ -311,7 +344,10 @@ def _one_step(model: nn.Module, built: Built, before: dict, config: Config) -> C
     build_optimizer(stepped, config.optim, built.arch).step()
     changed_frozen = [n for n, t in frozen_tensors(stepped, built.plan, built.bn_modes).items()
                       if not torch.equal(t, before[n])]
-    unmoved = [n for n, p in stepped.named_parameters() if built.plan[n].trainable and torch.equal(p, initial[n])]
+    # No gradient reaches these yet: SGD leaves them as they are (but for weight decay).
+    silent = {n for n in built.arch.silent_parameters(model) if built.plan[n].trainable}
+    unmoved = [n for n, p in stepped.named_parameters()
+               if built.plan[n].trainable and n not in silent and torch.equal(p, initial[n])]
     problems = []
     if drifted:
         problems.append(f"forward passes changed frozen tensors: {', '.join(drifted[:5])}")
@@ -323,5 +359,6 @@ def _one_step(model: nn.Module, built: Built, before: dict, config: Config) -> C
     trainable_count = sum(built.plan[n].trainable for n, _ in model.named_parameters())
     if problems:
         return Check(name, False, "; ".join(problems))
+    moved = f"all {trainable_count}" if not silent else f"{trainable_count - len(silent)} of {trainable_count}"
     return Check(name, True, f"{frozen_count} frozen tensors (parameters and eval-mode BatchNorm buffers) "
-                             f"bit-identical; all {trainable_count} trainable tensors moved")
+                             f"bit-identical; {moved} trainable tensors moved")

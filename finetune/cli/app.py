@@ -37,6 +37,11 @@ SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", help="Override a config key: KEY=VALUE (dotted key, VALUE parsed as YAML). Repeatable.",
     show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+TtaOption = Annotated[bool, typer.Option("--tta", help="Test-time augmentation: average the softmax over the image "
+                                          "and its mirror image (see --tta-mode).")]
+TtaModeOption = Annotated[Optional[str], typer.Option("--tta-mode", help="The views of --tta: flip (default) or "
+                                                      "five-crop (four corners and the centre of the image resized "
+                                                      "to 1/0.875 of the size); implies --tta.", show_default=False)]
 ModelArgument = Annotated[Path, typer.Argument(help="A checkpoint (RUN_DIR/best.pt or last.pt), or a model written "
                                                "by `finetune export`: .onnx or TorchScript.")]
 
@@ -84,6 +89,11 @@ def _without_option(argv: list[str], option: str) -> list[str]:
         elif not arg.startswith(option + "="):
             kept.append(arg)
     return kept
+
+
+def _tta(tta: bool, mode: Optional[str]) -> Optional[str]:
+    """The TTA mode of --tta / --tta-mode, or None without TTA."""
+    return mode or ("flip" if tta else None)
 
 
 def _load(config: Optional[Path], overrides: Optional[list[str]]):
@@ -239,21 +249,24 @@ def evaluate_command(
                                             "(the K images with the highest loss) and predictions.csv (every "
                                             "image, by loss).", show_default=False)] = 0,
     threshold: ThresholdOption = None,
+    tta: TtaOption = False,
+    tta_mode: TtaModeOption = None,
     json: JsonOption = False,
 ) -> None:
     """Loss, top-1/top-5, per-class precision/recall/F1, balanced accuracy and macro F1, with a confusion matrix.
 
     A multi-label model: mAP, micro/macro F1 and exact match; per label precision, recall, F1, AP and support;
-    pr_curves.png and predictions.csv (every label's probability).
+    pr_curves.png and predictions.csv (every label's probability). With --tta the headline metrics with test-time
+    augmentation are shown beside those without.
 
-    Example:  finetune evaluate runs/quickstart/best.pt --data data/shapes --top-losses 16
+    Example:  finetune evaluate runs/quickstart/best.pt --data data/shapes --top-losses 16 --tta
     """
     if split not in ("val", "test"):
         raise FinetuneError(f"--split {split!r}: use val or test.")
     from finetune.cli.render import print_evaluation, print_json
     from finetune.deploy.inference import evaluate_checkpoint
 
-    result = evaluate_checkpoint(checkpoint, data, output_dir, top_losses, split, threshold)
+    result = evaluate_checkpoint(checkpoint, data, output_dir, top_losses, split, threshold, _tta(tta, tta_mode))
     print_json(result) if json else print_evaluation(result)
 
 
@@ -265,18 +278,20 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to show per image "
                                        "(multi-class models).")] = 3,
     threshold: ThresholdOption = None,
+    tta: TtaOption = False,
+    tta_mode: TtaModeOption = None,
     json: JsonOption = False,
 ) -> None:
     """Predict the classes of images with a trained checkpoint, or a model written by `finetune export`.
 
     A multi-label model shows every label at or above its threshold, with its probability.
 
-    Example:  finetune predict runs/quickstart/best.pt data/shapes/val/star --top-k 2
+    Example:  finetune predict runs/quickstart/best.pt data/shapes/val/star --top-k 2 --tta
     """
     from finetune.cli.render import print_json, print_predictions
     from finetune.deploy.inference import predict as run_predict
 
-    results = run_predict(checkpoint, images, top_k, threshold)
+    results = run_predict(checkpoint, images, top_k, threshold, _tta(tta, tta_mode))
     print_json(results) if json else print_predictions(results)
 
 

@@ -28,8 +28,12 @@ SCORES = {
 }
 
 
+# The weight EMA's validation score, beside the raw weights' when train.ema is on.
+EMA_SCORES = [("ema_val_acc", "EMA val acc"), ("ema_val_map", "EMA val mAP")]
+
+
 def _scores(row: dict) -> list[tuple[str, str]]:
-    return SCORES["multilabel" if "val_map" in row else "multiclass"]
+    return SCORES["multilabel" if "val_map" in row else "multiclass"] + [s for s in EMA_SCORES if s[0] in row]
 
 
 def _value(key: str, value) -> str:
@@ -50,7 +54,8 @@ STOPPED = {"early_stopping": "stopped early by train.early_stopping", "time_limi
 
 def summary_line(summary: dict) -> str:
     score = summary["score"]
-    best = (f"best {score} {summary[f'best_{score}']:.2%} at epoch {summary['best_epoch']}"
+    weights = " (EMA weights)" if summary.get("best_weights") == "ema" else ""
+    best = (f"best {score} {summary[f'best_{score}']:.2%}{weights} at epoch {summary['best_epoch']}"
             if summary["best_epoch"] else "no epoch finished")
     stopped = (f"; {STOPPED[summary['stopped']]} after {summary['epochs_done']} of {summary['epochs']} epochs "
                "(resume to go on)" if summary["stopped"] else "")

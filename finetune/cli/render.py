@@ -74,6 +74,8 @@ def print_evaluation(result: dict) -> None:
         _print_labels(result)
     else:
         _print_classes(result)
+    if "tta" in result:
+        console.print(f"with TTA ({result['tta']['mode']}): {_headline(result['tta'])}", highlight=False)
     if "top_losses" in result:
         table = Table(title=f"Top {len(result['top_losses'])} losses", title_justify="left")
         chance = "per_label" not in result  # a multi-label prediction has no one probability
@@ -119,6 +121,15 @@ def _print_labels(result: dict) -> None:
                       _share(row["ap"]), str(row["support"]), f"{row['threshold']:.3f}")
     console.print(table)
     console.print(f"precision-recall curves: {result['pr_curves_png']}", highlight=False, soft_wrap=True)
+
+
+def _headline(scores: dict) -> str:
+    """The headline scores of an evaluation (multi-class or multi-label), as evaluate's TTA line shows them."""
+    if "map" in scores:
+        return (f"loss {scores['loss']:.4f}   mAP {_share(scores['map'])}   micro F1 {_share(scores['micro_f1'])}   "
+                f"macro F1 {_share(scores['macro_f1'])}   exact match {_share(scores['exact_match'])}")
+    return (f"loss {scores['loss']:.4f}   accuracy (top-1) {scores['top1']:.2%}   top-5 {scores['top5']:.2%}   "
+            f"balanced accuracy {_share(scores['balanced_accuracy'])}   macro F1 {_share(scores['macro_f1'])}")
 
 
 def _share(value) -> str:

@@ -66,6 +66,10 @@ class ModelConfig(_Section):
     threshold: Optional[float] = Field(
         None, gt=0, lt=1, description="multilabel: the probability at which a label is predicted, the same for "
         "every label; null: one threshold per label, chosen on the validation split to maximise its F1.")
+    zero_init_residual: bool = Field(True, description=(
+        "When the model starts from random weights (model.weights: none, or the fallback), start the last "
+        "BatchNorm of every residual branch at zero, so each block starts as the identity (torchvision's "
+        "zero_init_residual, timm's zero_init_last). Pretrained weights are never changed."))
 
 
 class LabelColumns(_Section):
@@ -74,6 +78,9 @@ class LabelColumns(_Section):
                        "split by data.label_delim).")
     split: Optional[str] = Field(None, min_length=1, description="The column holding train, val or test, which the "
                                  "file must then have; null: the column named split, if the file has one.")
+
+
+AUGMENT_PRESETS = ("none", "light", "trivialaugment", "randaugment", "augmix")
 
 
 class DataConfig(_Section):
@@ -107,9 +114,23 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.2, gt=0, lt=1, description=(
         "Share of each class held out for validation when there is no root/val (stratified, seeded by "
         "train.seed)."))
-    augment: bool = Field(False, description=(
-        "Random resized crop + horizontal flip for training images, from the image decoded at a shorter side of "
-        "1.5 x data.image_size; seeded by (seed, epoch, image index)."))
+    augment: Literal[AUGMENT_PRESETS] = Field("none", description=(
+        "Training augmentation preset: none; light (random resized crop + horizontal flip; true means light, "
+        "false none); trivialaugment, randaugment or augmix (light, then torchvision's TrivialAugmentWide, "
+        "RandAugment or AugMix). Seeded by (seed, epoch, image index) and run in the decode threads, after the "
+        "image cache (augmented pixels are never cached)."))
+    magnitude: int = Field(9, ge=0, le=30, description=(  # after augment: its validator reads augment
+        "RandAugment's magnitude (0-30, torchvision's default 9); only with data.augment: randaugment."))
+    crop_scale: float = Field(0.08, gt=0, le=1, description=(
+        "The smallest share of the image area a random resized crop keeps (its scale is [crop_scale, 1]; "
+        "torchvision's and timm's default 0.08). Raise it (e.g. 0.35) for small or low-resolution images, where a "
+        "crop of 8% of the image can lose the object."))
+    hflip: float = Field(0.5, ge=0, le=1, description=(
+        "Probability of a horizontal flip in data.augment's presets; 0 where a mirror image changes the label "
+        "(text, digits)."))
+    random_erasing: float = Field(0.0, ge=0, le=1, description=(
+        "Probability of erasing a random rectangle of each training image (torchvision's RandomErasing, after "
+        "normalisation); 0 turns it off."))
     sampler: Literal["shuffle", "balanced"] = Field("shuffle", description=(
         "shuffle: every training image once per epoch; balanced: as many draws with replacement, every class "
         "equally likely (for imbalanced classes)."))
@@ -155,6 +176,31 @@ class DataConfig(_Section):
             if any(not name.strip() for name in classes):
                 raise ValueError("holds an empty class name")
         return classes
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_preset(cls, value):
+        if isinstance(value, bool):  # the old switch: true is today's light augmentation
+            return "light" if value else "none"
+        if isinstance(value, str) and value not in AUGMENT_PRESETS:
+            close = difflib.get_close_matches(value.lower(), AUGMENT_PRESETS, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(f"unknown preset {value!r}; {hint}the presets are {', '.join(AUGMENT_PRESETS)}")
+        return value
+
+    @field_validator("magnitude")
+    @classmethod
+    def _magnitude_needs_randaugment(cls, magnitude: int, info: ValidationInfo) -> int:
+        augment = info.data.get("augment")
+        if magnitude != cls.model_fields["magnitude"].default and augment not in (None, "randaugment"):
+            raise ValueError(f"is RandAugment's magnitude; it applies to data.augment: randaugment only "
+                             f"(data.augment is {augment})")
+        return magnitude
+
+    @property
+    def random_transforms(self) -> bool:
+        """Whether training images go through random transforms (so their features change every epoch)."""
+        return self.augment != "none" or self.random_erasing > 0
 
 
 class Stage(_Section):
@@ -264,6 +310,18 @@ class MlflowConfig(_Section):
                                  "ResNet-18 checkpoint is about 45 MB).")
 
 
+class EmaConfig(_Section):
+    decay: float = Field(0.999, gt=0, lt=1, description=(
+        "Weight EMA: after every step, ema = decay * ema + (1 - decay) * weights (torch's AveragedModel with "
+        "get_ema_multi_avg_fn; BatchNorm running statistics are averaged too)."))
+    warmup: bool = Field(True, description=(
+        "Use min(decay, (1 + n) / (10 + n)) at update n, so the average of a short run is not dominated by the "
+        "random start."))
+    use_for: Literal["best", "ema", "raw"] = Field("best", description=(
+        "Which weights best.pt, export, evaluate and predict use: ema, raw, or best: the better of the two on "
+        "validation in each epoch (summary.json names it)."))
+
+
 class TrainConfig(_Section):
     epochs: int = Field(5, ge=1, description="Epochs to train.")
     batch_size: int = Field(32, ge=1, description="The global batch: under DDP each of N processes takes "
@@ -282,8 +340,8 @@ class TrainConfig(_Section):
         "fp32; an explicit bf16 elsewhere trains but warns: it is several times slower."))
     cache_features: Literal["auto", "on", "off"] = Field("auto", description=(
         "Compute the frozen prefix's outputs once, during the first epoch, and train later epochs from them. "
-        "auto: when the prefix is frozen, its BatchNorm layers run in eval mode and data.augment is off; on: an "
-        "error when that is not so."))
+        "auto: when the prefix is frozen, its BatchNorm layers run in eval mode and the training images do not change from epoch to epoch (data.augment, data.random_erasing, "
+        "train.mixup and train.cutmix off); on: an error when that is not so."))
     cache_max_gb: float = Field(2.0, ge=0, description=(
         "Memory for the feature cache, and for the image cache; beyond it a cache goes to a file in the run "
         "directory, deleted when the run ends."))
@@ -308,6 +366,19 @@ class TrainConfig(_Section):
         "At the end of training, fit a temperature on best.pt's validation logits so that its probabilities are "
         "calibrated (as `finetune calibrate` does): stored in best.pt, used by evaluate, predict and export; "
         "reliability.png in the run directory."))
+    mixup: Optional[float] = Field(None, gt=0, description=(
+        "MixUp's alpha (torchvision's MixUp): mix a batch with itself shifted by one, with weight ~ Beta(alpha, "
+        "alpha); null turns it off. timm's ImageNet recipes use 0.1-0.8. Multi-label: the multi-hot targets are "
+        "mixed the same way (binary cross-entropy takes soft targets)."))
+    cutmix: Optional[float] = Field(None, gt=0, description=(
+        "CutMix's alpha (torchvision's CutMix): paste a box of the shifted batch, of area ~ Beta(alpha, alpha); "
+        "null turns it off. Usually 1.0."))
+    mix_prob: float = Field(1.0, ge=0, le=1, description=(
+        "Probability that a batch is mixed (timm's mixup_prob); with both mixup and cutmix on, a mixed batch "
+        "uses either with equal chance (timm's switch_prob 0.5)."))
+    ema: Optional[EmaConfig] = Field(None, description=(
+        "Keep an exponential moving average of the weights, validated every epoch beside the raw weights; "
+        "null turns it off, {} uses the defaults. It cannot change on --resume."))
 
     @field_validator("loggers")
     @classmethod

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
 from finetune.config.loading import config_error, raise_problems
-from finetune.config.schema import Config
+from finetune.config.schema import Config, DataConfig
 from finetune.data import labels
 from finetune.data.demo import demo_classes, make_shapes
 from finetune.data.images import (
@@ -29,6 +29,7 @@ from finetune.data.images import (
     to_upright_rgb,
 )
 from finetune.errors import FinetuneError, Problem
+from finetune.utils.seeding import seeded
 
 
 def train_folder(root: Path) -> Path:
@@ -142,11 +143,20 @@ class Datasets:
         return self.bad_images + [path for path in dict.fromkeys(found) if path not in self.bad_images]
 
 
-def eval_transform(data) -> ImagePipeline:
+def eval_transform(data, view: Optional[int] = None) -> ImagePipeline:
     """Resize + centre crop as the config's ``data`` section says, then normalise. Called on a PIL image it acts as
     a torchvision transform; :func:`load_image` and :class:`ImageFiles` also decode JPEGs at reduced scale
-    (``data.fast_decode``)."""
-    return ImagePipeline.of(data)
+    (``data.fast_decode``). ``view``: a larger centre crop (and resize, in proportion) to cut test-time views from."""
+    pipeline = ImagePipeline.of(data)
+    if view is None or view == data.image_size:
+        return pipeline
+    return replace(pipeline, image_size=view, resize_size=round(pipeline.resize_side * view / data.image_size))
+
+
+def train_transform(data) -> ImagePipeline:
+    """The training images' pipeline: :func:`eval_transform`, or the random transforms ``data`` asks for
+    (``data.augment`` and its settings, ``data.random_erasing``)."""
+    return ImagePipeline.of(data, train=True)
 
 
 def ensure_demo_data(config: Config) -> Optional[dict]:
@@ -176,7 +186,7 @@ def load_datasets(config: Config) -> Datasets:
     :func:`check_files`).
     """
     listing, classes = _label_listing(config) if config.data.labels else _tree_listing(config)
-    train_tf = ImagePipeline.of(config.data, augment=config.data.augment)
+    train_tf = train_transform(config.data)
     val_tf = eval_transform(config.data)
     split = listing.val is None  # one set, split by data.val_fraction: its files are read twice
     val_samples = listing.train if split else listing.val
@@ -379,14 +389,22 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int):
         return self.read(index)
 
-    def read(self, index: int, cache=None, ahead=None):
+    def read(self, index: int, cache=None, ahead=None, seed: Optional[int] = None):
         """Item ``index`` as (model input, class index), or None when it is skipped as unreadable.
 
         ``cache``: an ``imagecache.ImageCache`` that may hold the decoded image (and keeps it once decoded);
         ``ahead``: decode threads working ahead (their ``take(index)`` gives the decoding's future, if any).
+        ``seed``: the pipeline's random transforms draw under it (``utils.seeding.seeded``), in the decode thread
+        that prepared the item (:meth:`finished`) or here; without one they draw from torch's generator as it is.
         """
-        image = self.load(index, cache, ahead)
-        return None if image is None else (self.pipeline.finish(image), self.targets[index])
+        if seed is None:
+            image = self.load(index, cache, ahead)
+            return None if image is None else (self.pipeline.finish(image), self.targets[index])
+        if index in self._unreadable:
+            return None
+        future = ahead.take(index) if ahead is not None else None
+        finished = future.result() if future is not None else self.finished(index, seed, cache)
+        return self._skip(index, finished) if isinstance(finished, str) else (finished, self.targets[index])
 
     def load(self, index: int, cache=None, ahead=None) -> Optional[np.ndarray]:
         """Item ``index`` decoded: from ``cache``, from a decode thread, or decoded now; None when skipped."""
@@ -407,6 +425,17 @@ class ImageFiles(Dataset):
         if cache is not None:
             cache.put(index, image)
         return image
+
+    def finished(self, index: int, seed: int, cache=None) -> Union[torch.Tensor, str]:
+        """Item ``index`` decoded (or taken from ``cache``: never augmented pixels) and finished under ``seed``;
+        why it cannot be read instead. Runs in decode threads."""
+        image = cache.get(index) if cache is not None else None
+        if image is None:
+            image = self.decode(index, cache)
+            if isinstance(image, str):
+                return image
+        with seeded(seed):
+            return self.pipeline.finish(image)
 
     def found_unreadable(self) -> list[str]:
         """The files that passed the quick check but failed to decode (left out, data.skip_bad_images), in the

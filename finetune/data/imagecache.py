@@ -201,7 +201,7 @@ def _stored_shapes(files: ImageFiles, indices: list[int]) -> dict[int, tuple[int
     shapes = {}
     for index in set(indices):
         path = files.samples[index][0]
-        size = files.upright_sizes.get(path) if files.pipeline.augment else (0, 0)
+        size = files.upright_sizes.get(path) if files.pipeline.augment != "none" else (0, 0)
         if size is None:
             size = check_image(path).size
         if size is not None:  # an unreadable file: never cached

@@ -8,8 +8,10 @@ An image goes to the model in two stages (:class:`ImagePipeline`):
    fixed function of the file, so it can be cached, and it runs in decode threads (PIL releases the GIL while it
    decodes and resizes). A JPEG is decoded at the smallest DCT scale (libjpeg's 1/2, 1/4 or 1/8, PIL's ``draft``)
    whose shorter side still covers the stored size.
-2. **finish** - the random crop and flip (with augmentation), then float and normalisation (the weights' mean
-   and std). It may draw random numbers, so it runs where the sample's seed is set (``data.SeededSamples``).
+2. **finish** - the random transforms of ``data.augment`` (a preset: a random resized crop and flip, then
+   TrivialAugment, RandAugment or AugMix), then float, normalisation (the weights' mean and std) and
+   ``data.random_erasing``. It may draw random numbers, so it runs under the item's own seed
+   (``utils.seeding.seeded``): in a decode thread, or in the main thread without them; the result is the same.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -26,6 +28,7 @@ from PIL.JpegImagePlugin import JpegImageFile
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
+from torchvision.transforms import v2
 
 from finetune.config.schema import IMAGENET_MEAN, IMAGENET_STD  # the default of data.mean and data.std
 
@@ -38,7 +41,7 @@ _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 def augment_side(image_size: int) -> int:
-    """The shorter side an image is stored at for ``data.augment``: room for the random resized crop."""
+    """The shorter side an image is stored at for a ``data.augment`` preset: room for the random resized crop."""
     return round(AUGMENT_ROOM * image_size)
 
 
@@ -46,38 +49,57 @@ def augment_side(image_size: int) -> int:
 class ImagePipeline:
     """An image's way from file to model input: ``decode`` (cacheable) then ``finish`` (may be random).
 
-    Calling it on a PIL image runs both stages, as a torchvision transform would. ``resize_size`` (the shorter
-    side before the centre crop; None: ``image_size``), ``interpolation``, ``mean`` and ``std`` are the config's
-    ``data`` keys, which default to the weights' own (:func:`of`).
+    ``augment`` is a ``data.augment`` preset (``True``/``False`` mean ``light``/``none``), ``crop_scale`` the
+    smallest share of the image a random crop keeps, ``hflip`` the probability of a horizontal flip, ``magnitude``
+    the RandAugment magnitude and ``random_erasing`` the probability of erasing a random rectangle. ``resize_size``
+    (the shorter side before the centre crop; None: ``image_size``), ``interpolation``, ``mean`` and ``std`` are the
+    config's ``data`` keys, which default to the weights' own (:meth:`of`). Calling it on a PIL image runs both
+    stages, as a torchvision transform would.
     """
 
     image_size: int
-    augment: bool = False
+    augment: Union[str, bool] = "none"
     fast_decode: bool = True
     resize_size: Optional[int] = None
     interpolation: str = "bilinear"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    magnitude: int = 9
+    random_erasing: float = 0.0
+    crop_scale: float = 0.08
+    hflip: float = 0.5
 
     @classmethod
-    def of(cls, data, augment: bool = False) -> "ImagePipeline":
-        """The pipeline the config's ``data`` section describes (``augment`` for the training split)."""
-        return cls(data.image_size, augment=augment, fast_decode=data.fast_decode, resize_size=data.resize_size,
+    def of(cls, data, train: bool = False) -> "ImagePipeline":
+        """The pipeline the config's ``data`` section describes: for the training split (``train``: its random
+        transforms) or for evaluation."""
+        random = dict(augment=data.augment, magnitude=data.magnitude, random_erasing=data.random_erasing,
+                      crop_scale=data.crop_scale, hflip=data.hflip) if train else {}
+        return cls(data.image_size, fast_decode=data.fast_decode, resize_size=data.resize_size,
                    interpolation=data.interpolation or "bilinear", mean=tuple(data.mean or IMAGENET_MEAN),
-                   std=tuple(data.std or IMAGENET_STD))
+                   std=tuple(data.std or IMAGENET_STD), **random)
+
+    def __post_init__(self):
+        if isinstance(self.augment, bool):
+            object.__setattr__(self, "augment", "light" if self.augment else "none")
 
     @property
     def resize_side(self) -> int:
         return self.resize_size or self.image_size
 
     @property
+    def random(self) -> bool:
+        """Whether :meth:`finish` draws random numbers (so it needs a seed, and its output cannot be cached)."""
+        return self.augment != "none" or self.random_erasing > 0
+
+    @property
     def decode_side(self) -> int:
         """The shorter side the decoded image must keep before it is resized to the stored size."""
-        return augment_side(self.image_size) if self.augment else self.resize_side
+        return augment_side(self.image_size) if self.augment != "none" else self.resize_side
 
     def stored_shape(self, upright: tuple[int, int]) -> tuple[int, int, int]:
         """(height, width, 3) of the decoded array for an image whose upright size is ``upright`` (w, h)."""
-        if not self.augment:
+        if self.augment == "none":
             return self.image_size, self.image_size, 3
         width, height = upright
         short, long = sorted((width, height))
@@ -102,9 +124,12 @@ class ImagePipeline:
 
     def finish(self, image: np.ndarray) -> torch.Tensor:
         """A decoded array -> the normalised float tensor (3, image_size, image_size) the model sees."""
-        if self.augment:  # on a PIL image, as torchvision's classic pipeline does: single-threaded C, no torch ops
-            image = np.array(_augmentation(self.image_size, self.interpolation)(Image.fromarray(image)))
-        return _to_model(self.mean, self.std)(torch.from_numpy(image).permute(2, 0, 1))
+        if self.augment != "none":  # on a PIL image, as torchvision's classic pipeline does: PIL's C code
+            augmentation = _augmentation(self.image_size, self.augment, self.magnitude, self.crop_scale, self.hflip,
+                                         self.interpolation)
+            image = np.array(augmentation(Image.fromarray(image)))
+        tensor = _to_model(self.mean, self.std)(torch.from_numpy(image).permute(2, 0, 1))
+        return _erasing(self.random_erasing)(tensor) if self.random_erasing else tensor
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
@@ -112,7 +137,7 @@ class ImagePipeline:
 
     def _resize(self, image: Image.Image, upright: tuple[int, int]) -> np.ndarray:
         mode = InterpolationMode(self.interpolation)
-        if self.augment:
+        if self.augment != "none":
             height, width, _ = self.stored_shape(upright)
             image = F.resize(image, [height, width], interpolation=mode)
         else:  # exactly torchvision's Resize + CenterCrop, so a full decode gives the classic pipeline's pixels
@@ -120,10 +145,28 @@ class ImagePipeline:
         return np.array(image)  # a writable copy: torch.from_numpy shares it
 
 
+# The preset's own transform after the random resized crop and flip of ``light``, as torchvision's reference
+# training recipes (and timm's --aa) put it; torchvision's defaults otherwise (AugMix: severity 3, width 3).
+_PRESETS = {
+    "light": lambda magnitude: [],
+    "trivialaugment": lambda magnitude: [v2.TrivialAugmentWide()],
+    "randaugment": lambda magnitude: [v2.RandAugment(magnitude=magnitude)],
+    "augmix": lambda magnitude: [v2.AugMix()],
+}
+
+
 @functools.lru_cache(maxsize=None)
-def _augmentation(image_size: int, interpolation: str) -> transforms.Compose:
-    return transforms.Compose([transforms.RandomResizedCrop(image_size, interpolation=InterpolationMode(interpolation)),
-                               transforms.RandomHorizontalFlip()])
+def _augmentation(image_size: int, preset: str, magnitude: int, crop_scale: float, hflip: float,
+                  interpolation: str) -> v2.Compose:
+    return v2.Compose([v2.RandomResizedCrop(image_size, scale=(crop_scale, 1.0),
+                                            interpolation=InterpolationMode(interpolation)),
+                       v2.RandomHorizontalFlip(hflip), *_PRESETS[preset](magnitude)])
+
+
+@functools.lru_cache(maxsize=None)
+def _erasing(p: float) -> v2.RandomErasing:
+    # On the normalised tensor, as timm does (--reprob), erasing to 0: the mean colour after normalisation.
+    return v2.RandomErasing(p=p, value=0)
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,12 +19,14 @@ from torch.utils.data import (
     Dataset,
     DistributedSampler,
     Sampler,
+    Subset,
     default_collate,
 )
 
 from finetune.data.folders import ImageFiles, image_files
 from finetune.data.imagecache import ImageCache
 from finetune.errors import FinetuneError
+from finetune.utils.seeding import mix_seed, seeded
 
 
 def default_workers() -> int:
@@ -59,12 +61,24 @@ class SeededSamples(Dataset):
     def __len__(self):
         return len(self.dataset)
 
+    def item_seed(self, index: int) -> int:
+        return mix_seed(self.seed, self.epoch, index)
+
     def __getitem__(self, index):
-        with torch.random.fork_rng(devices=[]):
-            # The CPU generator only: torch.manual_seed also queues a seed for every lazy accelerator module
-            # (CUDA, XPU, MTIA), formatting a stack trace for each, about 1 ms an image.
-            torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-            return self.dataset[index]
+        return _seeded_item(self.dataset, index, self.item_seed(index))
+
+
+def _seeded_item(dataset: Dataset, index: int, seed: int):
+    """``dataset[index]`` with its random transforms drawn under ``seed``; image files pass the seed on, so that a
+    decode thread may have drawn them already."""
+    if isinstance(dataset, Subset):
+        return _seeded_item(dataset.dataset, dataset.indices[index], seed)
+    if isinstance(dataset, ImageFiles):
+        return dataset.read(index, seed=seed)
+    if isinstance(dataset, _Reading):
+        return dataset.files.read(index, dataset.cache, dataset.ahead, seed)
+    with seeded(seed):
+        return dataset[index]
 
 
 class Indexed(Dataset):
@@ -155,8 +169,8 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
     """A loader whose order is a function of (seed, epoch) only, so runs and resumes repeat exactly.
 
     ``workers``: over image files (:class:`ImageFiles`, also under a Subset or wrapper) that many decode threads
-    work ahead of the main thread, which finishes each item (the seeded random transforms) and collates, so the
-    batches are the same for any count; over other datasets, DataLoader worker processes.
+    work ahead of the main thread (and finish items with random transforms there, each under its own seed), and
+    the main thread finishes the rest and collates, so the batches are the same for any count; over other datasets, DataLoader worker processes.
     ``weights``: weighted sampling with replacement (see :func:`epoch_sampler`).
     ``cache``: the image cache of the image files (``imagecache``): what it holds is not decoded again."""
     dataset = for_epoch(dataset, epoch)
@@ -180,17 +194,29 @@ def _loader(dataset: Dataset, workers: int, order: list[int], ahead: int, cache:
     if files is None:
         return _data_loader(dataset, workers, batching)
     base, index = files
-    return _ReadingLoader(dataset, base, cache, [index[i] for i in order], workers, ahead, batching)
+    seeds = _seeds(dataset) if base.pipeline.random else None
+    order = [(index[i], seeds.item_seed(i) if seeds else None) for i in order]
+    return _ReadingLoader(dataset, base, cache, order, workers, ahead, batching)
+
+
+def _seeds(dataset: Dataset) -> Optional[SeededSamples]:
+    """The SeededSamples whose indices are ``dataset``'s (through Indexed), if any."""
+    while isinstance(dataset, Indexed):
+        dataset = dataset.dataset
+    return dataset if isinstance(dataset, SeededSamples) else None
 
 
 PREFETCH_BATCHES = 2  # how far decode threads work ahead of training
 
 
 class _Prefetch:
-    """Decode threads working through ``order`` (indices of ``files``) ahead of the main thread, at most ``ahead``
-    images at a time; images ``cache`` already holds are left to the main thread."""
+    """Decode threads working through ``order`` ((index of ``files``, seed or None) pairs) ahead of the main
+    thread, at most ``ahead`` images at a time. An item with a seed is decoded (or taken from ``cache``) and
+    finished with its random transforms there; one without is only decoded, and left to the main thread when
+    ``cache`` holds it already."""
 
-    def __init__(self, files: ImageFiles, cache: Optional[ImageCache], order: list[int], threads: int, ahead: int):
+    def __init__(self, files: ImageFiles, cache: Optional[ImageCache], order: list[tuple[int, Optional[int]]],
+                 threads: int, ahead: int):
         self.files, self.cache, self.order, self.ahead = files, cache, iter(order), ahead
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="finetune-decode")
         self.pending: dict[int, Future] = {}
@@ -203,10 +229,14 @@ class _Prefetch:
 
     def _top_up(self) -> None:
         while len(self.pending) < self.ahead:
-            index = next(self.order, None)
+            index, seed = next(self.order, (None, None))
             if index is None:
                 return
-            if index not in self.pending and not (self.cache is not None and self.cache.holds(index)):
+            if index in self.pending:
+                continue
+            if seed is not None:
+                self.pending[index] = self.pool.submit(self.files.finished, index, seed, self.cache)
+            elif not (self.cache is not None and self.cache.holds(index)):
                 self.pending[index] = self.pool.submit(self.files.decode, index, self.cache)
 
     def close(self) -> None:
@@ -239,8 +269,8 @@ class _ReadingLoader:
     """A DataLoader (run in the main thread) over ``dataset``, whose image files are read through ``cache`` and
     ``threads`` decode threads working ahead through ``order``; both belong to one iteration."""
 
-    def __init__(self, dataset: Dataset, files: ImageFiles, cache: Optional[ImageCache], order: list[int],
-                 threads: int, ahead: int, batching: dict):
+    def __init__(self, dataset: Dataset, files: ImageFiles, cache: Optional[ImageCache],
+                 order: list[tuple[int, Optional[int]]], threads: int, ahead: int, batching: dict):
         self.dataset, self.files, self.cache, self.order = dataset, files, cache, order
         self.threads, self.ahead, self.batching = threads, ahead, batching
 

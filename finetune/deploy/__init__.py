@@ -6,4 +6,5 @@
 - ``calibrate``: fit a checkpoint's temperature on its validation split and store it;
 - ``inference``: evaluate on labelled images, predict classes;
 - ``benchmark``: latency, throughput and preprocessing time of a trained model on this CPU.
+- ``tta``: test-time augmentation, the softmax averaged over flipped or cropped views.
 """

@@ -33,6 +33,7 @@ class Trained:
     train_state: dict = field(default_factory=dict)  # the checkpoint's training state: epoch, history, ...
     thresholds: Optional[list[float]] = None  # multilabel: one per label, chosen on the validation split
     calibration: Optional[dict] = None  # what `finetune calibrate` stored: the temperature and its report
+    weights: str = "raw"  # which weights the checkpoint serves: "raw", or "ema" (train.ema.use_for)
 
     @property
     def temperature(self) -> Optional[float]:
@@ -52,7 +53,7 @@ def load_trained(path: Path) -> Trained:
         raise FinetuneError(f"{path} is not a usable finetune checkpoint: {describe(exc)}\n"
                             "Give last.pt or best.pt from a run directory of `finetune train`.") from None
     return Trained(model, classes, config, Path(path), dict(checkpoint.get(TRAIN_STATE) or {}), thresholds,
-                   checkpoint.get("calibration"))
+                   checkpoint.get("calibration"), checkpoint.get("serves", "raw"))
 
 
 # Format -> the suffix of its default output, which goes beside the checkpoint (best.pt -> best.onnx).
@@ -61,7 +62,9 @@ PROBABILITIES = "probabilities"  # the output of an export of a calibrated check
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "state-dict": ".state_dict.pth"}
 METADATA_FILE = "finetune.json"  # the TorchScript archive's extra file
 # ONNX metadata values are strings: these keys hold text, every other one JSON.
-_TEXT_KEYS = ("arch", "finetune_version", "input", "output", "resize")
+_TEXT_KEYS = ("arch", "finetune_version", "input", "output", "resize", "weights", "tta")
+TTA_NOTE = ("not inside: the model is a single pass; finetune evaluate/predict --tta average its probabilities "
+            "over flipped or cropped views outside it")
 
 Source = Union[Path, bytes]  # a file, or an artifact's bytes before they are written
 

@@ -30,6 +30,7 @@ from finetune.deploy.artifacts import (
     OUTPUT_NAME,
     PROBABILITIES,
     SUFFIXES,
+    TTA_NOTE,
     Preprocessed,
     Trained,
     _normalisation,
@@ -81,6 +82,8 @@ def metadata(trained: Trained, fmt: str) -> dict:
         "arch": trained.config.model.arch,
         "task": trained.config.model.task,
         "thresholds": trained.thresholds,  # multilabel: a label is predicted at sigmoid(logit) >= its threshold
+        "weights": trained.weights,  # raw, or ema: the weight EMA's (train.ema.use_for)
+        "tta": TTA_NOTE,
         "finetune_version": __version__,
         "source": {"checkpoint": str(trained.path.resolve()), "epoch": state.get("epoch"),
                    "val_acc": history[-1].get("val_acc")},

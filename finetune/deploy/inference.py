@@ -34,6 +34,7 @@ from finetune.deploy.artifacts import (
     outputs_probabilities,
     to_pixels,
 )
+from finetune.deploy.tta import averaged_logits, check_mode, view_size
 from finetune.errors import FinetuneError
 from finetune.models.arch import get_arch
 from finetune.models.fastpath import FastModel
@@ -70,6 +71,24 @@ class Loaded:
         if self.probabilities:  # log of the probabilities: softmax gives them back; tiny keeps log(0) finite
             return out.float().clamp_min(torch.finfo(torch.float32).tiny).log()
         return out if self.temperature is None else out / self.temperature
+
+    def tta_logits(self, batch: torch.Tensor, mode: str) -> torch.Tensor:
+        """:meth:`logits` of a batch prepared at ``deploy.tta.view_size``, averaged over the views of ``mode``."""
+        return averaged_logits(self.logits, batch, mode, self.config.data.image_size, self.multilabel)
+
+    def check_tta(self, path: Path, mode: str) -> None:
+        """Refuse a TTA ``mode`` that does not exist, or a model that cannot run a batch of its views (an export
+        with a fixed batch size, say), before any work is done."""
+        check_mode(mode)
+        size = self.config.data.image_size
+        probe = torch.zeros(2, 3, view_size(mode, size), view_size(mode, size))
+        try:
+            with torch.inference_mode():
+                self.tta_logits(probe, mode)
+        except Exception as exc:  # the last line: a TorchScript error carries the script's traceback before it
+            raise FinetuneError(f"--tta {mode}: {path} cannot run it: a batch of 2 views of {size}x{size} px fails "
+                                f"({str(exc).strip().splitlines()[-1]}).\nEvaluate or predict without --tta, or use "
+                                "a checkpoint or an export of `finetune export`, which take any batch size.") from None
 
     @property
     def multilabel(self) -> bool:
@@ -127,7 +146,8 @@ def load_model(path: Path, threads: Optional[int] = None) -> Loaded:
 
 
 def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Optional[Path] = None,
-                        top_losses: int = 0, split: str = "val", threshold: Optional[float] = None) -> dict:
+                        top_losses: int = 0, split: str = "val", threshold: Optional[float] = None,
+                        tta: Optional[str] = None) -> dict:
     """Loss, top-1, top-5, per-class precision/recall/F1/support, balanced accuracy, macro F1 and expected
     calibration error of a checkpoint, with confusion.png (counts, and normalised per true class). A multi-label
     model instead gets mAP, micro and macro F1 and exact match at its thresholds (or ``threshold`` for every
@@ -140,12 +160,15 @@ def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Opt
     when it has a split column); by default the run's own ``split``, val or test. With ``top_losses`` K it also
     writes top_losses.png (the K images with the highest loss) and predictions.csv (every image: path, true and
     predicted class, the probability of each class, loss; by loss). Pictures go beside the checkpoint or in
-    ``output_dir``.
+    ``output_dir``. With ``tta`` (a mode of ``deploy.tta``) the headline metrics with test-time augmentation
+    follow under ``tta``; everything else is without it.
     """
     from finetune.utils.plots import plot_top_losses
 
     trained = load_model(path)
     thresholds = trained.thresholds_for(threshold) if trained.multilabel else None
+    if tta is not None:
+        trained.check_tta(path, tta)
     config = trained.config.model_copy(deep=True)
     dataset, source = _eval_set(config, trained, data, split)
     logits, targets = _logits(trained.logits, make_loader(dataset, config.train.batch_size, shuffle=False,
@@ -160,6 +183,9 @@ def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Opt
     else:
         result.update(_multiclass_scores(logits, targets, trained.classes, out))
         result.update(ece=ece(logits.softmax(1), targets), ece_bins=ECE_BINS, temperature=trained.temperature)
+    if tta is not None:
+        result["tta"] = {"mode": tta, **_headline(_tta_logits(trained, config, data, split, tta), targets, trained,
+                                                  thresholds)}
     if top_losses or trained.multilabel:
         rows = _by_loss(dataset, logits, targets, losses, trained, thresholds)
         _write_predictions(rows, trained.classes, out / "predictions.csv")
@@ -169,6 +195,30 @@ def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Opt
         result.update(top_losses=[{k: v for k, v in row.items() if k != "probs"} for row in rows[:top_losses]],
                       top_losses_png=str(out / "top_losses.png"))
     return result
+
+
+def _headline(logits: torch.Tensor, targets: torch.Tensor, loaded: Loaded, thresholds: Optional[list[float]]) -> dict:
+    """The loss and the summary scores (multi-class: top-1, top-5, balanced accuracy, macro F1; multi-label: mAP,
+    micro and macro F1, exact match) of ``logits``."""
+    scores = {"loss": _mean(_losses(logits, targets, loaded.multilabel))}
+    if loaded.multilabel:
+        found = multilabel.scores(logits.sigmoid(), targets, thresholds)
+        return {**scores, **{key: found[key] for key in ("map", "micro_f1", "macro_f1", "exact_match")}}
+    predicted = logits.argmax(1)
+    confusion = metrics.confusion_matrix(targets, predicted, len(loaded.classes))
+    return {**scores, "top1": _mean(predicted == targets), "top5": _mean(metrics.top_k_hits(logits, targets)),
+            "balanced_accuracy": metrics.balanced_accuracy(confusion), "macro_f1": metrics.macro_f1(confusion)}
+
+
+@torch.inference_mode()
+def _tta_logits(loaded: Loaded, config: Config, data: Optional[Path], split: str, mode: str) -> torch.Tensor:
+    """:meth:`Loaded.tta_logits` of every image of the evaluation set, in loader order."""
+    views_config = config.model_copy(deep=True)
+    views_config.data.image_size = view_size(mode, config.data.image_size)
+    dataset, _ = _eval_set(views_config, loaded, data, split)
+    loader = make_loader(dataset, config.train.batch_size, shuffle=False, workers=default_workers())
+    return torch.cat([torch.empty(0, len(loaded.classes)),
+                      *(loaded.tta_logits(images, mode).float().cpu() for images, _ in loader)])
 
 
 def _multiclass_scores(logits: torch.Tensor, targets: torch.Tensor, classes: list[str], out: Path) -> dict:
@@ -282,15 +332,19 @@ def labelled_images(config: Config, classes: list[str]):
     return labelled_folder(config, Path(config.data.root), classes)
 
 
-def predict(path: Path, inputs: list[Path], top_k: int = 3, threshold: Optional[float] = None) -> list[dict]:
+def predict(path: Path, inputs: list[Path], top_k: int = 3, threshold: Optional[float] = None,
+            tta: Optional[str] = None) -> list[dict]:
     """Top-k classes with probabilities for each image (directories are walked for images); for a multi-label
     model every label at or above its threshold (``threshold`` for all, when given), most probable first.
 
-    ``path`` is a checkpoint or an exported .onnx / TorchScript file.
+    ``path`` is a checkpoint or an exported .onnx / TorchScript file. With ``tta`` (a mode of ``deploy.tta``) the
+    probabilities are averaged over the views of each image.
     """
     loaded = load_model(path)
     thresholds = loaded.thresholds_for(threshold)
-    transform = eval_transform(loaded.config.data)
+    if tta is not None:
+        loaded.check_tta(path, tta)
+    transform = eval_transform(loaded.config.data, view_size(tta, loaded.config.data.image_size) if tta else None)
     k = max(1, min(top_k, len(loaded.classes)))
     images = image_paths(inputs)
     results = []
@@ -298,7 +352,7 @@ def predict(path: Path, inputs: list[Path], top_k: int = 3, threshold: Optional[
         chunk = images[start:start + PREDICT_BATCH]
         batch = torch.stack([load_image(str(image_path), transform, hint="") for image_path in chunk])
         with torch.inference_mode():
-            logits = loaded.logits(batch).float()
+            logits = (loaded.tta_logits(batch, tta) if tta else loaded.logits(batch)).float()
         for image_path, row in zip(chunk, logits):
             results.append({"image": str(image_path),
                             "predictions": _labels(row, loaded.classes, thresholds) if loaded.multilabel

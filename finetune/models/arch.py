@@ -18,7 +18,9 @@ A family says:
   ``flatten_after``; ViT needs its own chain (``_vit_chain``);
 - ``patch``: ``data.image_size`` must be a multiple of it (ViT's fixed patch grid); ``meta_device``: whether
   its builders run on the meta device (RegNet's compute its widths with tensors, which fails there);
-- ``marker``: a parameter name only this family has, to tell what a foreign state-dict file was made for.
+- ``marker``: a parameter name only this family has, to tell what a foreign state-dict file was made for;
+- ``zero_init``: whether its blocks have residual branches that end in a BatchNorm, which random init can start at
+  zero (``model.zero_init_residual``; :func:`residual_ends` finds them).
 
 This module imports torch only inside its methods, so the config can check names and sizes instantly.
 """
@@ -72,6 +74,7 @@ class Family:
     meta_device: bool = True
     chain: Optional[Callable] = None  # model -> [(name, module)] when the generic chain does not fit
     adapt_state: Optional[Callable] = None  # (state, model) -> state, e.g. ViT's position embeddings resized
+    zero_init: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,9 +116,18 @@ class Arch:
 
     # --- building -----------------------------------------------------------------------------------------------
 
-    def build(self, num_classes: int, image_size: Optional[int] = None) -> "nn.Module":
+    @property
+    def residual_zero_init(self) -> bool:
+        """Whether ``zero_init_residual`` changes anything for this model (for the record)."""
+        return self.family.zero_init
+
+    def build(self, num_classes: int, image_size: Optional[int] = None,
+              zero_init_residual: bool = False) -> "nn.Module":
         """The torchvision model with random weights and a fresh ``num_classes``-way head (for ``image_size`` px
-        images, which only ViT needs to know)."""
+        images, which only ViT needs to know). With ``zero_init_residual`` every residual branch starts at zero (the
+        weight of the BatchNorm that ends it is 0), so each block starts as the identity, as torchvision's
+        ``zero_init_residual`` and timm's ``zero_init_last`` do; no random draw changes."""
+        import torch
         import torchvision.models
         from torch import nn
 
@@ -123,6 +135,10 @@ class Arch:
         model = getattr(torchvision.models, self.name)(weights=None, **options)
         old = model.get_submodule(self.head)
         model.set_submodule(self.head, nn.Linear(old.in_features, num_classes))
+        if zero_init_residual and self.family.zero_init:
+            with torch.no_grad():
+                for block, end in residual_ends(model):
+                    model.get_submodule(f"{block}.{end}").weight.zero_()
         return model
 
     def skeleton(self, num_classes: int, image_size: Optional[int] = None) -> "nn.Module":
@@ -138,6 +154,19 @@ class Arch:
 
     def parameter_names(self, num_classes: int, image_size: Optional[int] = None) -> list[str]:
         return [name for name, _ in self.skeleton(num_classes, image_size).named_parameters()]
+
+    def zero_branches(self, model: "nn.Module") -> list[tuple[str, str]]:
+        """(block name, name of the BatchNorm ending its residual branch) of every block whose branch starts at zero:
+        that BatchNorm's weight is all zero, so the branch outputs a constant."""
+        return [(block, end) for block, end in residual_ends(model)
+                if not model.get_submodule(f"{block}.{end}").weight.any()]
+
+    def silent_parameters(self, model: "nn.Module") -> set[str]:
+        """Parameters inside residual branches that start at zero: no gradient reaches them until the branch's last
+        BatchNorm weight moves (after the first step)."""
+        return {f"{block}.{name}" for block, end in self.zero_branches(model)
+                for name, _ in model.get_submodule(block).named_parameters()
+                if not name.startswith(("downsample.", "proj.", f"{end}."))}
 
     def weights_enum(self):
         import torchvision.models
@@ -245,6 +274,27 @@ class _Layout:
         return found.group(0) if found else "neck"
 
 
+def residual_ends(model: "nn.Module") -> list[tuple[str, str]]:
+    """(block, BatchNorm) of each residual block whose branch ends in a BatchNorm: ResNet's BasicBlock (bn2) and
+    Bottleneck (bn3), RegNet's ResBottleneckBlock (f.c.1), and the inverted residual blocks of MobileNetV3 and
+    EfficientNet that add their input back (block.N.1). ConvNeXt's blocks start near zero by design (layer scale
+    1e-6); ViT and Swin have no BatchNorm."""
+    from torch import nn
+
+    ends = []
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind in ("BasicBlock", "Bottleneck"):
+            ends.append((name, "bn3" if kind == "Bottleneck" else "bn2"))
+        elif kind == "ResBottleneckBlock":
+            ends.append((name, "f.c.1"))
+        elif getattr(module, "use_res_connect", False):
+            end = f"block.{len(module.block) - 1}.1"
+            if isinstance(module.get_submodule(end), nn.BatchNorm2d):
+                ends.append((name, end))
+    return ends
+
+
 def _under(name: str, path: str) -> bool:
     return name == path or name.startswith(path + ".")
 
@@ -309,13 +359,14 @@ def _vit_positions(state: dict, model) -> dict:
 # --- the families and their models ------------------------------------------------------------------------------
 
 RESNET = Family("ResNet", head="fc", stem=("conv1", "bn1", "relu", "maxpool"), stage=r"layer\d+", norm="BatchNorm",
-                marker="layer1.0.conv1.weight")
+                marker="layer1.0.conv1.weight", zero_init=True)
 MOBILENET = Family("MobileNetV3", head="classifier.3", stem=("features.0",), stage=r"features\.\d+",
-                   norm="BatchNorm", marker="features.1.block.0.0.weight")
+                   norm="BatchNorm", marker="features.1.block.0.0.weight", zero_init=True)
 EFFICIENTNET = Family("EfficientNet", head="classifier.1", stem=("features.0",), stage=r"features\.\d+",
-                      norm="BatchNorm", marker="features.1.0.block.0.0.weight")
+                      norm="BatchNorm", marker="features.1.0.block.0.0.weight", zero_init=True)
 REGNET = Family("RegNet", head="fc", stem=("stem",), stage=r"trunk_output\.block\d+", norm="BatchNorm",
-                marker="trunk_output.block1.block1-0.proj.0.weight", blocks_in=("AnyStage",), meta_device=False)
+                marker="trunk_output.block1.block1-0.proj.0.weight", blocks_in=("AnyStage",), meta_device=False,
+                zero_init=True)
 CONVNEXT = Family("ConvNeXt", head="classifier.2", stem=("features.0",), stage=r"features\.\d+", norm="LayerNorm",
                   marker="features.1.0.layer_scale", flatten_after=None)
 SWIN = Family("Swin", head="head", stem=("features.0",), stage=r"features\.\d+", norm="LayerNorm",

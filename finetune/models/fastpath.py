@@ -22,7 +22,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -39,6 +39,7 @@ from finetune.data.loaders import (
     make_loader,
     skipped_batch_error,
 )
+from finetune.data.mixing import Mixer
 from finetune.errors import Problem
 from finetune.models.arch import Arch, unit_parameters
 from finetune.models.freeze import Decision
@@ -201,7 +202,7 @@ def cache_plan(config, arch: Arch, model: nn.Module, plan: dict[str, Decision],
 
 def _cache_plan(config, split: int, deterministic: bool) -> CachePlan:
     setting = config.train.cache_features
-    train, why = _cache_decision(setting, split, deterministic, config.data.augment)
+    train, why = _cache_decision(setting, split, deterministic, changing_key(config))
     val, _ = _cache_decision(setting, split, deterministic, augment=False)
     if val and not train:
         why += "; on for validation (its images are not augmented)"
@@ -214,7 +215,7 @@ def problems(config, arch: Arch, model: nn.Module, plan: dict[str, Decision],
     if config.train.cache_features != "on":
         return []
     split, deterministic = _prefix(arch.stages(model), plan, model, bn_modes)
-    usable, why = _cache_decision("on", split, deterministic, config.data.augment)
+    usable, why = _cache_decision("on", split, deterministic, changing_key(config))
     return [] if usable else [Problem("train.cache_features", f"is 'on' but the cache cannot be used: "
                                                               f"{why.removeprefix('off (').rstrip(')')}; use auto "
                                                               "or off")]
@@ -228,14 +229,23 @@ def _prefix(chain: list[tuple[str, nn.Module]], plan: dict[str, Decision], model
     return split, prefix_is_deterministic([module for _, module in chain[:split]], model, bn_modes)
 
 
-def _cache_decision(setting: str, split: int, deterministic: bool, augment: bool) -> tuple[bool, str]:
+def changing_key(config) -> Optional[str]:
+    """The config key that makes the training inputs differ from epoch to epoch (random transforms, MixUp or
+    CutMix), or None when they are the same every epoch."""
+    changing = {"data.augment": config.data.augment != "none", "data.random_erasing": config.data.random_erasing > 0,
+                "train.mixup": config.train.mixup is not None, "train.cutmix": config.train.cutmix is not None}
+    return next((key for key, on in changing.items() if on), None)
+
+
+def _cache_decision(setting: str, split: int, deterministic: bool, augment: Union[bool, str, None]) -> tuple[bool, str]:
     if setting == "off":
         return False, "off (train.cache_features: off)"
     reasons = []
     if split == 0:
         reasons.append("nothing is frozen before the first trainable layer")
     if augment:
-        reasons.append("data.augment is on: random transforms change the features every epoch")
+        reasons.append(f"{augment if isinstance(augment, str) else 'data.augment'} is on: random transforms change "
+                       "the features every epoch")
     if not deterministic:
         reasons.append("frozen BatchNorm (or dropout) layers run in train mode (freeze.batchnorm: train)")
     if reasons:
@@ -332,8 +342,9 @@ class FeatureSource:
     def __init__(self, fast: FastModel, dataset, batch_size: int, *, shuffle: bool, seed: int, workers: int,
                  cache_bytes: Optional[float] = None, folder: Optional[Path] = None, split: str = "train",
                  dist: Dist = Dist(), weights: Optional[torch.Tensor] = None,
-                 image_cache: Optional[ImageCache] = None):
+                 image_cache: Optional[ImageCache] = None, mixer: Optional[Mixer] = None):
         self.fast, self.dataset, self.batch_size, self.weights = fast, dataset, batch_size, weights
+        self.mixer = mixer  # MixUp/CutMix of the image batches (train.mixup, train.cutmix)
         self.shuffle, self.seed, self.workers, self.dist = shuffle, seed, workers, dist
         self.cache_bytes, self.folder, self.split = cache_bytes, folder, split
         self.image_cache = image_cache  # decoded images, read by the loaders (data.cache_images)
@@ -375,7 +386,9 @@ class FeatureSource:
         loader = make_loader(Indexed(self.dataset), self.batch_size, shuffle=self.shuffle, seed=self.seed,
                              epoch=epoch, skip_batches=skip_batches, workers=self.workers, rank=self.dist.rank,
                              world=self.dist.world, weights=self.weights, cache=self.image_cache)
-        for images, targets, indices in loader:
+        for batch, (images, targets, indices) in enumerate(loader, start=skip_batches):
+            if self.mixer is not None:  # on the images, before the frozen prefix: it never runs with the cache
+                images, targets = self.mixer(images, targets, epoch, batch)
             features = self.fast.features(images)
             if self.caching and epoch == 0:
                 self._store(indices, features, targets)
@@ -424,12 +437,25 @@ def feature_sources(config, fast: FastModel, data, folder: Path, *, weights: Opt
     images = image_caches or ImageCaches("off")
     budget = config.train.cache_max_gb * 2**30
     use_cache, val_cache, why = _cache_plan(config, fast.split, fast.prefix_deterministic)
-    common = dict(seed=config.train.seed, dist=dist, folder=folder,
-                  workers=config.data.workers if config.data.workers is not None else default_workers())
-    batch = config.train.batch_size // dist.world
+    common = _source_settings(config, dist, folder)
     rank = f"-rank{dist.rank}" if dist.active else ""  # spilled caches: one file per process
-    train_set = SeededSamples(data.train, config.train.seed) if config.data.augment else data.train
-    return (FeatureSource(fast, train_set, batch, shuffle=True, split=f"train{rank}", weights=weights,
-                          cache_bytes=budget if use_cache else None, image_cache=images.get("train"), **common),
-            FeatureSource(fast, data.val, batch, shuffle=False, split=f"val{rank}",
+    train_set = SeededSamples(data.train, config.train.seed) if config.data.random_transforms else data.train
+    mixer = Mixer.from_config(config.train, len(data.classes), dist.rank)
+    return (FeatureSource(fast, train_set, shuffle=True, split=f"train{rank}", weights=weights,
+                          cache_bytes=budget if use_cache else None, image_cache=images.get("train"), mixer=mixer,
+                          **common),
+            FeatureSource(fast, data.val, shuffle=False, split=f"val{rank}",
                           cache_bytes=budget if val_cache else None, image_cache=images.get("val"), **common), why)
+
+
+def image_source(config, fast: FastModel, dataset, dist: Dist = Dist(), image_cache: Optional[ImageCache] = None
+                 ) -> FeatureSource:
+    """``dataset`` in order, run through ``fast``'s prefix every time, without a feature cache (the EMA model's
+    validation when its frozen prefix is not a fixed function of the image)."""
+    return FeatureSource(fast, dataset, shuffle=False, image_cache=image_cache,
+                         **_source_settings(config, dist, folder=None))
+
+
+def _source_settings(config, dist: Dist, folder: Optional[Path]) -> dict:
+    return dict(seed=config.train.seed, dist=dist, folder=folder, batch_size=config.train.batch_size // dist.world,
+                workers=config.data.workers if config.data.workers is not None else default_workers())

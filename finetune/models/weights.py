@@ -30,19 +30,24 @@ class WeightsInfo:
     pretrained: bool
     head_loaded: bool = False  # the head came from the weights file too
     warning: Optional[str] = None
+    zero_init_residual: bool = False  # random init with every residual branch starting at zero
 
 
 def build_model(config: Config, num_classes: int, show_download: bool = True) -> tuple[nn.Module, WeightsInfo]:
     """``model.arch`` with the configured weights and a fresh ``num_classes`` head.
 
-    The random initialisation is seeded by ``train.seed`` without touching the global RNG. ``show_download``:
-    torchvision's download bar (on stderr) when pretrained weights are fetched.
+    The random initialisation is seeded by ``train.seed`` without touching the global RNG. A model that keeps
+    random weights starts its residual branches at zero (``model.zero_init_residual``), as timm's do.
+    ``show_download``: torchvision's download bar (on stderr) when pretrained weights are fetched.
     """
     arch = get_arch(config.model.arch)
     state, info = _load_weights(arch, config, show_download)
+    if state is None and config.model.zero_init_residual and arch.residual_zero_init:
+        info.zero_init_residual = True
+        info.source += ", residual branches start at zero"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
-        model = arch.build(num_classes, config.data.image_size)
+        model = arch.build(num_classes, config.data.image_size, zero_init_residual=info.zero_init_residual)
     if state is not None:
         state = arch.adapt_state(state, model)
         _load_backbone(arch, model, state, config.model.weights)
@@ -119,10 +124,18 @@ def load_state_dict_file(path: Path) -> dict:
     return checked_state_dict(safe_load(path, "weights file"), path)
 
 
+def served_state_dict(checkpoint: dict) -> dict:
+    """The weights a finetune checkpoint serves (to export, evaluate, predict, or fine-tune from): the raw model's,
+    or its weight EMA's when ``train.ema.use_for`` chose them (the EMA's state without ``module.`` and its count)."""
+    if checkpoint.get("serves") == "ema":
+        return {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k.startswith("module.")}
+    return checkpoint["model"]
+
+
 def checked_state_dict(obj, path: Path) -> dict:
     """The state dict in what ``path`` held (also inside a finetune checkpoint), without DDP's ``module.``."""
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]  # a finetune checkpoint
+        obj = served_state_dict(obj)  # a finetune checkpoint
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):

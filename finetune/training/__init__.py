@@ -9,6 +9,7 @@
 - ``optim``: SGD or AdamW param groups, per-layer learning rates, the schedule;
 - ``losses``: the training loss, class weights and balanced sampling;
 - ``multilabel``: the binary loss, per-label thresholds, mAP, F1 and exact match of ``model.task: multilabel``;
+- ``ema``: the weight EMA (``train.ema``) and which weights a checkpoint serves;
 - ``metrics``: confusion matrix, top-k, balanced accuracy, macro F1;
 - ``calibration``: temperature scaling of the logits, fitted on validation (``train.calibrate``);
 - ``checkpoint``: last.pt / best.pt and their format; ``rundir``: the run directory and the files a run writes;

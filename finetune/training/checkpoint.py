@@ -16,6 +16,7 @@ from torch import nn
 from finetune.config.schema import Config
 from finetune.errors import FinetuneError
 from finetune.models.arch import fill_preprocessing, get_arch
+from finetune.models.weights import served_state_dict
 from finetune.utils.files import atomic_write, safe_load
 
 FORMAT = 2
@@ -50,14 +51,15 @@ def _from_format_1(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 def restore_model(checkpoint: dict[str, Any]) -> tuple[nn.Module, list[str], Config]:
-    """The model of a loaded checkpoint with its weights, in eval mode, its class names and its run's config.
+    """The model of a loaded checkpoint with the weights it serves (the raw ones, or the EMA's:
+    ``models.weights.served_state_dict``), in eval mode, its class names and its run's config.
 
     Raises what validating the config, building the model or loading its weights raises (a damaged or foreign file).
     """
     classes = [str(name) for name in checkpoint["classes"]]
     config = saved_config(checkpoint["config"])
     model = get_arch(config.model.arch).build(len(classes), config.data.image_size)
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(served_state_dict(checkpoint))  # the raw weights, or the EMA's (train.ema.use_for)
     return model.eval(), classes, config
 
 

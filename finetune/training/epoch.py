@@ -25,20 +25,23 @@ class TrainState:
     step: int = 0
     seen: int = 0  # training images seen in the current epoch, and their summed loss and correct count
     loss_sum: float = 0.0
-    correct: int = 0
+    correct: float = 0.0  # soft targets (MixUp/CutMix) count a share of an image: metrics.correct_count
     seconds: float = 0.0  # training time spent in the current epoch
     grad_norm_sum: float = 0.0  # of the global gradient norm (before clipping) over the epoch's steps
     frozen_checksums: dict[str, str] = field(default_factory=dict)  # taken when the run started
     history: list[dict] = field(default_factory=list)
     best_epoch: Optional[int] = None
-    best_val_acc: float = -1.0  # the best score: val_acc, or val_map for model.task multilabel (summary.score_key)
+    best_val_acc: float = -1.0  # the best score: val_acc, or val_map for model.task multilabel (summary.score_key),
+    # of the weights the best epoch's checkpoint serves
+    serves: str = "raw"  # the weights the last epoch's checkpoints serve: "raw" or "ema" (train.ema.use_for)
+    best_serves: str = "raw"  # and those of the best epoch's
     total_seconds: float = 0.0
     monitor_best: Optional[float] = None  # early stopping: the best monitored value and epochs since it
     epochs_without_improvement: int = 0
     stopped: Optional[str] = None  # "early_stopping" or "time_limit" when the run ended before train.epochs
 
     def next_epoch(self) -> None:
-        self.epoch, self.step, self.seen, self.loss_sum, self.correct = self.epoch + 1, 0, 0, 0.0, 0
+        self.epoch, self.step, self.seen, self.loss_sum, self.correct = self.epoch + 1, 0, 0, 0.0, 0.0
         self.seconds = self.grad_norm_sum = 0.0
 
 
@@ -100,8 +103,11 @@ def train_step(fast: FastModel, features: torch.Tensor, targets: torch.Tensor, l
 
 def train_one_epoch(fast: FastModel, batches, loss_fn, optimizer, schedule: Schedule, state: TrainState, *,
                     grad_clip: Optional[float] = None, should_stop: Callable[[], bool] = lambda: False,
-                    on_step: Callable[[TrainState], None] = lambda state: None) -> bool:
+                    on_step: Callable[[TrainState], None] = lambda state: None, multilabel: bool = False) -> bool:
     """Train the trainable part of ``fast`` over (prefix features, targets) ``batches``, counting into ``state``.
+
+    Targets are class indices, soft targets (MixUp/CutMix) or, for a ``multilabel`` model, multi-hot rows (mixed
+    or not); ``on_step`` runs after each step (the weight EMA follows the weights there).
 
     Returns False when ``should_stop()`` said so after a step (the epoch is unfinished).
     Raises FinetuneError (exit code 1) when the loss, a gradient or an updated tensor is not finite.
@@ -117,7 +123,7 @@ def train_one_epoch(fast: FastModel, batches, loss_fn, optimizer, schedule: Sche
         state.seen += len(step.targets)
         state.grad_norm_sum += step.grad_norm
         state.loss_sum += step.loss * len(step.targets)
-        state.correct += correct_count(step.logits, step.targets)
+        state.correct += correct_count(step.logits, step.targets, multilabel)
         now = time.perf_counter()
         state.seconds += now - tick
         tick = now

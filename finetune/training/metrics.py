@@ -33,12 +33,17 @@ def top_k_hits(logits, targets, k: int = 5):
     return (logits.topk(min(k, logits.shape[1]), dim=1).indices == targets[:, None]).any(1)
 
 
-def correct_count(logits, targets) -> int:
-    """Top-1 hits of class-index targets; of multi-hot targets (multi-label), the images whose every label is right
-    at probability 0.5. Training's running accuracy."""
-    if targets.dim() == 2:
+def correct_count(logits, targets, multilabel: bool = False) -> float:
+    """Training's running accuracy: the top-1 hits of class-index targets. Soft targets (MixUp/CutMix: a row of
+    class weights per image) count the weight the row gives the predicted class: 0.7 for predicting the class that
+    makes 70% of a mixed image. ``multilabel``: the images whose every label is right at probability 0.5 (a label
+    is positive where its target, mixed or not, is above 0.5)."""
+    if multilabel:
         return ((logits > 0) == (targets > 0.5)).all(1).sum().item()
-    return (logits.argmax(1) == targets).sum().item()
+    predicted = logits.argmax(1)
+    if targets.dim() == 2:
+        return targets.gather(1, predicted[:, None]).sum().item()
+    return (predicted == targets).sum().item()
 
 
 def _rows(confusion) -> list[list[int]]:

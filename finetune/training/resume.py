@@ -4,11 +4,13 @@ state and training state, exactly as saved."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from torch import nn
 
 from finetune.errors import FinetuneError
 from finetune.training.checkpoint import TRAIN_STATE
+from finetune.training.ema import WeightEMA
 from finetune.training.epoch import TrainState
 from finetune.training.optim import Schedule
 from finetune.training.rng import RunRNG
@@ -21,8 +23,10 @@ def check_world(saved: dict, path: Path, world: int) -> None:
                             f"same number (now {world}).")
 
 
-def restore(saved: dict, model: nn.Module, optimizer, schedule: Schedule, rng: RunRNG) -> TrainState:
-    """Load the state of ``saved`` (a checkpoint) into the run's objects; returns where the run was.
+def restore(saved: dict, model: nn.Module, optimizer, schedule: Schedule, rng: RunRNG,
+            ema: Optional[WeightEMA] = None) -> TrainState:
+    """Load the state of ``saved`` (a checkpoint) into the run's objects (and the weight ``ema``'s); returns where
+    the run was.
 
     The optimizer must already hold the param groups it was saved with (the freeze stages started by then).
     """
@@ -30,4 +34,6 @@ def restore(saved: dict, model: nn.Module, optimizer, schedule: Schedule, rng: R
     optimizer.load_state_dict(saved["optimizer"])
     schedule.load_state_dict(saved["scheduler"])
     rng.load_state_dict(saved["rng"])
+    if ema is not None:
+        ema.load_state_dict(saved["ema"])
     return TrainState(**saved[TRAIN_STATE])

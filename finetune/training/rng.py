@@ -11,6 +11,8 @@ import contextlib
 
 import torch
 
+from finetune.utils.seeding import generator_state, set_generator_state
+
 
 class RunRNG:
     """The CPU generator state a run's steps draw from (``torch.get_rng_state`` format)."""
@@ -20,13 +22,18 @@ class RunRNG:
 
     @contextlib.contextmanager
     def active(self):
-        """Draw from the run's stream inside the block; the caller's global state is restored afterwards."""
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(self.state)
-            try:
-                yield
-            finally:
-                self.state = torch.get_rng_state()
+        """Draw from the run's stream inside the block; the caller's global state is restored afterwards.
+
+        The swaps go through ``utils.seeding``'s lock: decode threads that draw an image's augmentation under its
+        own seed (``seeded``) may hold the generator at that moment, and must neither see nor leave this state.
+        """
+        caller = generator_state()
+        set_generator_state(self.state)
+        try:
+            yield
+        finally:
+            self.state = generator_state()
+            set_generator_state(caller)
 
     def state_dict(self) -> dict:
         return {"torch": self.state}

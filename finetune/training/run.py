@@ -19,10 +19,12 @@ from finetune.config.schema import Config
 from finetune.data.folders import image_samples
 from finetune.data.imagecache import ImageCaches
 from finetune.errors import FinetuneError
+from finetune.models.fastpath import FastModel, FeatureSource, image_source
 from finetune.models.freeze import batchnorm_modes, frozen_tensors, plan_freeze, set_train_mode
 from finetune.training import multilabel, rundir
 from finetune.training.calibration import calibrate_checkpoint
 from finetune.training.checkpoint import TRAIN_STATE, load_checkpoint, save_checkpoint
+from finetune.training.ema import WeightEMA, ema_row, served
 from finetune.training.epoch import TrainState, evaluate, train_one_epoch
 from finetune.training.reporter import EpochStart, Reporter
 from finetune.training.resume import check_world, restore
@@ -73,15 +75,16 @@ def fit(run: "Run") -> dict:
                 with run.rng.active():
                     finished = train_one_epoch(run.phase.fast, run.phase.train_source.epoch(epoch, state.step),
                                                setup.loss_fn, setup.optimizer, setup.schedule, state,
-                                               grad_clip=run.config.optim.grad_clip, on_step=run.report_step,
-                                               should_stop=should_stop)
+                                               grad_clip=run.config.optim.grad_clip, on_step=run.after_step,
+                                               should_stop=should_stop,
+                                               multilabel=run.config.model.task == "multilabel")
                 if not finished:
                     run.checkpoint("last.pt")
                     if signals.signum is None:
                         state.stopped = "time_limit"
                         break
                     raise interrupted(signals.signum, epoch, state.step, run.run_dir)
-                run.end_epoch(run.evaluate())
+                run.end_epoch(run.evaluate(), run.evaluate_ema())
                 if dist.any(signals.signum is not None):
                     raise interrupted(signals.signum, epoch + 1, 0, run.run_dir)
                 if run.epochs_left() and dist.any(run.out_of_time()):
@@ -122,6 +125,7 @@ class Run:
         self.tracking = Tracking()  # tracking: started by create()
         self.score = score_key(config)  # what picks best.pt
         self.thresholds: Optional[list[float]] = None  # multilabel: those of the last epoch, saved with it
+        self.ema = WeightEMA(self.model, config.train.ema) if config.train.ema else None  # train.ema
 
     @classmethod
     def create(cls, config: Config, reporter: Reporter, dist: Dist, *, output_dir: Optional[Path] = None,
@@ -163,7 +167,7 @@ class Run:
         weights, optimizer, schedule, random state and training state."""
         check_world(saved, self.run_dir / "last.pt", self.dist.world)
         self._start_stages(saved[TRAIN_STATE]["epoch"] + 1)
-        self.state = restore(saved, self.model, self.setup.optimizer, self.setup.schedule, self.rng)
+        self.state = restore(saved, self.model, self.setup.optimizer, self.setup.schedule, self.rng, self.ema)
         self.thresholds = saved.get("thresholds")
         message = after_resume(self.state, saved["config"], self.config, self.run_dir)
         if message:
@@ -212,6 +216,12 @@ class Run:
         self.phase = self.setup.phase(self.plan, self.run_dir, self.image_caches)
         self.reporter.message(self.phase.describe(self.setup.precision))
 
+    def after_step(self, state: TrainState) -> None:
+        """After each optimizer step: the weight EMA follows the weights (train.ema), then the step is reported."""
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.report_step(state)
+
     def report_step(self, state: TrainState) -> None:
         self.reporter.step(state.epoch, state.step, self.setup.steps, state.loss_sum / state.seen,
                            state.correct / state.seen, self.setup.optimizer.param_groups[0]["lr"],
@@ -226,27 +236,47 @@ class Run:
     def out_of_time(self) -> bool:
         return out_of_time(self.started, self.config.train.time_limit_min)
 
-    def evaluate(self) -> dict:
-        """The validation metrics of the model as it is now (multilabel: with the thresholds for them)."""
+    def evaluate(self, fast: Optional[FastModel] = None, source: Optional[FeatureSource] = None) -> dict:
+        """The validation metrics of the model as it is now (multilabel: with the thresholds for them); of ``fast``
+        fed by ``source`` when given (default: the phase's)."""
         setup = self.setup
+        fast, source = fast or self.phase.fast, source or self.phase.val_source
         if self.config.model.task == "multilabel":
-            return multilabel.evaluate(self.phase.fast, self.phase.val_source.epoch(0), setup.val_loss_fn,
-                                       setup.built.num_classes, self.dist, self.config.model.threshold)
-        return evaluate(self.phase.fast, self.phase.val_source.indexed_epoch(0), setup.val_loss_fn,
-                        setup.built.num_classes, len(setup.data.val), self.dist)
+            return multilabel.evaluate(fast, source.epoch(0), setup.val_loss_fn, setup.built.num_classes, self.dist,
+                                       self.config.model.threshold)
+        return evaluate(fast, source.indexed_epoch(0), setup.val_loss_fn, setup.built.num_classes,
+                        len(setup.data.val), self.dist)
 
-    def end_epoch(self, val: dict) -> None:
-        """Record a finished epoch: metrics, best epoch, early stopping, checkpoints, curves, the epoch line."""
+    def evaluate_ema(self) -> Optional[dict]:
+        """The weight EMA's validation metrics (None without ``train.ema``)."""
+        if self.ema is None:
+            return None
+        phase = self.phase
+        fast = FastModel(self.ema.module, self.setup.built.arch, phase.plan, phase.fast.bn_modes,
+                         self.setup.precision.precision, self.dist.device)
+        # A frozen prefix in eval mode is bit-identical in both models: the EMA reads the same (cached) features.
+        source = phase.val_source if phase.fast.prefix_deterministic else image_source(
+            self.config, fast, self.setup.data.val, self.dist, self.image_caches.get("val"))
+        return self.evaluate(fast, source)
+
+    def end_epoch(self, val: dict, ema_val: Optional[dict] = None) -> None:
+        """Record a finished epoch: metrics, best epoch, early stopping, checkpoints, curves, the epoch line.
+
+        With the weight EMA's validation ``ema_val`` its scores join the row (``ema_`` keys), and the checkpoints
+        serve the weights ``train.ema.use_for`` chooses, scored by their own validation."""
         state = self.state
         row = epoch_row(state, val, self.setup.optimizer.param_groups[0]["lr"], self.dist)
+        if ema_val is not None:
+            row.update(ema_row(epoch_row(state, ema_val, row["lr"], self.dist), self.score))
         state.history.append(row)
         state.total_seconds += row["seconds"]
         state.next_epoch()
-        self.thresholds = val.get("thresholds")
-        score = row[self.score]
+        state.serves = served(self.config.train.ema, row[self.score], row.get(f"ema_{self.score}"))
+        self.thresholds = (ema_val if state.serves == "ema" else val).get("thresholds")
+        score = row[f"ema_{self.score}" if state.serves == "ema" else self.score]
         improved = score is not None and score > state.best_val_acc  # None or NaN (no val images): not better
         if improved:
-            state.best_epoch, state.best_val_acc = row["epoch"], score
+            state.best_epoch, state.best_val_acc, state.best_serves = row["epoch"], score, state.serves
         early_stopping(self.config, state, row)
         self.tracking.epoch(self.steps_done, row, val)
         if self.dist.is_main:
@@ -284,6 +314,7 @@ class Run:
             "scheduler": self.setup.schedule.state_dict(), TRAIN_STATE: asdict(self.state),
             "rng": self.rng.state_dict(), "classes": self.setup.data.classes, "world": self.dist.world,
             "config": self.config.model_dump(mode="json"), "thresholds": self.thresholds,
+            **({"ema": self.ema.state_dict(), "serves": self.state.serves} if self.ema is not None else {}),
             "precision": self.setup.precision.precision,
             "weights": built.weights.source, "pretrained": built.weights.pretrained})
 

@@ -76,7 +76,8 @@ def check_resume(config: Config, run_dir: Path) -> None:
 def config_changes(saved: Config, given: Config) -> list[str]:
     """The dotted keys whose values differ between two configs, sorted."""
     old, new = flat_config(saved.model_dump()), flat_config(given.model_dump())
-    return sorted(key for key in new if new[key] != old.get(key))
+    # Both sides' keys: a section set on one side only (train.ema: {...} against null) has keys on that side only.
+    return sorted(key for key in new.keys() | old.keys() if key not in new or key not in old or new[key] != old[key])
 
 
 def flat_config(data: dict, prefix: str = "") -> dict:

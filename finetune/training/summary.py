@@ -74,10 +74,12 @@ def run_summary(setup: Setup, state: TrainState, run_dir: Path, *, frozen: int, 
         "frozen_unchanged": not altered, "frozen_tensors": frozen,
         "run_dir": str(run_dir), "epochs": config.train.epochs, "epochs_done": state.epoch,
         "stopped": state.stopped, "best_epoch": state.best_epoch, "score": score, f"best_{score}": state.best_val_acc,
+        "best_weights": state.best_serves,  # raw, or ema: the weights best.pt serves (train.ema.use_for)
         f"final_{score}": state.history[-1][score] if state.history else None,
         "train_seconds": round(state.total_seconds, 3), "total_seconds": round(seconds, 3),
         "arch": config.model.arch, "precision": setup.precision.precision, "precision_reason": setup.precision.reason,
         "pretrained": weights.pretrained, "weights": weights.source, "weights_warning": weights.warning,
+        "zero_init_residual": weights.zero_init_residual,
         "classes": data.classes, "train_images": len(data.train), "val_images": len(data.val),
         "skipped_images": data.unreadable(), "processes": setup.dist.world, "device": str(setup.dist.device),
     }

@@ -49,15 +49,17 @@ def figure_pixels(fig):
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    """Loss and accuracy per epoch, train vs val; multi-label: loss, and exact match, mAP and F1."""
+    """Loss and accuracy per epoch, train vs val; multi-label: loss, and exact match, mAP and F1; with the weight
+    EMA's validation beside them when ``train.ema`` recorded it (``ema_`` keys)."""
     plt = load_pyplot()
     epochs = [row["epoch"] for row in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     multilabel = "val_map" in history[0]
     scores = (("train_exact_match", "val_exact_match", "val_map", "val_micro_f1", "val_macro_f1") if multilabel
               else ("train_acc", "val_acc"))
-    for ax, keys, title in ((loss_ax, ("train_loss", "val_loss"), "loss"),
-                            (acc_ax, scores, "exact match, mAP and F1" if multilabel else "accuracy")):
+    ema = lambda keys: [f"ema_{key}" for key in keys if f"ema_{key}" in history[0]]  # noqa: E731
+    for ax, keys, title in ((loss_ax, ("train_loss", "val_loss", *ema(["val_loss"])), "loss"),
+                            (acc_ax, (*scores, *ema(scores)), "exact match, mAP and F1" if multilabel else "accuracy")):
         for key in keys:
             ax.plot(epochs, [math.nan if row[key] is None else row[key] for row in history], "o-",
                     label=key.removesuffix("_loss").removesuffix("_acc"))
