@@ -275,3 +275,21 @@ def test_no_decay_keeps_every_norm_layer_out_and_the_old_key_warns(tmp_path):
     assert decay["features.7.0.block.0.weight"] == 0.05 and decay["classifier.2.weight"] == 0.05  # conv, head
     assert decay["features.7.0.block.2.weight"] == 0 and decay["features.7.0.block.2.bias"] == 0  # LayerNorm
     assert decay["features.7.0.block.0.bias"] == 0 and decay["classifier.2.bias"] == 0
+
+
+@pytest.mark.parametrize("name, blocks", [("mobilenet_v3_small", 6), ("regnet_y_400mf", 16), ("convnext_tiny", 0)])
+def test_random_init_starts_every_residual_branch_at_zero_without_changing_a_draw(name, blocks):
+    """model.zero_init_residual: the BatchNorm ending each residual branch starts at weight 0, so each block starts
+    as the identity; every other value is what the same seed gives without it (ConvNeXt has no such BatchNorm)."""
+    from finetune.models.arch import residual_ends
+
+    arch = get_arch(name)
+    torch.manual_seed(0)
+    plain = arch.build(10, 32).state_dict()
+    torch.manual_seed(0)
+    zeroed = arch.build(10, 32, zero_init_residual=True)
+    ends = {f"{block}.{end}.weight" for block, end in residual_ends(zeroed)}
+    assert len(ends) == blocks and arch.residual_zero_init == (blocks > 0)
+    assert len(arch.zero_branches(zeroed)) == blocks
+    for key, value in zeroed.state_dict().items():
+        assert torch.equal(value, torch.zeros_like(value) if key in ends else plain[key]), key
