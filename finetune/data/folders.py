@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
 from finetune.config.loading import config_error, raise_problems
-from finetune.config.schema import Config, DataConfig
+from finetune.config.schema import Config
 from finetune.data import labels
 from finetune.data.demo import demo_classes, make_shapes
 from finetune.data.images import (

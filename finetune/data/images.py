@@ -26,9 +26,8 @@ import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 from torchvision import transforms
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms import functional as F
-from torchvision.transforms import v2
 
 from finetune.config.schema import IMAGENET_MEAN, IMAGENET_STD  # the default of data.mean and data.std
 
