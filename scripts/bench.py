@@ -236,7 +236,7 @@ def main() -> None:
     print(f"\n{'case':<26} {'plain img/s':>12} {'finetune img/s':>15} {'ratio':>7} {'target':>7}  memory format")
     for (name, plain, fast, target), case in zip(rows, cases):
         goal = f">={target:g}x" if target else "-"
-        layout = memory_layout(get_arch(case[4]), case[5] or args.size, case[2], whole=case[1] == "full")
+        layout = memory_layout(get_arch(case[4]), case[5] or args.size, case[2], trains_layers=case[1] != "head-only")
         layout = layout.why.split(" (")[0]
         print(f"{name:<26} {plain:>12.1f} {fast:>15.1f} {fast / plain:>6.2f}x {goal:>7}  {layout}")
     if args.no_extras:

@@ -188,7 +188,7 @@ def test_bad_model_input_is_a_clear_error(tmp_path, sets, fragments):
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("name, size, precision, whole, channels_last", [
+@pytest.mark.parametrize("name, size, precision, trains_layers, channels_last", [
     ("resnet18", 32, "fp32", True, False),  # a full fine-tune of ResNet-18 on small images: 20% slower channels-last
     ("resnet18", 32, "fp32", False, True),  # ... but its frozen layers run faster so
     ("resnet18", 224, "fp32", True, True),
@@ -196,8 +196,8 @@ def test_bad_model_input_is_a_clear_error(tmp_path, sets, fragments):
     ("mobilenet_v3_large", 32, "fp32", True, True),
     ("convnext_tiny", 32, "bf16", True, True),
 ])
-def test_the_memory_format_rule(name, size, precision, whole, channels_last):
-    layout = memory_layout(get_arch(name), size, precision, whole)
+def test_the_memory_format_rule(name, size, precision, trains_layers, channels_last):
+    layout = memory_layout(get_arch(name), size, precision, trains_layers)
     assert layout.channels_last == channels_last
     assert layout.why.startswith("channels-last" if channels_last else "default layout")
 
@@ -225,7 +225,7 @@ def test_mobilenet_end_to_end_with_adamw(tmp_path, colour_data):
     result = run_cli("train", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert "frozen prefix: features.0 .. features.10 (no autograd)" in result.stdout
-    assert "memory format channels-last (MobileNetV3 at 32 px, its frozen layers" in result.stdout
+    assert "memory format channels-last (MobileNetV3 at 32 px, training its layers" in result.stdout
     assert "feature cache on" in result.stdout
     run_dir = tmp_path / "run"
     resumed = run_cli("train", "--resume", str(run_dir), "--set", "train.epochs=2")

@@ -47,7 +47,8 @@ from finetune.utils.distributed import Dist
 
 ON_DISK_NAME = "feature-cache-{split}.bin"
 # fp32: the smallest image size from which channels-last is faster than the default layout, per family, for the
-# forward pass of a frozen prefix (and inference) and for training the whole model; None: at no size. Measured with
+# forward pass of a frozen prefix (and inference) and for training its layers (more than the head); None: at no
+# size. Measured with
 # scripts/bench_memory_format.py on a 2-core AVX2 AMD EPYC (docs/models.md; a shared machine: where the two layouts
 # came out within the noise, the default layout, which needs no conversion, is kept). It agrees with what the
 # AVX-512 EPYC of issue #20 measured for ResNet-18: channels-last 20% slower for a full fine-tune at 32 px, faster
@@ -65,14 +66,15 @@ class Layout:
     why: str
 
 
-def memory_layout(arch: Arch, image_size: int, precision: str, whole: bool) -> Layout:
-    """Channels-last or the default layout for ``arch`` at ``image_size`` px in ``precision``, when training the
-    ``whole`` model or else running a frozen prefix (or inference): the measured rule (``CHANNELS_LAST_FROM``) in
+def memory_layout(arch: Arch, image_size: int, precision: str, trains_layers: bool) -> Layout:
+    """Channels-last or the default layout for ``arch`` at ``image_size`` px in ``precision``, when training some of
+    its layers (``trains_layers``: more than the head) or else running a frozen prefix before the head (or
+    inference): the measured rule (``CHANNELS_LAST_FROM``) in
     fp32; channels-last in bf16, which oneDNN's bf16 kernels are made for."""
     if precision == "bf16":
         return Layout(True, "channels-last (bf16)")
-    family, what = arch.family.name, "training it whole" if whole else "its frozen layers"
-    start = CHANNELS_LAST_FROM[family][whole]
+    family, what = arch.family.name, "training its layers" if trains_layers else "its frozen layers"
+    start = CHANNELS_LAST_FROM[family][trains_layers]
     if start is not None and image_size >= start:
         return Layout(True, f"channels-last ({family} at {image_size} px, {what}: faster from {start} px in fp32)")
     where = f"below {start} px" if start is not None else "at every size measured"
@@ -131,7 +133,10 @@ class FastModel:
         self.device = device
         chain = arch.stages(model)
         self.split, self.prefix_deterministic = _prefix(chain, plan, model, bn_modes)
-        self.layout = (memory_layout(arch, image_size, precision, whole=self.split == 0 and not inference)
+        # Training a layer before the head (backward through it) is what channels-last slows down on small images.
+        trains_layers = not inference and any(unit_parameters(*unit) for unit in chain[self.split:]
+                                               if unit[0] != arch.head)
+        self.layout = (memory_layout(arch, image_size, precision, trains_layers)
                        if image_size else Layout(True, "channels-last"))
         self.memory_format = torch.channels_last if self.layout.channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format)
