@@ -143,3 +143,13 @@ def test_batchnorm_drift_in_frozen_layers_is_an_error(tmp_path, colour_data, mon
     assert "Frozen tensors changed" in str(error.value) and "running_mean" in str(error.value)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["frozen_unchanged"] is False
+
+
+def test_the_step_finds_the_first_non_finite_tensor_and_no_false_alarm_from_huge_values():
+    from finetune.training.epoch import first_non_finite
+
+    fine = [("a", torch.ones(3)), ("b", torch.full((2, 2), 3e38))]  # finite, though their norm overflows
+    assert first_non_finite(fine) is None and first_non_finite([]) is None
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        tensors = fine + [("c.running_var", torch.tensor([1.0, bad])), ("d", torch.tensor([bad]))]
+        assert first_non_finite(tensors) == "c.running_var"
