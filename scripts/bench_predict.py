@@ -94,7 +94,8 @@ def main() -> None:
               f"{runtime('checkpoint')} ({torch.get_num_threads()} threads), {runtime('onnx')}")
         print(f"CPU: {cpu['cpu_line']}; torch CPU kernels: {torch.backends.cpu.get_cpu_capability()}")
         for kind, result in exported.items():
-            print(f"{kind} export verified on {result['verified_on']}: max |{result['compared']} difference| "
+            graph = "fp32 graph (before quantization)" if kind == "int8" else "export"
+            print(f"{kind} {graph} verified on {result['verified_on']}: max |{result['compared']} difference| "
                   f"{result['max_abs_diff']:.2g}, {result['bytes'] / 2**20:.1f} MiB")
         report = exported["int8"]["quantization"]
         check, own = report["verification"], report["speed"]
