@@ -28,6 +28,7 @@ PRESET = ["data.crop_scale=0.35", "data.hflip=0"]
 CONFIGS = {  # name -> (config file or None for the defaults, --set overrides); in the order they run
     "default": (None, []),
     "recipe": (RECIPE, []),
+    "recipe with light crops": (RECIPE, ["data.augment=light"]),  # the file before it dropped the crops
     "ema": (None, ["train.ema={}"]),
     "light": (None, ["data.augment=light", *PRESET]),
     "mixup 0.2": (None, ["train.mixup=0.2"]),
