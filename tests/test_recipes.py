@@ -281,7 +281,6 @@ def test_random_init_starts_residual_branches_at_zero(tmp_path, resnet_state):
 
 
 def test_digits_script_writes_the_issues_split(tmp_path):
-    pytest.importorskip("sklearn")
     spec = importlib.util.spec_from_file_location("digits", REPO / "scripts" / "digits.py")
     digits = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(digits)
