@@ -160,7 +160,10 @@ def _quantize(trained: Trained, fp32: bytes, pixels: torch.Tensor) -> bytes:
             quantize_static(str(prepared), str(target), _CalibrationBatches(pixels), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=softmax,
-                            extra_options={"OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"]})
+                            extra_options={"OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"],
+                                           # LayerNorm's scale (ConvNeXt, ViT, Swin) is 1-D: per channel along
+                                           # its only axis, not the default axis 1 (a warning, then per tensor)
+                                           "QDQOpTypePerChannelSupportToAxis": {"LayerNormalization": 0}})
         except Exception as exc:
             raise FinetuneError(f"onnxruntime could not quantize the export of {trained.path}: {describe(exc)}\n"
                                 "Nothing was written.", exit_code=1) from None
