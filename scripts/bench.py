@@ -7,7 +7,8 @@
 
 Everything runs in this one process (peak memory: the median of three child processes each), 224x224 (or the
 row's own size), batch 32, ResNet-18 (ResNet-50, MobileNetV3-Large, EfficientNet-B0, RegNetY-400MF and ConvNeXt-Tiny
-for a head-only and a full row each, ResNet-18 at 32 px for two more) with a 10-class head, on synthetic batches
+for a head-only and a full row each, and a full bf16 row where bf16 is native; ResNet-18 at 32 px for two more) with
+a 10-class head, on synthetic batches
 so that image decoding is left out (each side gets its batch as its own DataLoader delivers it: finetune's collate
 makes it channels-last; finetune's fast path converts it when its memory-format rule picks the default layout).
 The cases run interleaved, round after round, each after a warm-up step; the figures are
@@ -66,12 +67,16 @@ CASES = [  # (name, freeze, precision, target ratio, architecture, image size: N
     ("r50 full fp32", "full", "fp32", None, "resnet50", None),
     ("mnv3-l head-only fp32", "head-only", "fp32", 1.3, "mobilenet_v3_large", None),
     ("mnv3-l full fp32", "full", "fp32", 1.0, "mobilenet_v3_large", None),
+    ("mnv3-l full bf16", "full", "bf16", 1.8, "mobilenet_v3_large", None),
     ("effnet-b0 head-only fp32", "head-only", "fp32", 1.3, "efficientnet_b0", None),
     ("effnet-b0 full fp32", "full", "fp32", 1.0, "efficientnet_b0", None),
+    ("effnet-b0 full bf16", "full", "bf16", 1.8, "efficientnet_b0", None),
     ("regnety-400 head-only fp32", "head-only", "fp32", 1.3, "regnet_y_400mf", None),
     ("regnety-400 full fp32", "full", "fp32", 1.0, "regnet_y_400mf", None),
+    ("regnety-400 full bf16", "full", "bf16", 1.8, "regnet_y_400mf", None),
     ("convnext-t head-only fp32", "head-only", "fp32", 1.3, "convnext_tiny", None),
     ("convnext-t full fp32", "full", "fp32", 1.0, "convnext_tiny", None),
+    ("convnext-t full bf16", "full", "bf16", 1.8, "convnext_tiny", None),
     ("r18@32 head-only fp32", "head-only", "fp32", 1.3, "resnet18", 32),
     ("r18@32 full fp32", "full", "fp32", 1.0, "resnet18", 32),
 ]
