@@ -231,6 +231,30 @@ def test_compare_outputs_counts_differences_and_flips_beyond_the_tolerance():
     assert export.compare_outputs(torch.full_like(expected, float("nan")), expected)["over"] == 3
 
 
+@pytest.mark.parametrize("flags, fragment", [
+    ({"avx2": True, "avx512_vnni": False}, "on a CPU with VNNI (avx512_vnni, avx_vnni or amx_int8) it may well be"),
+    ({"avx2": True, "avx512_vnni": True}, "this CPU has avx512_vnni already"),
+])
+def test_an_int8_export_slower_here_says_so_and_where_it_may_pay(monkeypatch, flags, fragment):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from finetune.cli import render
+
+    out = StringIO()
+    monkeypatch.setattr(render, "console", Console(file=out, width=300))
+    timing = {"batch1_ms": 2.0, "batch32_images_per_s": 100.0}
+    report = {"calibration": {"source": "8 images"}, "fp32_bytes": 4 * 2**20,
+              "verification": {"images": 8, "data": "val", "int8_top1": 0.5, "fp32_top1": 0.5, "drop_points": 0.0,
+                               "max_drop_points": 1.0, "top1_agreement": 1.0},
+              "speed": {"cpu_line": "a CPU", "runtime": "onnxruntime", "fp32": timing, "int8": timing,
+                        "speedup_batch1": 0.8, "speedup_batch32": 1.2, "cpu_flags": flags}}
+    render._print_quantization(report, 2**20)
+    text = " ".join(out.getvalue().split())
+    assert "int8 is not faster than fp32 on this CPU at batch 1." in text and fragment in text
+
+
 BAD_EXPORTS = {  # name -> (export arguments after the checkpoint, words the message must hold)
     "int8 as torchscript": (["--format", "torchscript", "--quantize", "int8"], ["--quantize int8", "onnx only"]),
     "unknown quantization": (["--quantize", "int4"], ["'int4'", "int8"]),

@@ -198,9 +198,13 @@ def _print_quantization(report: dict, size: int) -> None:
     slower = [f"batch {batch}" for batch, ratio in (("1", speed["speedup_batch1"]), ("32", speed["speedup_batch32"]))
               if ratio < 1]
     if slower:
+        flags = speed.get("cpu_flags", {})
+        vnni = [flag for flag in ("avx512_vnni", "avx_vnni", "amx_int8") if flags.get(flag)]
+        where = (f"this CPU has {', '.join(vnni)} already, so the model's layers are what int8 does not speed up; "
+                 "on another CPU it may differ" if vnni else
+                 "on a CPU with VNNI (avx512_vnni, avx_vnni or amx_int8) it may well be faster")
         console.print(f"[bold yellow]int8 is not faster than fp32 on this CPU[/] at {' and '.join(slower)}. The file "
-                      "is written all the same: on a CPU with VNNI (avx512_vnni, avx_vnni or amx_int8) it may well "
-                      "be; time it there with `finetune benchmark`.", highlight=False)
+                      f"is written all the same: {where}; time it there with `finetune benchmark`.", highlight=False)
 
 
 def calibration_line(result: dict) -> str:
