@@ -52,7 +52,7 @@ def test_a_recipe_run_records_the_ema_beside_the_raw_model(recipe_run):
     assert all(0 <= row["ema_val_acc"] <= 1 and row["ema_val_loss"] > 0 for row in rows)
     assert all(0 <= row["train_acc"] <= 1 for row in rows)  # soft targets count shares of an image
     assert summary["best_weights"] == "ema" and summary["best_val_acc"] == max(r["ema_val_acc"] for r in rows)
-    assert summary["zero_init_residual"] is True and "residual branches start at zero" in summary["weights"]
+    assert summary["zero_init_residual"] is False and "residual branches as drawn" in summary["weights"]  # layer4+fc
     last = torch.load(run_dir / "last.pt", weights_only=True)
     assert last["serves"] == "ema" and last["ema"]["n_averaged"] == 6  # an update per step
     frozen = [name for name in last["model"] if name.startswith("layer1.") and name.endswith(("weight", "bias"))]
@@ -227,18 +227,18 @@ def test_mixing_gives_soft_targets_seeded_per_batch():
 
 
 def test_inspect_grads_holds_for_soft_targets_and_zero_started_branches(tmp_path, colour_data):
-    config = tiny_config(tmp_path, colour_data, freeze={"trainable": ["layer4", "fc"]},
+    config = tiny_config(tmp_path, colour_data, freeze={"default": "trainable"},  # whole: branches start at zero
                          train={"mixup": 0.4, "cutmix": 1.0, "label_smoothing": 0.1})
     result = run_cli("inspect-grads", "--config", str(config), "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
     assert report["passed"] and "soft targets" in report["data"]
     checks = {check["name"]: check["detail"] for check in report["checks"]}
-    assert "(8 of them zero: inside residual branches that start at zero" in \
-        checks["trainable gradients are finite and non-zero"]  # 2 blocks of layer4 x conv1, bn1 (2), conv2
+    assert "(32 of them zero: inside residual branches that start at zero" in \
+        checks["trainable gradients are finite and non-zero"]  # 8 blocks x conv1, bn1 (2), conv2
     zero = {row["name"] for row in report["parameters"] if row["grad_norm"] == 0}
-    assert zero == {f"layer4.{b}.{name}" for b in (0, 1) for name in ("conv1.weight", "bn1.weight", "bn1.bias",
-                                                                      "conv2.weight")}
+    assert zero == {f"layer{layer}.{b}.{name}" for layer in (1, 2, 3, 4) for b in (0, 1)
+                    for name in ("conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight")}
 
 
 def test_ema_is_torchs_average_with_warmup_and_keeps_frozen_tensors_exact():
@@ -265,14 +265,25 @@ def test_ema_is_torchs_average_with_warmup_and_keeps_frozen_tensors_exact():
     assert served(None, 0.1, None) == "raw" and served(use("best"), None, 0.9) == "raw"
 
 
-def test_random_init_starts_residual_branches_at_zero(tmp_path, resnet_state):
+def test_random_init_starts_residual_branches_at_zero_when_the_whole_network_trains(tmp_path, resnet_state):
     blocks = lambda model: [block for layer in (model.layer1, model.layer2, model.layer3, model.layer4)  # noqa: E731
                             for block in layer]
-    random_init = build(load_config(None, ["model.weights=none", "model.num_classes=3"]))
+    whole = ["model.weights=none", "model.num_classes=3", "freeze.default=trainable"]
+    random_init = build(load_config(None, whole))
     assert random_init.weights.zero_init_residual
+    assert random_init.weights.source.endswith("random init), residual branches start at zero")
     assert all(not block.bn2.weight.any() for block in blocks(random_init.model))
     assert all(block.bn1.weight.all() for block in blocks(random_init.model))
-    off = build(load_config(None, ["model.weights=none", "model.num_classes=3", "model.zero_init_residual=false"]))
+    # Only when the whole network trains: with layer4 frozen (the quick start) or head-only, nothing starts at zero
+    for frozen in (["freeze.frozen=[layer4]"], ["freeze.default=frozen", "freeze.trainable=[head]"]):
+        part = build(load_config(None, [*whole, *frozen]))
+        assert not part.weights.zero_init_residual and all(b.bn2.weight.all() for b in blocks(part.model))
+        assert "residual branches as drawn (they start at zero only when the whole network trains)" in \
+            part.weights.source
+    staged = build(load_config(None, [*whole, "freeze.default=frozen", "freeze.trainable=[head]", "train.epochs=2",
+                                      "freeze.stages=[{epoch: 2, trainable: ['*']}]"]))  # the rest from epoch 2
+    assert staged.weights.zero_init_residual and not any(b.bn2.weight.any() for b in blocks(staged.model))
+    off = build(load_config(None, [*whole, "model.zero_init_residual=false"]))
     assert not off.weights.zero_init_residual and all(block.bn2.weight.all() for block in blocks(off.model))
     pretrained = build(load_config(None, [f"model.weights={resnet_state}", "model.num_classes=3"]))
     assert not pretrained.weights.zero_init_residual

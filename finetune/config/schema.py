@@ -67,9 +67,10 @@ class ModelConfig(_Section):
         None, gt=0, lt=1, description="multilabel: the probability at which a label is predicted, the same for "
         "every label; null: one threshold per label, chosen on the validation split to maximise its F1.")
     zero_init_residual: bool = Field(True, description=(
-        "When the model starts from random weights (model.weights: none, or the fallback), start the last "
-        "BatchNorm of every residual branch at zero, so each block starts as the identity (torchvision's "
-        "zero_init_residual, timm's zero_init_last). Pretrained weights are never changed."))
+        "When the model starts from random weights (model.weights: none, or the fallback) and the whole network "
+        "trains (by the last freeze stage), start the last BatchNorm of every residual branch at zero, so each "
+        "block starts as the identity (torchvision's zero_init_residual, timm's zero_init_last). With part of the "
+        "network frozen, and with pretrained weights, nothing is changed."))
 
 
 class LabelColumns(_Section):
