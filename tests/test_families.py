@@ -293,3 +293,29 @@ def test_random_init_starts_every_residual_branch_at_zero_without_changing_a_dra
     assert len(arch.zero_branches(zeroed)) == blocks
     for key, value in zeroed.state_dict().items():
         assert torch.equal(value, torch.zeros_like(value) if key in ends else plain[key]), key
+
+
+# The last block of each family trains with the head; ONNX export where the family's operators differ most from
+# ResNet's (EfficientNet: SiLU, squeeze-excitation, depthwise; ConvNeXt: LayerNorm, GELU, layer scale).
+LAST_BLOCK = {"efficientnet_b0": ("features.8", True), "regnet_y_400mf": ("trunk_output.block4.block4-1", False),
+              "convnext_tiny": ("features.7.2", True), "swin_t": ("features.7.1", False)}
+
+
+@pytest.mark.parametrize("name", LAST_BLOCK)
+def test_each_family_trains_exports_verified_and_passes_inspect_grads(tmp_path, colour_data, name):
+    from finetune.analysis.gradcheck import inspect_grads
+    from finetune.deploy.export import export_checkpoint
+    from finetune.training.reporter import Reporter
+    from finetune.training.run import train
+
+    block, onnx = LAST_BLOCK[name]
+    config = load_config(tiny_config(tmp_path, colour_data, model={"arch": name}, train={"epochs": 1},
+                                     freeze={"trainable": [block, "head"]}))
+    summary = train(config, Reporter())
+    assert summary["arch"] == name and summary["frozen_unchanged"]
+    for fmt in ("torchscript", "onnx") if onnx else ("torchscript",):
+        exported = export_checkpoint(tmp_path / "run" / "best.pt", fmt)
+        assert exported["top1_agreement"] == 1.0 and exported["images"] > 0, exported  # verified before written
+        assert Path(exported["path"]).is_file()
+    report = inspect_grads(config)
+    assert report.passed, [check for check in report.checks if not check.passed]

@@ -103,6 +103,27 @@ def test_a_frozen_parameter_that_gets_a_gradient_is_caught(tmp_path, colour_data
     assert not first.passed and "layer3.0.conv1.weight" in first.detail
 
 
+def test_a_step_below_float32_resolution_is_told_apart_from_a_tensor_the_optimizer_skips(tmp_path, colour_data,
+                                                                                          monkeypatch):
+    """Random weights can shrink the signal so far that lr x gradient rounds away (EfficientNet's and ConvNeXt's
+    smallest members did): the step check says so and passes; a tensor the optimizer leaves out still fails it."""
+    import finetune.analysis.gradcheck as gradcheck
+
+    config = load_config(tiny_config(tmp_path, colour_data))
+    x, y = next(iter(make_loader(load_datasets(config).train, 8, shuffle=True)))
+    faint = build(config, ["blue", "green", "red"])
+    faint.model.fc.register_forward_pre_hook(lambda module, inputs: (inputs[0] * 1e-12,))
+    step = check_gradients(faint, [x], [y], config).checks[4]
+    assert step.passed and "1 of 2 trainable tensors moved; 1 did not" in step.detail, step
+    assert "below float32 resolution" in step.detail and step.detail.endswith("fc.weight")
+
+    real_optimizer = gradcheck.build_optimizer
+    monkeypatch.setattr(gradcheck, "build_optimizer", lambda model, optim, arch: torch.optim.SGD(
+        [model.fc.weight], lr=0.01) if real_optimizer(model, optim, arch) else None)  # a bug: fc.bias left out
+    skipped = check_gradients(build(config, ["blue", "green", "red"]), [x], [y], config).checks[4]
+    assert not skipped.passed and "trainable tensors did not move: fc.bias" in skipped.detail, skipped
+
+
 def test_diverging_learning_rate_stops_training_with_exit_1(tmp_path, colour_data):
     config = tiny_config(tmp_path, colour_data, optim={"lr": 10.0}, train={"epochs": 4},
                          freeze={"default": "trainable", "trainable": [], "batchnorm": "train"})

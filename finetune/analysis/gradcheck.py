@@ -34,6 +34,7 @@ import contextlib
 import copy
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
@@ -341,13 +342,20 @@ def _one_step(model: nn.Module, built: Built, before: dict, config: Config) -> C
     for source, target in zip(model.parameters(), stepped.parameters()):
         target.grad = None if source.grad is None else source.grad.clone()
     initial = {n: p.detach().clone() for n, p in stepped.named_parameters()}
-    build_optimizer(stepped, config.optim, built.arch).step()
+    optimizer = build_optimizer(stepped, config.optim, built.arch)
+    optimizer.step()
     changed_frozen = [n for n, t in frozen_tensors(stepped, built.plan, built.bn_modes).items()
                       if not torch.equal(t, before[n])]
     # No gradient reaches these yet: SGD leaves them as they are (but for weight decay).
     silent = {n for n in built.arch.silent_parameters(model) if built.plan[n].trainable}
     unmoved = [n for n, p in stepped.named_parameters()
                if built.plan[n].trainable and n not in silent and torch.equal(p, initial[n])]
+    # A gradient so small that learning rate x gradient is below float32 resolution moves nothing either: the signal
+    # vanishes before these tensors (random weights behind eval-mode BatchNorm can shrink activations to 1e-13).
+    rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    params = dict(stepped.named_parameters())
+    vanishing = [n for n in unmoved if _update_below_resolution(params[n], initial[n], rates.get(id(params[n])))]
+    unmoved = [n for n in unmoved if n not in vanishing]
     problems = []
     if drifted:
         problems.append(f"forward passes changed frozen tensors: {', '.join(drifted[:5])}")
@@ -359,6 +367,23 @@ def _one_step(model: nn.Module, built: Built, before: dict, config: Config) -> C
     trainable_count = sum(built.plan[n].trainable for n, _ in model.named_parameters())
     if problems:
         return Check(name, False, "; ".join(problems))
-    moved = f"all {trainable_count}" if not silent else f"{trainable_count - len(silent)} of {trainable_count}"
-    return Check(name, True, f"{frozen_count} frozen tensors (parameters and eval-mode BatchNorm buffers) "
-                             f"bit-identical; {moved} trainable tensors moved")
+    still = len(silent) + len(vanishing)
+    moved = f"all {trainable_count}" if not still else f"{trainable_count - still} of {trainable_count}"
+    detail = (f"{frozen_count} frozen tensors (parameters and eval-mode BatchNorm buffers) bit-identical; {moved} "
+              "trainable tensors moved")
+    if vanishing:
+        largest = max(params[n].grad.abs().max().item() for n in vanishing)
+        detail += (f"; {len(vanishing)} did not, as their gradients (at most {largest:.1e}) times the learning rate "
+                   f"are below float32 resolution: the signal reaching them is that small (random weights, or a layer scale "
+                   f"near 0 as ConvNeXt's starts): "
+                   f"{', '.join(vanishing[:3])}")
+    return Check(name, True, detail)
+
+
+def _update_below_resolution(param: torch.Tensor, initial: torch.Tensor, lr: Optional[float]) -> bool:
+    """Whether a step of ``lr`` x gradient (twice that, for Nesterov momentum's first step) rounds back to the
+    float32 weights everywhere."""
+    if lr is None or param.grad is None:
+        return False
+    update = 2 * lr * param.grad.double()
+    return torch.equal((initial.double() - update).to(initial.dtype), initial)
