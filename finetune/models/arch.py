@@ -127,7 +127,6 @@ class Arch:
         images, which only ViT needs to know). With ``zero_init_residual`` every residual branch starts at zero (the
         weight of the BatchNorm that ends it is 0), so each block starts as the identity, as torchvision's
         ``zero_init_residual`` and timm's ``zero_init_last`` do; no random draw changes."""
-        import torch
         import torchvision.models
         from torch import nn
 
@@ -136,9 +135,7 @@ class Arch:
         old = model.get_submodule(self.head)
         model.set_submodule(self.head, nn.Linear(old.in_features, num_classes))
         if zero_init_residual and self.family.zero_init:
-            with torch.no_grad():
-                for block, end in residual_ends(model):
-                    model.get_submodule(f"{block}.{end}").weight.zero_()
+            zero_residual_branches(model)
         return model
 
     def skeleton(self, num_classes: int, image_size: Optional[int] = None) -> "nn.Module":
@@ -293,6 +290,16 @@ def residual_ends(model: "nn.Module") -> list[tuple[str, str]]:
             if isinstance(module.get_submodule(end), nn.BatchNorm2d):
                 ends.append((name, end))
     return ends
+
+
+def zero_residual_branches(model: "nn.Module") -> None:
+    """Start every residual branch of ``model`` at zero: the weight of the BatchNorm ending it (:func:`residual_ends`)
+    becomes 0, so each block starts as the identity. No random draw changes."""
+    import torch
+
+    with torch.no_grad():
+        for block, end in residual_ends(model):
+            model.get_submodule(f"{block}.{end}").weight.zero_()
 
 
 def _under(name: str, path: str) -> bool:
