@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from finetune.utils.hardware import VNNI_FLAGS
+
 if TYPE_CHECKING:
     from finetune.analysis.freeze_report import FreezeReport
     from finetune.analysis.gradcheck import GradReport
@@ -199,10 +201,10 @@ def _print_quantization(report: dict, size: int) -> None:
               if ratio < 1]
     if slower:
         flags = speed.get("cpu_flags", {})
-        vnni = [flag for flag in ("avx512_vnni", "avx_vnni", "amx_int8") if flags.get(flag)]
+        vnni = [flag for flag in VNNI_FLAGS if flags.get(flag)]
         where = (f"this CPU has {', '.join(vnni)} already, so the model's layers are what int8 does not speed up; "
                  "on another CPU it may differ" if vnni else
-                 "on a CPU with VNNI (avx512_vnni, avx_vnni or amx_int8) it may well be faster")
+                 f"on a CPU with VNNI ({', '.join(VNNI_FLAGS[:-1])} or {VNNI_FLAGS[-1]}) it may well be faster")
         console.print(f"[bold yellow]int8 is not faster than fp32 on this CPU[/] at {' and '.join(slower)}. The file "
                       f"is written all the same: {where}; time it there with `finetune benchmark`.", highlight=False)
 
@@ -297,7 +299,8 @@ def print_lr_find(result: "LRFind") -> None:
 
 
 def print_models(rows: list[dict]) -> None:
-    table = Table(title="Models (ImageNet figures: torchvision's metadata of the default weights)", title_justify="left")
+    table = Table(title="Models (ImageNet figures: torchvision's metadata of the default weights)",
+                  title_justify="left")
     for column in ("model", "params", "GFLOPs", "acc@1", "size", "resize", "weights"):
         table.add_column(column, justify="right" if column in ("params", "GFLOPs", "acc@1", "size") else "left",
                          no_wrap=column != "weights")

@@ -26,7 +26,8 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 SHOWN_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 # What decides the speed of int8 inference (ONNX Runtime's MLAS kernels): 8-bit dot products in one instruction with
 # VNNI (AVX-512 or AVX) or AMX; with AVX2 alone they take three.
-INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # 8-bit dot products in one instruction
+INT8_FLAGS = ("avx2", "avx512f") + VNNI_FLAGS
 # scripts/bench.py at 224 px, torch 2.14.1, bf16 against fp32: on a 2-core AVX2-only Zen 3 (issue #12) 7.9x head-only
 # and 12.2x full; on an AVX-512 EPYC with the kernels capped to AVX2, 4.6x and 11.7x.
 EMULATED_SLOWDOWN = "measured with AVX2 kernels: 5-8x for head-only training, 12x for a full fine-tune"
