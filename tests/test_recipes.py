@@ -158,7 +158,7 @@ def test_bad_recipe_keys_are_reported_together_and_nothing_is_written(tmp_path, 
 def test_bad_tta_is_refused_before_anything_is_written(recipe_run, tmp_path):
     run_dir, _ = recipe_run
     result = run_cli("evaluate", str(run_dir / "best.pt"), "--tta-mode", "five-crap", "--output-dir", str(tmp_path))
-    assert result.returncode == 2 and "did you mean 'five-crop'?" in result.stderr
+    assert result.returncode == 2 and "Unknown --tta-mode 'five-crap'; did you mean 'five-crop'?" in result.stderr
     # An export that runs one image at a time cannot run a batch of views.
     trained = load_trained(run_dir / "best.pt")
 

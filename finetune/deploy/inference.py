@@ -86,7 +86,7 @@ class Loaded:
             with torch.inference_mode():
                 self.tta_logits(probe, mode)
         except Exception as exc:  # the last line: a TorchScript error carries the script's traceback before it
-            raise FinetuneError(f"--tta {mode}: {path} cannot run it: a batch of 2 views of {size}x{size} px fails "
+            raise FinetuneError(f"TTA ({mode}): {path} cannot run it: a batch of 2 views of {size}x{size} px fails "
                                 f"({str(exc).strip().splitlines()[-1]}).\nEvaluate or predict without --tta, or use "
                                 "a checkpoint or an export of `finetune export`, which take any batch size.") from None
 
@@ -317,7 +317,8 @@ def _eval_set(config: Config, loaded: Loaded, data: Optional[Path], split: str):
     data = Path(data).resolve()
     if data.is_file():
         config.data.labels, config.data.root = str(data), str(data.parent)
-        return labelled_files(config, loaded.classes, data.parent, split_samples(config, loaded.classes, split)), str(data)
+        samples = split_samples(config, loaded.classes, split)
+        return labelled_files(config, loaded.classes, data.parent, samples), str(data)
     if loaded.multilabel:
         raise FinetuneError(f"--data {data} is a folder, but a multi-label model is evaluated on a label file (a "
                             "CSV or TSV of path and labels): class folders give each image one label.")

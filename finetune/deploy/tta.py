@@ -29,8 +29,8 @@ def check_mode(mode: str) -> str:
         return mode
     close = difflib.get_close_matches(mode, TTA_MODES, n=1, cutoff=0.4)
     hint = f"did you mean '{close[0]}'? " if close else ""
-    raise FinetuneError(f"Unknown --tta {mode!r}; {hint}use --tta (flip: the image and its mirror image) or "
-                        f"--tta five-crop (four corners and the centre).")
+    raise FinetuneError(f"Unknown --tta-mode {mode!r}; {hint}use --tta (flip: the image and its mirror image) or "
+                        "--tta-mode five-crop (four corners and the centre).")
 
 
 def view_size(mode: str, image_size: int) -> int:
