@@ -51,8 +51,8 @@ class ModelConfig(_Section):
         "feature cache, DDP, export, evaluate and predict work the same for each."))
     weights: str = Field("DEFAULT", description=(
         "Where the pretrained weights come from: DEFAULT (the architecture's best torchvision weights), "
-        "or one of its weights names (`finetune models` lists them) through torchvision's weights API (its cache, then a "
-        "download with progress and a 20 s network timeout); none for random init; or a path to a state-dict "
+        "or one of its weights names (`finetune models` lists them) through torchvision's weights API (its cache, "
+        "then a download with progress and a 20 s network timeout); none for random init; or a path to a state-dict "
         "file (loaded with weights_only=True; its 1000-class ImageNet head is replaced)."))
     weights_fallback: Literal["error", "random"] = Field("error", description=(
         "When torchvision's weights cannot be had (offline): error stops with three ways out; random warns "
@@ -198,11 +198,6 @@ class DataConfig(_Section):
                              f"(data.augment is {augment})")
         return magnitude
 
-    @property
-    def random_transforms(self) -> bool:
-        """Whether training images go through random transforms (so their features change every epoch)."""
-        return self.augment != "none" or self.random_erasing > 0
-
 
 class Stage(_Section):
     epoch: int = Field(ge=1, description=(  # 1-based, as in the logs
@@ -341,8 +336,9 @@ class TrainConfig(_Section):
         "fp32; an explicit bf16 elsewhere trains but warns: it is several times slower."))
     cache_features: Literal["auto", "on", "off"] = Field("auto", description=(
         "Compute the frozen prefix's outputs once, during the first epoch, and train later epochs from them. "
-        "auto: when the prefix is frozen, its BatchNorm layers run in eval mode and the training images do not change from epoch to epoch (data.augment, data.random_erasing, "
-        "train.mixup and train.cutmix off); on: an error when that is not so."))
+        "auto: when the prefix is frozen, its BatchNorm layers run in eval mode and the training images do not "
+        "change from epoch to epoch (data.augment, data.random_erasing, train.mixup and train.cutmix off); on: an "
+        "error when that is not so."))
     cache_max_gb: float = Field(2.0, ge=0, description=(
         "Memory for the feature cache, and for the image cache; beyond it a cache goes to a file in the run "
         "directory, deleted when the run ends."))

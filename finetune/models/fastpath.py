@@ -22,12 +22,13 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 from torch.utils.data import BatchSampler
 
+from finetune.data.folders import train_transform
 from finetune.data.imagecache import ImageCache, ImageCaches
 from finetune.data.loaders import (
     Indexed,
@@ -208,7 +209,7 @@ def cache_plan(config, arch: Arch, model: nn.Module, plan: dict[str, Decision],
 def _cache_plan(config, split: int, deterministic: bool) -> CachePlan:
     setting = config.train.cache_features
     train, why = _cache_decision(setting, split, deterministic, changing_key(config))
-    val, _ = _cache_decision(setting, split, deterministic, augment=False)
+    val, _ = _cache_decision(setting, split, deterministic, changing=None)
     if val and not train:
         why += "; on for validation (its images are not augmented)"
     return CachePlan(train, val, why)
@@ -242,15 +243,15 @@ def changing_key(config) -> Optional[str]:
     return next((key for key, on in changing.items() if on), None)
 
 
-def _cache_decision(setting: str, split: int, deterministic: bool, augment: Union[bool, str, None]) -> tuple[bool, str]:
+def _cache_decision(setting: str, split: int, deterministic: bool, changing: Optional[str]) -> tuple[bool, str]:
+    """Whether to cache, and why; ``changing``: the key that changes the inputs every epoch (:func:`changing_key`)."""
     if setting == "off":
         return False, "off (train.cache_features: off)"
     reasons = []
     if split == 0:
         reasons.append("nothing is frozen before the first trainable layer")
-    if augment:
-        reasons.append(f"{augment if isinstance(augment, str) else 'data.augment'} is on: random transforms change "
-                       "the features every epoch")
+    if changing:
+        reasons.append(f"{changing} is on: random transforms change the features every epoch")
     if not deterministic:
         reasons.append("frozen BatchNorm (or dropout) layers run in train mode (freeze.batchnorm: train)")
     if reasons:
@@ -444,7 +445,8 @@ def feature_sources(config, fast: FastModel, data, folder: Path, *, weights: Opt
     use_cache, val_cache, why = _cache_plan(config, fast.split, fast.prefix_deterministic)
     common = _source_settings(config, dist, folder)
     rank = f"-rank{dist.rank}" if dist.active else ""  # spilled caches: one file per process
-    train_set = SeededSamples(data.train, config.train.seed) if config.data.random_transforms else data.train
+    random = train_transform(config.data).random  # random transforms: each image drawn under its own seed
+    train_set = SeededSamples(data.train, config.train.seed) if random else data.train
     mixer = Mixer.from_config(config.train, len(data.classes), dist.rank)
     return (FeatureSource(fast, train_set, shuffle=True, split=f"train{rank}", weights=weights,
                           cache_bytes=budget if use_cache else None, image_cache=images.get("train"), mixer=mixer,
