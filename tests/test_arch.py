@@ -92,7 +92,8 @@ def test_a_weights_name_the_arch_lacks_names_the_key():
     sets = ["model.num_classes=3", "model.weights=IMAGENET1K_V2"]
     with pytest.raises(FinetuneError) as info:
         validate(load_config(None, ["model.arch=resnet18", *sets]))
-    assert "--set model.weights  model.weights: torchvision has no IMAGENET1K_V2 weights for resnet18" in str(info.value)
+    assert ("--set model.weights  model.weights: torchvision has no IMAGENET1K_V2 weights for resnet18"
+            in str(info.value))
     assert "IMAGENET1K_V1" in str(info.value)
     validate(load_config(None, ["model.arch=resnet50", *sets]))  # resnet50 has them
 

@@ -207,7 +207,8 @@ def test_large_logits_export_within_a_tolerance_relative_to_them(int8, run_dir, 
     scaled.CopyFrom(int8[2])
     heads = [init for init in scaled.graph.initializer if init.name in ("model.fc.weight", "model.fc.bias")]
     assert len(heads) == 2
-    for init in heads:  # the head scaled alike in checkpoint and graph: logits of about 1e4-1e5 (zero-init: small features)
+    # the head scaled alike in checkpoint and graph: logits of about 1e4-1e5 (zero-init: small features)
+    for init in heads:
         init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1e5, init.name))
         checkpoint["model"][init.name.removeprefix("model.")] *= 1e5
     torch.save(checkpoint, tmp_path / "large.pt")

@@ -77,7 +77,8 @@ def small(tmp_path_factory, colour_data):
     folder = tmp_path_factory.mktemp("families")
     built = {}
     for name in SMALLEST:
-        config = load_config(tiny_config(folder / name, colour_data, model={"arch": name}, freeze={"trainable": ["head"]}))
+        config = load_config(tiny_config(folder / name, colour_data, model={"arch": name},
+                                         freeze={"trainable": ["head"]}))
         built[name] = (config, build(config, ["blue", "green", "red"], show_download=False))
     return built
 
@@ -270,8 +271,8 @@ def test_no_decay_keeps_every_norm_layer_out_and_the_old_key_warns(tmp_path):
     assert config.warnings == [f"{path}:3  optim.no_decay_bn_bias is now optim.no_decay_norm_bias; the old name "
                                "still works, but rename it"]
     built = build(config, show_download=False)
-    decay = {name: group["weight_decay"] for group in build_optimizer(built.model, config.optim, built.arch).param_groups
-             for name in group["names"]}
+    groups = build_optimizer(built.model, config.optim, built.arch).param_groups
+    decay = {name: group["weight_decay"] for group in groups for name in group["names"]}
     assert decay["features.7.0.block.0.weight"] == 0.05 and decay["classifier.2.weight"] == 0.05  # conv, head
     assert decay["features.7.0.block.2.weight"] == 0 and decay["features.7.0.block.2.bias"] == 0  # LayerNorm
     assert decay["features.7.0.block.0.bias"] == 0 and decay["classifier.2.bias"] == 0

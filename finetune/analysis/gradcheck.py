@@ -227,7 +227,8 @@ def _closed_form(features, logits, targets, smoothing: float, classes: int, bina
         if binary:
             delta = (z.double().sigmoid() - binary_targets(y.double(), smoothing)) / y.numel() / len(features)
         else:  # class indices, or the soft targets of MixUp/CutMix
-            q = (y if y.dim() == 2 else nn.functional.one_hot(y, classes)).double() * (1 - smoothing) + smoothing / classes
+            hard = y if y.dim() == 2 else nn.functional.one_hot(y, classes)
+            q = hard.double() * (1 - smoothing) + smoothing / classes
             delta = (z.double().softmax(1) - q) / len(y) / len(features)
         grad_w += delta.T @ h.double()
         grad_b += delta.sum(0)
@@ -374,9 +375,8 @@ def _one_step(model: nn.Module, built: Built, before: dict, config: Config) -> C
     if vanishing:
         largest = max(params[n].grad.abs().max().item() for n in vanishing)
         detail += (f"; {len(vanishing)} did not, as their gradients (at most {largest:.1e}) times the learning rate "
-                   f"are below float32 resolution: the signal reaching them is that small (random weights, or a layer scale "
-                   f"near 0 as ConvNeXt's starts): "
-                   f"{', '.join(vanishing[:3])}")
+                   "are below float32 resolution: the signal reaching them is that small (random weights, or a "
+                   f"layer scale near 0 as ConvNeXt's starts): {', '.join(vanishing[:3])}")
     return Check(name, True, detail)
 
 

@@ -352,7 +352,8 @@ def export(
 @_user_errors
 def models(
     bench: Annotated[bool, typer.Option("--bench", help="Measure each model on this machine: feature extraction, "
-                                        "a training step and inference, in images/s (a few seconds per model).")] = False,
+                                        "a training step and inference, in images/s (a few seconds per "
+                                        "model).")] = False,
     image_size: Annotated[Optional[int], typer.Option("--image-size", min=32, max=1024, help="--bench: the image "
                                                       "size (default: each model's own).", show_default=False)] = None,
     freeze: Annotated[str, typer.Option("--freeze", help="--bench: the training step measured: full (everything "

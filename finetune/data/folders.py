@@ -216,7 +216,8 @@ def _label_listing(config: Config) -> tuple[_Listing, list[str]]:
     train, val = labels.training_samples(config, table, classes)
     how = "split by data.val_fraction" if val is None else "split column"
     root = Path(config.data.root)
-    return _Listing(train, val, root, root, f"label file {table.file.name}, {how}", labels.notes(config, table)), classes
+    listing = _Listing(train, val, root, root, f"label file {table.file.name}, {how}", labels.notes(config, table))
+    return listing, classes
 
 
 def load_test_set(config: Config, classes: list[str]) -> "ImageFiles":
@@ -254,8 +255,8 @@ def labelled_files(config: Config, classes: list[str], root: Path, samples: list
 
 
 def image_samples(dataset: Dataset) -> list[tuple]:
-    """(image path, class index or multi-hot row) of every item of an ImageFolder, a Subset of one, or a wrapper of either
-    (anything with ``.dataset``), in item order."""
+    """(image path, class index or multi-hot row) of every item of an ImageFolder, a Subset of one, or a wrapper of
+    either (anything with ``.dataset``), in item order."""
     if isinstance(dataset, Subset):
         inner = image_samples(dataset.dataset)
         return [inner[i] for i in dataset.indices]
@@ -366,8 +367,8 @@ def _check_classes_left(config: Config, train: "ImageFiles", skipped: int) -> No
 
 
 class ImageFiles(Dataset):
-    """Image files with their class indices (multi-label: multi-hot rows), read through an :class:`ImagePipeline`: an item is decoded (a JPEG at
-    reduced scale), then finished into the model's input.
+    """Image files with their class indices (multi-label: multi-hot rows), read through an :class:`ImagePipeline`:
+    an item is decoded (a JPEG at reduced scale), then finished into the model's input.
 
     A loader may pass an image cache (``imagecache``) and decode threads working ahead (``loaders``) to
     :meth:`read`. A file that passed the quick check (:func:`check_files`) but fails to decode is an error naming

@@ -170,7 +170,8 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
 
     ``workers``: over image files (:class:`ImageFiles`, also under a Subset or wrapper) that many decode threads
     work ahead of the main thread (and finish items with random transforms there, each under its own seed), and
-    the main thread finishes the rest and collates, so the batches are the same for any count; over other datasets, DataLoader worker processes.
+    the main thread finishes the rest and collates, so the batches are the same for any count; over other datasets,
+    DataLoader worker processes.
     ``weights``: weighted sampling with replacement (see :func:`epoch_sampler`).
     ``cache``: the image cache of the image files (``imagecache``): what it holds is not decoded again."""
     dataset = for_epoch(dataset, epoch)

@@ -97,7 +97,8 @@ def quantize_export(trained: Trained, fp32: bytes, meta: dict, options: Int8Opti
     int8 = _with_metadata(_quantize(trained, fp32, pixels), meta)
     models = {"fp32": load_onnx(fp32)[0], "int8": load_onnx(int8)[0]}
     verification = _verify_accuracy(trained, models, options)
-    speed = model_speed({name: (lambda batch, m=model: m(to_pixels(batch, trained.config))) for name, model in models.items()},
+    speed = model_speed({name: (lambda batch, m=model: m(to_pixels(batch, trained.config)))
+                         for name, model in models.items()},
                         trained.config.data.image_size, THROUGHPUT_BATCH, MEASURE_SECONDS)
     report = {"type": "int8", "format": "QDQ", "weights": "int8, per output channel", "activations": "uint8 (MinMax)",
               "calibration": {"images": len(pixels), "source": source},
@@ -230,9 +231,9 @@ def _validation_images(trained: Trained, options: Int8Options):
 def _speed_report(speed: dict) -> dict:
     """Batch-1 latency and batch-32 throughput of fp32 and int8, their ratios (above 1: int8 is faster), and the
     CPU they were measured on."""
-    fp32, int8 = speed["fp32"], speed["int8"]
-    return {**cpu_description(), "runtime": runtime("onnx"),
-            "fp32": {"batch1_ms": fp32["latency"]["p50_ms"], "batch32_images_per_s": fp32["throughput"]["images_per_s"]},
-            "int8": {"batch1_ms": int8["latency"]["p50_ms"], "batch32_images_per_s": int8["throughput"]["images_per_s"]},
-            "speedup_batch1": fp32["latency"]["p50_ms"] / int8["latency"]["p50_ms"],
-            "speedup_batch32": int8["throughput"]["images_per_s"] / fp32["throughput"]["images_per_s"]}
+    rows = {name: {"batch1_ms": speed[name]["latency"]["p50_ms"],
+                   "batch32_images_per_s": speed[name]["throughput"]["images_per_s"]} for name in ("fp32", "int8")}
+    fp32, int8 = rows["fp32"], rows["int8"]
+    return {**cpu_description(), "runtime": runtime("onnx"), **rows,
+            "speedup_batch1": fp32["batch1_ms"] / int8["batch1_ms"],
+            "speedup_batch32": int8["batch32_images_per_s"] / fp32["batch32_images_per_s"]}

@@ -4,7 +4,8 @@
 all start from :func:`prepare`, so what a report or a benchmark shows is what training does:
 
 - the data (demo set generated first, unreadable files checked), or none when ``data.root`` is not set;
-- the model built with its weights and head, its freeze plan and BatchNorm modes (:class:`~finetune.models.build.Built`);
+- the model built with its weights and head, its freeze plan and BatchNorm modes
+  (:class:`~finetune.models.build.Built`);
 - the precision ``train.precision`` resolves to, and the device;
 - the optimizer with its param groups, the schedule, the training and validation losses, the sampling weights;
 - and, for a freeze plan, a :class:`Phase`: the fast model (frozen prefix without autograd) and the feature

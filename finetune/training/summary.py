@@ -63,7 +63,8 @@ def frozen_changed_error(names: list[str]) -> FinetuneError:
 
 def run_summary(setup: Setup, state: TrainState, run_dir: Path, *, frozen: int, altered: list[str],
                 seconds: float) -> dict:
-    """summary.json of a run: how it ended, its best and final score (:func:`score_key`), times, model, precision, data, processes.
+    """summary.json of a run: how it ended, its best and final score (:func:`score_key`), times, model, precision,
+    data, processes.
 
     ``frozen``: how many tensors had to stay bit-identical, ``altered``: those that did not; ``seconds``: the
     run's time in all.
