@@ -71,6 +71,18 @@ def test_head_only_counts(arch, image_size, total, head, head_module):
     assert plan[f"{head_module}.weight"].rule == "trainable: head"
 
 
+@pytest.mark.parametrize("sets, resize", [
+    (["model.weights=none", "data.augment=none"], 32),  # nothing to keep a margin for: the whole image
+    (["model.weights=none", "data.augment=light"], 36),  # random resized crops in training: the weights' ratio
+    (["model.weights=DEFAULT", "data.augment=none"], 36),  # pretrained: as the weights were evaluated
+    (["model.weights=none", "data.augment=none", "data.resize_size=40"], 40),  # the config's own
+])
+def test_the_resize_margin_follows_the_weights_and_augmentation(sets, resize):
+    """Random weights without augmentation see the whole image; otherwise the weights' 256/224 margin applies."""
+    config = fill_preprocessing(load_config(None, ["data.image_size=32", *sets]))
+    assert (config.data.image_size, config.data.resize_size) == (32, resize)
+
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory, colour_data):
     """The smallest member of each family built as ``train`` builds it (random weights), head-only at 32 px."""

@@ -103,7 +103,8 @@ class DataConfig(_Section):
         "models, 300 for efficientnet_b3, 384 for efficientnet_v2_s)."))
     resize_size: Optional[int] = Field(None, ge=32, le=2048, description=(
         "The shorter side images are resized to before the centre crop. null: data.image_size times the "
-        "weights' own ratio (256/224 for resnet18)."))
+        "weights' own ratio (256/224 for resnet18); data.image_size itself (the whole image, no margin) with "
+        "model.weights: none and data.augment: none, where the margin would only cut off the border."))
     interpolation: Optional[Literal[INTERPOLATIONS]] = Field(None, description=(
         "Resampling of the resize (and of augmentation's random resized crop). null: the weights' own "
         "(bicubic for EfficientNet and Swin, bilinear for most)."))

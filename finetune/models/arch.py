@@ -468,11 +468,26 @@ def problems(config: Config) -> list[Problem]:
 def preprocessing(config: Config) -> dict:
     """The eval preprocessing of ``model.weights`` (the architecture's default weights for a file or none), scaled
     to ``data.image_size`` when that is set: crop, resize (the weights' resize/crop ratio), interpolation and
-    mean/std, as ``data`` keys."""
+    mean/std, as ``data`` keys.
+
+    The margin between resize and crop (256/224) is there for two reasons: the pretrained weights were evaluated on
+    such crops, and training on random resized crops makes objects look larger than in the whole image. A model
+    that starts from random weights (``model.weights: none``) and trains without augmentation has neither, and the
+    margin would only cut off the border of every image it sees: it is resized to the crop itself (the whole
+    image, as timm's train.py does with ``--no-aug``)."""
     own = ARCHS[config.model.arch].weights_named(config.model.weights)
     crop = config.data.image_size or own.crop
-    return {"image_size": crop, "resize_size": max(crop, math.floor(crop * own.resize / own.crop)),
-            "interpolation": own.interpolation, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    resize = max(crop, math.floor(crop * own.resize / own.crop))
+    if whole_image(config):
+        resize = crop
+    return {"image_size": crop, "resize_size": resize, "interpolation": own.interpolation,
+            "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+
+def whole_image(config: Config) -> bool:
+    """Whether images are resized to the crop itself by default, without a margin: random weights and no
+    augmentation (:func:`preprocessing`)."""
+    return config.model.weights == "none" and config.data.augment == "none"
 
 
 def fill_preprocessing(config: Config) -> Config:
