@@ -124,6 +124,28 @@ def test_a_step_below_float32_resolution_is_told_apart_from_a_tensor_the_optimiz
     assert not skipped.passed and "trainable tensors did not move: fc.bias" in skipped.detail, skipped
 
 
+def test_an_update_that_overflows_a_parameter_stops_the_epoch(tmp_path, colour_data):
+    """Finite gradients, an update too large for float32: the check after the epoch's steps names the tensor, before
+    anything is validated or saved (the parameters are not scanned after every step)."""
+    from finetune.training.epoch import TrainState, train_one_epoch
+    from finetune.training.setup import prepare
+    from finetune.training.validate import validate
+
+    config = load_config(tiny_config(tmp_path, colour_data))
+    validate(config)
+    setup = prepare(config)
+    fast = setup.fast_model(setup.built.plan)
+    for group in setup.optimizer.param_groups:
+        group["lr"] = 3e38  # near float32's largest number, far beyond optim.lr's range: only a test can set it
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+
+    def loss_fn(logits, targets):  # gradients of about 100: finite, and so is their norm
+        return 1000 * setup.loss_fn(logits, targets)
+
+    with pytest.raises(FinetuneError, match=r"epoch 1, by step 1: non-finite values in fc\.weight after an update"):
+        train_one_epoch(fast, [(fast.features(x), y)], loss_fn, setup.optimizer, setup.schedule, TrainState())
+
+
 def test_diverging_learning_rate_stops_training_with_exit_1(tmp_path, colour_data):
     config = tiny_config(tmp_path, colour_data, optim={"lr": 10.0}, train={"epochs": 4},
                          freeze={"default": "trainable", "trainable": [], "batchnorm": "train"})
