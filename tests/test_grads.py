@@ -177,9 +177,11 @@ def test_grad_clip_bounds_the_update(tmp_path, colour_data):
 
 
 def test_batchnorm_drift_in_frozen_layers_is_an_error(tmp_path, colour_data, monkeypatch):
-    # Simulate the classic bug: BatchNorm of frozen layers left in train mode.
+    # Simulate the classic bug: BatchNorm of frozen layers left in train mode. The frozen layer4 after the trainable
+    # layer3 runs as the model's own layers (the frozen prefix before layer3 runs as a folded copy, without them).
     monkeypatch.setattr(engine, "set_train_mode", lambda model, modes: model.train())
-    config = load_config(tiny_config(tmp_path, colour_data, train={"epochs": 1}))
+    config = load_config(tiny_config(tmp_path, colour_data, train={"epochs": 1},
+                                     freeze={"trainable": ["layer3", "fc"]}))
     with pytest.raises(FinetuneError) as error:
         engine.train(config, Reporter())
     assert error.value.exit_code == 1

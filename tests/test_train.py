@@ -87,7 +87,9 @@ def test_a_checkpoint_written_before_the_rename_resumes_evaluates_and_exports(tm
     """tests/fixtures/format1/last.pt was written by finetune at commit 14ad97d (checkpoint format 1, the training
     state under "progress") after epoch 1 of cli_run's config. To keep it small, the tensors head-only training left
     at their seeded initialisation were left out; they are rebuilt here and checked against the original's digest
-    (see tests/fixtures/format1/make.py). It evaluates, exports, and resumes to cli_run's very weights."""
+    (see tests/fixtures/format1/make.py). It evaluates, exports, and resumes to cli_run's weights: bit for bit until
+    BatchNorm was folded into the frozen prefix, which moved the features by float rounding (about 1e-6), so now
+    within that."""
     from finetune.deploy.export import export_checkpoint
     from finetune.deploy.inference import evaluate_checkpoint
     from finetune.models.weights import build_model
@@ -108,7 +110,10 @@ def test_a_checkpoint_written_before_the_rename_resumes_evaluates_and_exports(tm
     exported = export_checkpoint(run_dir / "last.pt", "state-dict", tmp_path / "old.pth")
     assert json.loads(Path(exported["metadata_path"]).read_text())["source"]["epoch"] == 1
     train(config, Reporter(), resume=run_dir)
-    assert_same_weights(weights(run_dir), weights(cli_run[0]))
+    resumed_weights, uninterrupted = weights(run_dir), weights(cli_run[0])
+    assert resumed_weights.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
     resumed = torch.load(run_dir / "last.pt", weights_only=True)
     assert resumed["format"] == 2 and resumed["train_state"]["epoch"] == 3 and "progress" not in resumed
 

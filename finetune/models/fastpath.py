@@ -3,7 +3,9 @@
 A model is a chain of stages (for a ResNet: stem layers, residual blocks, pooling,
 fc; ``arch`` describes the chain). The stages before the first trainable parameter form the *frozen prefix*: it runs
 under ``torch.no_grad()``, so autograd builds no graph and keeps no activations
-for it; only the trainable suffix builds a graph. A parameterless stage that draws random numbers in training
+for it; only the trainable suffix builds a graph. A deterministic prefix (BatchNorm in eval mode) runs a copy of itself
+with every BatchNorm folded into the convolution before it (:func:`folded`): one pass over the activations less per
+BatchNorm. A parameterless stage that draws random numbers in training
 (the dropout before MobileNetV3's or EfficientNet's head) goes to the suffix, where it keeps doing so. When the
 prefix is also deterministic (BatchNorm in eval mode, no dropout or stochastic depth in train mode) and the training
 transform has no randomness, its outputs are the same every epoch: the *feature cache* computes
@@ -17,6 +19,7 @@ change under it; a resumed run rebuilds it in the first epoch's batch order.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 from collections import OrderedDict
@@ -26,6 +29,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 from torch.utils.data import BatchSampler
 
 from finetune.data.folders import train_transform
@@ -43,7 +47,7 @@ from finetune.data.loaders import (
 from finetune.data.mixing import Mixer
 from finetune.errors import Problem
 from finetune.models.arch import Arch, unit_parameters
-from finetune.models.freeze import Decision
+from finetune.models.freeze import Decision, is_batchnorm
 from finetune.utils.distributed import Dist
 
 ON_DISK_NAME = "feature-cache-{split}.bin"
@@ -119,16 +123,32 @@ def _runs_in(module: nn.Module, training: set[int]) -> bool:
     return any(id(m) in training for m in module.modules())
 
 
+def folded(prefix: list[nn.Module]) -> list[nn.Module]:
+    """The stages of a deterministic frozen ``prefix`` as one copy in eval mode with each BatchNorm folded into the
+    convolution before it (torch.fx's ``fuse``, over the whole prefix so that a stem's conv and BatchNorm fold
+    although they are two stages): the same function up to float rounding (about 1e-6 relative), with one pass over
+    the activations less per BatchNorm, 7-8% of ResNet-18's forward pass on the Zen 4 EPYC at 32 and 224 px. The
+    model's own weights are not touched; the copy costs the prefix's weights in memory once. A prefix without
+    BatchNorm, or one torch.fx cannot trace, is returned as it is."""
+    if not any(is_batchnorm(m) for stage in prefix for m in stage.modules()):
+        return prefix
+    try:
+        return [fuse(copy.deepcopy(nn.Sequential(*prefix)).eval(), inplace=True)]
+    except (torch.fx.proxy.TraceError, TypeError, NotImplementedError):
+        return prefix
+
+
 class FastModel:
     """Runs a model as frozen prefix (no autograd) + trainable suffix, in channels-last (or the default layout:
     :func:`memory_layout`) and optional bf16.
 
-    ``model`` is shared, not copied: its state dict, checkpoints and optimizer are untouched.
+    ``model`` is shared, not copied: its state dict, checkpoints and optimizer are untouched. A deterministic
+    prefix runs as a folded copy (:func:`folded`; ``fold=False``: as it is).
     """
 
     def __init__(self, model: nn.Module, arch: Arch, plan: dict[str, Decision], bn_modes: dict[str, str],
                  precision: str, device: torch.device = torch.device("cpu"), *, image_size: Optional[int] = None,
-                 inference: bool = False):
+                 inference: bool = False, fold: bool = True):
         """``image_size`` picks the memory format by :func:`memory_layout` (None: channels-last); ``inference``:
         the model only runs forward."""
         self.device = device
@@ -143,6 +163,9 @@ class FastModel:
         self.model = model.to(device, memory_format=self.memory_format)
         self.bn_modes = bn_modes  # the mode ('train' or 'eval') of each BatchNorm (and dropout) layer while training
         self.prefix, self.suffix = chain[:self.split], chain[self.split:]
+        stages = [module for _, module in self.prefix]
+        self.prefix_run = ([m.to(memory_format=self.memory_format) for m in folded(stages)]
+                           if fold and self.prefix_deterministic else stages)
         self.trainable_part: nn.Module = nn.Sequential(OrderedDict(
             (name.replace(".", "_"), module) for name, module in self.suffix))
         self.bf16 = precision == "bf16"
@@ -173,7 +196,7 @@ class FastModel:
         x = images.to(self.device, non_blocking=True)
         x = x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
         with torch.no_grad(), self.autocast():
-            for _, module in self.prefix:
+            for module in self.prefix_run:
                 x = module(x)
         return x
 

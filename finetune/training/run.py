@@ -253,8 +253,9 @@ class Run:
             return None
         phase = self.phase
         fast = FastModel(self.ema.module, self.setup.built.arch, phase.plan, phase.fast.bn_modes,
-                         self.setup.precision.precision, self.dist.device)
-        # A frozen prefix in eval mode is bit-identical in both models: the EMA reads the same (cached) features.
+                         self.setup.precision.precision, self.dist.device, fold=False)
+        # A frozen prefix in eval mode is bit-identical in both models: the EMA reads the same (cached) features,
+        # from the phase's own (folded) prefix; so its copy is not folded.
         source = phase.val_source if phase.fast.prefix_deterministic else image_source(
             self.config, fast, self.setup.data.val, self.dist, self.image_caches.get("val"))
         return self.evaluate(fast, source)
