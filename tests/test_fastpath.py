@@ -90,7 +90,7 @@ def test_a_frozen_prefix_runs_with_batchnorm_folded_into_its_convolutions(arch):
     before = copy.deepcopy(built.model.state_dict())
     fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, "fp32", image_size=32)
     set_train_mode(built.model, built.bn_modes)
-    assert fast.prefix_deterministic and len(fast.prefix_run) == 1
+    assert fast.prefix_deterministic and fast.folded and len(fast.prefix_run) == 1
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.prefix_run[0].modules())
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
@@ -106,7 +106,7 @@ def test_a_prefix_with_train_mode_batchnorm_is_not_folded(tmp_path, colour_data)
     """freeze.batchnorm: train updates the frozen layers' statistics: the prefix runs as the model's own modules."""
     built = built_for(tmp_path, colour_data, trainable=["layer4", "fc"], batchnorm="train")
     fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, "fp32")
-    assert not fast.prefix_deterministic
+    assert not fast.prefix_deterministic and not fast.folded
     assert fast.prefix_run == [module for _, module in fast.prefix]
 
 

@@ -166,6 +166,7 @@ class FastModel:
         stages = [module for _, module in self.prefix]
         self.prefix_run = ([m.to(memory_format=self.memory_format) for m in folded(stages)]
                            if fold and self.prefix_deterministic else stages)
+        self.folded = self.prefix_run != stages  # BatchNorm folded into the prefix's convolutions (start line)
         self.trainable_part: nn.Module = nn.Sequential(OrderedDict(
             (name.replace(".", "_"), module) for name, module in self.suffix))
         self.bf16 = precision == "bf16"

@@ -48,7 +48,8 @@ class Phase:
     def describe(self, precision: PrecisionChoice) -> str:
         """One line for the log: the frozen prefix, the precision, the memory format and the feature cache."""
         names = self.fast.prefix_names
-        prefix = f"{names[0]} .. {names[-1]} (no autograd)" if names else "none"
+        how = "no autograd, BatchNorm folded" if self.fast.folded else "no autograd"
+        prefix = f"{names[0]} .. {names[-1]} ({how})" if names else "none"
         return (f"frozen prefix: {prefix}; precision {precision.precision} ({precision.reason}); memory format "
                 f"{self.fast.layout.why}; feature cache {self.cache}")
 
