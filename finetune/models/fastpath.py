@@ -1,15 +1,14 @@
 """Fast CPU paths: the frozen prefix runs without autograd, and its outputs can be cached.
 
-A model is a chain of stages (for a ResNet: stem layers, residual blocks, pooling,
-fc; ``arch`` describes the chain). The stages before the first trainable parameter form the *frozen prefix*: it runs
-under ``torch.no_grad()``, so autograd builds no graph and keeps no activations
-for it; only the trainable suffix builds a graph. A deterministic prefix (BatchNorm in eval mode) runs a copy of itself
-with every BatchNorm folded into the convolution before it (:func:`folded`): one pass over the activations less per
-BatchNorm. A parameterless stage that draws random numbers in training
-(the dropout before MobileNetV3's or EfficientNet's head) goes to the suffix, where it keeps doing so. When the
-prefix is also deterministic (BatchNorm in eval mode, no dropout or stochastic depth in train mode) and the training
-transform has no randomness, its outputs are the same every epoch: the *feature cache* computes
-them once, during the first epoch, and later epochs train the suffix from it.
+A model is a chain of stages (for a ResNet: stem layers, residual blocks, pooling, fc; ``arch`` describes the
+chain). The stages before the first trainable parameter form the *frozen prefix*: it runs under ``torch.no_grad()``,
+so autograd builds no graph and keeps no activations for it; only the trainable suffix builds a graph. A
+deterministic prefix (BatchNorm in eval mode) runs a copy of itself with every BatchNorm folded into the convolution
+before it (:func:`folded`): one pass over the activations less per BatchNorm. A parameterless stage that draws
+random numbers in training (the dropout before MobileNetV3's or EfficientNet's head) goes to the suffix, where it
+keeps doing so. When the prefix is also deterministic (BatchNorm in eval mode, no dropout or stochastic depth in
+train mode) and the training transform has no randomness, its outputs are the same every epoch: the *feature cache*
+computes them once, during the first epoch, and later epochs train the suffix from it.
 
 A cache belongs to one process and one prefix: it is never read back from disk, so
 nothing it depends on (weights, images, sizes, precision, the freeze plan) can
