@@ -294,13 +294,14 @@ def test_no_decay_keeps_every_norm_layer_out_and_the_old_key_warns(tmp_path):
 def test_random_init_starts_every_residual_branch_at_zero_without_changing_a_draw(name, blocks):
     """model.zero_init_residual: the BatchNorm ending each residual branch starts at weight 0, so each block starts
     as the identity; every other value is what the same seed gives without it (ConvNeXt has no such BatchNorm)."""
-    from finetune.models.arch import residual_ends
+    from finetune.models.arch import residual_ends, zero_residual_branches
 
     arch = get_arch(name)
     torch.manual_seed(0)
     plain = arch.build(10, 32).state_dict()
     torch.manual_seed(0)
-    zeroed = arch.build(10, 32, zero_init_residual=True)
+    zeroed = arch.build(10, 32)
+    zero_residual_branches(zeroed)
     ends = {f"{block}.{end}.weight" for block, end in residual_ends(zeroed)}
     assert len(ends) == blocks and arch.residual_zero_init == (blocks > 0)
     assert len(arch.zero_branches(zeroed)) == blocks

@@ -121,12 +121,10 @@ class Arch:
         """Whether ``zero_init_residual`` changes anything for this model (for the record)."""
         return self.family.zero_init
 
-    def build(self, num_classes: int, image_size: Optional[int] = None,
-              zero_init_residual: bool = False) -> "nn.Module":
+    def build(self, num_classes: int, image_size: Optional[int] = None) -> "nn.Module":
         """The torchvision model with random weights and a fresh ``num_classes``-way head (for ``image_size`` px
-        images, which only ViT needs to know). With ``zero_init_residual`` every residual branch starts at zero (the
-        weight of the BatchNorm that ends it is 0), so each block starts as the identity, as torchvision's
-        ``zero_init_residual`` and timm's ``zero_init_last`` do; no random draw changes."""
+        images, which only ViT needs to know); its residual branches as drawn (:func:`zero_residual_branches`
+        starts them at zero)."""
         import torchvision.models
         from torch import nn
 
@@ -134,8 +132,6 @@ class Arch:
         model = getattr(torchvision.models, self.name)(weights=None, **options)
         old = model.get_submodule(self.head)
         model.set_submodule(self.head, nn.Linear(old.in_features, num_classes))
-        if zero_init_residual and self.family.zero_init:
-            zero_residual_branches(model)
         return model
 
     def skeleton(self, num_classes: int, image_size: Optional[int] = None) -> "nn.Module":
@@ -477,9 +473,7 @@ def preprocessing(config: Config) -> dict:
     image, as timm's train.py does with ``--no-aug``)."""
     own = ARCHS[config.model.arch].weights_named(config.model.weights)
     crop = config.data.image_size or own.crop
-    resize = max(crop, math.floor(crop * own.resize / own.crop))
-    if whole_image(config):
-        resize = crop
+    resize = crop if whole_image(config) else max(crop, math.floor(crop * own.resize / own.crop))
     return {"image_size": crop, "resize_size": resize, "interpolation": own.interpolation,
             "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 

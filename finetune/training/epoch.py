@@ -49,9 +49,12 @@ class TrainState:
 class Updated:
     """The tensors a step changes, which must stay finite: the trainable parameters (``named``) and the running
     statistics of BatchNorm layers in train mode (``buffers``)."""
-    params: list[nn.Parameter]
     named: list[tuple[str, nn.Parameter]]
     buffers: list[tuple[str, torch.Tensor]]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named]
 
     @classmethod
     def of(cls, model: nn.Module) -> "Updated":
@@ -59,7 +62,7 @@ class Updated:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         buffers = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()
                    and model.get_submodule(n.rsplit(".", 1)[0]).training]
-        return cls([p for _, p in named], named, buffers)
+        return cls(named, buffers)
 
 
 @dataclass

@@ -4,10 +4,11 @@
 :class:`~finetune.errors.Problem`): the data's root and layout, the head's size against the classes, the
 architecture and weights names and the image sizes the model takes, the freeze rules and stages, the param-group
 patterns, the feature cache's rules, the device, the global batch against the processes, the class weights, a
-validation split big enough for ``train.calibrate``, the keys that depend on ``model.task``, and the packages of the trackers ``train.loggers`` names. It reads folder listings, label files and
-the model's structure on the meta device, never an image or a weight, and raises one FinetuneError that names every
-key at fault with the file and line that set it. Schema problems (unknown keys, wrong types) come first, all
-together, from ``config.loading.load_config``: without them there is no config to check further.
+validation split big enough for ``train.calibrate``, the keys that depend on ``model.task``, and the packages of the
+trackers ``train.loggers`` names. It reads folder listings, label files and the model's structure on the meta
+device, never an image or a weight, and raises one FinetuneError that names every key at fault with the file and
+line that set it. Schema problems (unknown keys, wrong types) come first, all together, from
+``config.loading.load_config``: without them there is no config to check further.
 """
 
 from __future__ import annotations
