@@ -6,6 +6,7 @@ Plain helpers (the CLI runner, tiny configs and data) are in ``helpers.py``.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,25 @@ def offline(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(home))
     for key, value in OFFLINE_ENV.items():
         monkeypatch.setenv(key, value)
-    return home
+    yield home
+    shutil.rmtree(home, ignore_errors=True)  # a hub cache holds a model's weights; 350 of them filled a disk
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """``tmp_path_factory.mktemp`` for module-scoped fixtures, whose folders go when the module's tests are done
+    (unless a test failed): they hold real runs' checkpoints, tens of MB each, and pytest would keep them all to
+    the end of the session (a passed test's own ``tmp_path`` goes at once: ``tmp_path_retention_policy``)."""
+    made = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    if not request.session.testsfailed:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -310,16 +310,16 @@ def snapshot(folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory, colour_data, resnet_state):
+def outcomes(module_tmp, colour_data, resnet_state):
     """Set up every case in its own folder, then run all the commands (in this process: no torch import each)."""
     shared = Shared(colour_data, resnet_state)
     prepared = {}
     for name, setup in CASES.items():
-        folder = tmp_path_factory.mktemp(name)
+        folder = module_tmp(name)
         prepared[name] = (folder, setup(folder, shared))
     before = {name: snapshot(folder) for name, (folder, _) in prepared.items()}
     with pytest.MonkeyPatch.context() as env:  # the autouse `offline` fixture is function-scoped: not active here
-        env.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+        env.setenv("TORCH_HOME", str(module_tmp("torch_home")))
         for key, value in OFFLINE_ENV.items():
             env.setenv(key, value)
         results = {name: run_cli(*case_.args) for name, (_, case_) in prepared.items()}

@@ -30,8 +30,8 @@ def listing(*folders) -> dict:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, colour_data):
-    folder = tmp_path_factory.mktemp("deploy_run")
+def run_dir(module_tmp, colour_data):
+    folder = module_tmp("deploy_run")
     config = tiny_config(folder, colour_data, train={"epochs": 3, "calibrate": True})
     result = run_cli("train", "--config", str(config), "--quiet")
     assert result.returncode == 0, result.stderr
@@ -39,7 +39,7 @@ def run_dir(tmp_path_factory, colour_data):
 
 
 @pytest.fixture(scope="module")
-def int8(run_dir, tmp_path_factory):
+def int8(run_dir, module_tmp):
     """The int8 export of the calibrated best.pt (timed in the least time), the fp32 ONNX bytes it came from, and
     the graph torch's exporter traced (logits, before the calibration's softmax)."""
     import onnx
@@ -52,7 +52,7 @@ def int8(run_dir, tmp_path_factory):
             patch.setattr(module, name, value)
         patch.setattr(export, "_serialise", lambda *args: serialised.append(serialise(*args)) or serialised[-1])
         patch.setattr(export, "_onnx_graph", lambda *args: _copied(onnx_graph(*args), traced))
-        result = export.export_checkpoint(run_dir / "best.pt", "onnx", tmp_path_factory.mktemp("int8") / "m.int8.onnx",
+        result = export.export_checkpoint(run_dir / "best.pt", "onnx", module_tmp("int8") / "m.int8.onnx",
                                           int8=Int8Options(calibration_images=24, max_accuracy_drop=100))
     return result, serialised[0], traced
 

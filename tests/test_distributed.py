@@ -41,8 +41,8 @@ def test_cuda_without_a_gpu_is_a_clear_error():
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory, colour_data):
-    folder = tmp_path_factory.mktemp("ddp")
+def two_process_run(module_tmp, colour_data):
+    folder = module_tmp("ddp")
     config = tiny_config(folder, colour_data, freeze=FREEZE, train={"epochs": 2, "batch_size": 8})
     result = run_cli("train", "--config", str(config), "--nproc", "2", isolated=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -17,8 +17,8 @@ from finetune.training import metrics
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, colour_data) -> Path:
-    folder = tmp_path_factory.mktemp("evaluate")
+def checkpoint(module_tmp, colour_data) -> Path:
+    folder = module_tmp("evaluate")
     result = run_cli("train", "--config", str(tiny_config(folder, colour_data, train={"epochs": 1})), "--quiet")
     assert result.returncode == 0, result.stderr
     return folder / "run" / "best.pt"

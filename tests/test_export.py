@@ -23,17 +23,17 @@ CLASSES = ["blue", "green", "red"]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, colour_data):
-    folder = tmp_path_factory.mktemp("export_run")
+def run_dir(module_tmp, colour_data):
+    folder = module_tmp("export_run")
     result = run_cli("train", "--config", str(tiny_config(folder, colour_data, train={"epochs": 3})), "--quiet")
     assert result.returncode == 0, result.stderr
     return folder / "run"
 
 
 @pytest.fixture(scope="module")
-def exports(run_dir, tmp_path_factory):
+def exports(run_dir, module_tmp):
     """One export of each format, in a folder of its own."""
-    out = tmp_path_factory.mktemp("exports")
+    out = module_tmp("exports")
     names = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "state-dict": "model.pth"}
     return {fmt: export.export_checkpoint(run_dir / "best.pt", fmt, out / name) for fmt, name in names.items()}
 

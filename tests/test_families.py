@@ -84,9 +84,9 @@ def test_the_resize_margin_follows_the_weights_and_augmentation(sets, resize):
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory, colour_data):
+def small(module_tmp, colour_data):
     """The smallest member of each family built as ``train`` builds it (random weights), head-only at 32 px."""
-    folder = tmp_path_factory.mktemp("families")
+    folder = module_tmp("families")
     built = {}
     for name in SMALLEST:
         config = load_config(tiny_config(folder / name, colour_data, model={"arch": name},
@@ -152,9 +152,9 @@ def test_vit_position_embeddings_follow_the_image_size(small):
 
 
 @pytest.fixture(scope="module")
-def mobilenet_state(tmp_path_factory) -> Path:
+def mobilenet_state(module_tmp) -> Path:
     torch.manual_seed(5)
-    path = tmp_path_factory.mktemp("weights") / "mobilenet.pth"
+    path = module_tmp("weights") / "mobilenet.pth"
     torch.save(get_arch("mobilenet_v3_small").build(1000).state_dict(), path)
     return path
 

@@ -71,8 +71,8 @@ def make_jpeg_split(root: Path, train: int, val: int, size=(160, 120)) -> Path:
 
 
 @pytest.fixture(scope="module")
-def jpegs(tmp_path_factory) -> Path:
-    return make_jpeg_split(tmp_path_factory.mktemp("jpegs"), 8, 3)
+def jpegs(module_tmp) -> Path:
+    return make_jpeg_split(module_tmp("jpegs"), 8, 3)
 
 
 def classic(image_size: int):

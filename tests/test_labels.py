@@ -149,12 +149,12 @@ SECTIONS = dict(data={"sampler": "balanced"}, train={"epochs": 2, "batch_size": 
 
 
 @pytest.fixture(scope="module")
-def folder_run(tmp_path_factory, colour_data) -> Path:
+def folder_run(module_tmp, colour_data) -> Path:
     """Two epochs on the colour tree, read as class folders."""
     from finetune.training.reporter import Reporter
     from finetune.training.run import train
 
-    folder = tmp_path_factory.mktemp("folder_run")
+    folder = module_tmp("folder_run")
     train(load_config(tiny_config(folder, colour_data, **SECTIONS)), Reporter())
     return folder / "run"
 

@@ -83,11 +83,11 @@ def test_keys_that_do_not_suit_the_task_are_config_errors(tmp_path, sets, key):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
+def run(module_tmp) -> Path:
     """Two epochs on a tiny multi-label shapes set, with a negative image and test rows in its label file."""
     from PIL import Image
 
-    folder = tmp_path_factory.mktemp("multilabel")
+    folder = module_tmp("multilabel")
     made = run_cli("make-dataset", "shapes", str(folder / "data"), "--multilabel", "--classes", "3",
                    "--train-per-class", "4", "--val-per-class", "2", "--image-size", "32")
     assert made.returncode == 0, made.stderr

@@ -35,8 +35,8 @@ RECIPE = dict(freeze={"trainable": ["layer4", "fc"], "batchnorm": "train"},
 
 
 @pytest.fixture(scope="module")
-def recipe_run(tmp_path_factory, colour_data):
-    folder = tmp_path_factory.mktemp("recipe")
+def recipe_run(module_tmp, colour_data):
+    folder = module_tmp("recipe")
     summary = train(load_config(tiny_config(folder, colour_data, **RECIPE)), Reporter())
     return folder / "run", summary
 

@@ -70,9 +70,9 @@ class Training:
 
 
 @pytest.fixture(scope="module")
-def long_data(tmp_path_factory) -> Path:
+def long_data(module_tmp) -> Path:
     """Three colour classes, 12 training images each: 9 steps of 4 images per epoch."""
-    return make_colour_split(tmp_path_factory.mktemp("long_colours"), 12, 4)
+    return make_colour_split(module_tmp("long_colours"), 12, 4)
 
 
 def signal_config(folder: Path, data: Path) -> Path:
@@ -82,10 +82,10 @@ def signal_config(folder: Path, data: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, long_data):
+def reference(module_tmp, long_data):
     """An uninterrupted run of the same config, training in the background (one thread: a core of its own)
     while the first test runs; call it for its run directory."""
-    folder = tmp_path_factory.mktemp("reference")
+    folder = module_tmp("reference")
     run = Training("train", "--config", str(signal_config(folder, long_data)))
 
     def run_dir() -> Path:

@@ -37,9 +37,9 @@ class EpochRecorder(Reporter):
 
 
 @pytest.fixture(scope="module")
-def staged_run(tmp_path_factory, colour_data):
+def staged_run(module_tmp, colour_data):
     """One uninterrupted run of STAGED: its config, what each epoch ran with, and its run directory."""
-    folder = tmp_path_factory.mktemp("staged")
+    folder = module_tmp("staged")
     config = load_config(tiny_config(folder, colour_data, **STAGED))
     recorder = EpochRecorder()
     engine.train(config, recorder)

@@ -38,15 +38,15 @@ def scalars(reader, tag) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def runs_root(tmp_path_factory):
+def runs_root(module_tmp):
     """WORK/runs/, the folder the real runs of this module write into (listed by `finetune runs` below)."""
-    root = tmp_path_factory.mktemp("work") / "runs"
+    root = module_tmp("work") / "runs"
     root.mkdir()
     return root
 
 
 @pytest.fixture(scope="module")
-def tracked(runs_root, tmp_path_factory, colour_data):
+def tracked(runs_root, module_tmp, colour_data):
     """A run with TensorBoard and MLflow, stopped by SIGINT at epoch 2, step 2 (step 7), then resumed.
 
     Before the resume, events for steps after the checkpoint are added, as a session killed after its checkpoint
@@ -55,7 +55,7 @@ def tracked(runs_root, tmp_path_factory, colour_data):
     from mlflow.tracking import MlflowClient
     from torch.utils.tensorboard import SummaryWriter
 
-    folder = tmp_path_factory.mktemp("tracked")
+    folder = module_tmp("tracked")
     store = folder / "mlruns"
     path = tiny_config(folder, colour_data, train={"output_dir": str(runs_root / "tracked"), "log_every_steps": 1,
                                                    "loggers": ["tensorboard", "mlflow"],
@@ -162,9 +162,9 @@ def test_every_n_steps_the_batch_loss_is_recorded(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def offline(runs_root, tmp_path_factory, colour_data):
+def offline(runs_root, module_tmp, colour_data):
     """A one-epoch run whose MLflow server cannot be reached."""
-    folder = tmp_path_factory.mktemp("offline")
+    folder = module_tmp("offline")
     path = tiny_config(folder, colour_data, train={"output_dir": str(runs_root / "offline"), "epochs": 1,
                                                    "loggers": ["mlflow"],
                                                    "mlflow": {"tracking_uri": "http://127.0.0.1:9"}})

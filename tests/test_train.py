@@ -25,9 +25,9 @@ OLD_INIT = {"weights": "none", "zero_init_residual": False}
 
 
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory, colour_data):
+def cli_run(module_tmp, colour_data):
     """One real `finetune train` through the CLI (not a terminal: plain logs)."""
-    folder = tmp_path_factory.mktemp("cli_run")
+    folder = module_tmp("cli_run")
     config = tiny_config(folder, colour_data, model=OLD_INIT, train={"epochs": 3})
     result = run_cli("train", "--config", str(config))
     assert result.returncode == 0, result.stderr
