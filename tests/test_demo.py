@@ -83,6 +83,14 @@ def test_existing_non_empty_folder_is_refused(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_a_folder_that_cannot_be_made_is_a_clear_error(tmp_path):
+    (tmp_path / "file.txt").write_text("not a folder\n")
+    with pytest.raises(FinetuneError, match=r"Cannot write the data set .*file.txt/shapes \(.*file.txt\): File exists\. "
+                                            r"Choose another folder"):
+        make_shapes(tmp_path / "file.txt" / "shapes", classes=2, train_per_class=1, val_per_class=1, image_size=16)
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
 def test_existing_empty_folder_is_used(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

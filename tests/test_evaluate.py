@@ -80,6 +80,14 @@ def test_bad_top_losses_exits_2_and_writes_nothing(checkpoint, tmp_path, value):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_dir_that_cannot_be_written_is_a_clear_error(checkpoint, tmp_path):
+    (tmp_path / "file.txt").write_text("not a folder\n")
+    result = run_cli("evaluate", str(checkpoint), "--output-dir", str(tmp_path / "file.txt" / "out"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"Cannot write the evaluation's files ({tmp_path / 'file.txt' / 'out'}): Not a directory." in result.stderr
+    assert "Choose another --output-dir" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_image_samples_are_the_real_files_of_a_split_tree(tmp_path):
     make_colour_folder(tmp_path / "data", 5)
     config = load_config(tiny_config(tmp_path, tmp_path / "data"))

@@ -194,3 +194,13 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, colour_data, args, k
     assert result.returncode == 2, result.stdout + result.stderr
     assert key in result.stderr and "Traceback" not in result.stderr
     assert list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_test(tmp_path, colour_data):
+    (tmp_path / "file.txt").write_text("not a folder\n")
+    config = tiny_config(tmp_path / "config", colour_data)
+    result = run_cli("lr-find", "--config", str(config), "--output", str(tmp_path / "file.txt" / "plots" / "a.png"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"Cannot write the lr-find plot ({tmp_path / 'file.txt' / 'plots'}): Not a directory." in result.stderr
+    assert "Choose another --output" in result.stderr and "Traceback" not in result.stderr
+    assert "range test" not in result.stdout and (tmp_path / "file.txt").read_text() == "not a folder\n"

@@ -226,6 +226,78 @@ def test_atomic_copy_stays_independent_of_a_replaced_source(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temporary files left
 
 
+class FullDisk:
+    """Files that ``finetune.utils.files`` opens hold only ``room`` bytes from the ``after``-th file named ``name``
+    on: a write past it fails with ENOSPC, as on a full disk (``torch.save`` wraps that in a RuntimeError)."""
+
+    def __init__(self, monkeypatch, name: str, after: int = 1, room: int = 1 << 20):
+        import os
+
+        from finetune.utils import files
+
+        self.name, self.after, self.room, self.opened = name, after, room, 0
+        real = os.fdopen
+
+        def fdopen(fd, *args, **kwargs):
+            f = real(fd, *args, **kwargs)
+            if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(f".{self.name}."):
+                self.opened += 1
+                if self.opened >= self.after:
+                    return self.limited(f)
+            return f
+
+        monkeypatch.setattr(files.os, "fdopen", fdopen)
+
+    def limited(self, f):
+        import errno
+
+        disk, write = self, f.write
+
+        def limited_write(data):
+            if f.tell() + len(memoryview(data).cast("B")) > disk.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(data)
+
+        f.write = limited_write
+        return f
+
+
+def test_a_failed_write_names_its_file_and_leaves_the_old_one(tmp_path, monkeypatch):
+    from finetune.utils.files import atomic_write
+
+    path = tmp_path / "last.pt"
+    atomic_write(path, lambda f: torch.save({"epoch": 1}, f))
+    FullDisk(monkeypatch, "last.pt")
+    with pytest.raises(OSError) as failed:  # torch raised "RuntimeError: ... unexpected pos ..."
+        atomic_write(path, lambda f: torch.save({"epoch": 2, "weights": torch.zeros(1 << 19)}, f))
+    assert failed.value.filename == str(path) and failed.value.errno == 28
+    assert failed.value.strerror.startswith("No space left on device (") and "MiB free there)" in failed.value.strerror
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+
+
+def test_a_full_disk_stops_training_with_a_message_and_the_run_resumes(tmp_path, colour_data, monkeypatch):
+    """last.pt cannot be written at the end of epoch 2: the run stops with exit code 2 and says which file, why,
+    what is kept (epoch 1's checkpoint, untouched) and how to go on; the resumed run equals an uninterrupted one."""
+    config = load_config(tiny_config(tmp_path / "a", colour_data, train={"epochs": 3}))
+    disk = FullDisk(monkeypatch, "last.pt", after=2, room=1 << 20)
+    with pytest.raises(FinetuneError) as stopped:
+        train(config, Reporter())
+    run_dir = tmp_path / "a" / "run"
+    message = str(stopped.value)
+    assert stopped.value.exit_code == 2 and disk.opened == 2
+    assert message.startswith(f"Training stopped: {run_dir / 'last.pt'}: No space left on device (")
+    assert f"The last checkpoint written, {run_dir / 'last.pt'} (end of epoch 1), is kept." in message
+    assert message.endswith(f"continue the run with: finetune train --resume {run_dir}")
+    assert torch.load(run_dir / "last.pt", weights_only=True)["train_state"]["epoch"] == 1
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    train(config, Reporter(), resume=run_dir)
+    train(load_config(tiny_config(tmp_path / "b", colour_data, train={"epochs": 3})), Reporter())
+    assert_same_weights(weights(run_dir), weights(tmp_path / "b" / "run"))
+
+
 @pytest.mark.parametrize("every, drawn_during_the_run", [(0.0, True), (30.0, False)], ids=["due", "not-due"])
 def test_curves_are_redrawn_during_a_run_only_when_due(tmp_path, colour_data, monkeypatch, every,
                                                          drawn_during_the_run):

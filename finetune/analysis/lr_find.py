@@ -34,6 +34,7 @@ from finetune.errors import FinetuneError
 from finetune.training.epoch import Updated, train_step
 from finetune.training.setup import prepare
 from finetune.training.validate import validate
+from finetune.utils.files import writing
 
 SMOOTHING = 0.98  # fastai's: the loss of one batch is noisy, the curve needs about 50 of them to settle
 DIVERGED = 4.0  # stop once the smoothed loss is this many times its minimum
@@ -222,10 +223,13 @@ def lr_find(config: Config, start: float = 1e-6, end: float = 1.0, steps: int = 
 
     check_range(start, end, steps)
     validate(config, data_needed_by="lr-find")
+    out = plot_path(output, "lr_find.png")
+    cannot = ("the lr-find plot", "Choose another --output: a .png file or a folder you can write to.")
+    with writing(*cannot):  # before the test, not after it
+        out.parent.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     setup = prepare(config)
     optimizer = setup.optimizer
-    out = plot_path(output, "lr_find.png")
     with tempfile.TemporaryDirectory(prefix="finetune-lr-find-") as spill:
         phase = setup.phase(setup.built.plan, Path(spill))
         try:
@@ -237,8 +241,8 @@ def lr_find(config: Config, start: float = 1e-6, end: float = 1.0, steps: int = 
     suggestion = suggest(curve.lrs, curve.smoothed)
     if suggestion.lr is not None:
         suggestion.lr = float(f"{suggestion.lr:.2g}")  # a rate people can type; the curve is not that precise
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot_lr_find(curve.lrs, curve.losses, curve.smoothed, suggestion.lr, out)
+    with writing(*cannot):
+        plot_lr_find(curve.lrs, curve.losses, curve.smoothed, suggestion.lr, out)
     names = phase.fast.prefix_names
     where = (f"the feature cache (the images pass once through the frozen prefix {names[0]} .. {names[-1]})"
              if phase.train_source.caching else

@@ -26,6 +26,7 @@ from pathlib import Path
 from PIL import Image, ImageChops, ImageDraw
 
 from finetune.errors import FinetuneError
+from finetune.utils.files import writing
 
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring")
 DEFAULT_CLASSES = 4  # what data.demo: shapes generates
@@ -201,19 +202,20 @@ def make_shapes(out_dir, *, classes: int = DEFAULT_CLASSES, train_per_class: int
 
     names = demo_classes(classes)
     drawn = _scenes(names, sizes, image_size, seed) if multilabel else _shapes(names, sizes, image_size, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Build next to out_dir and rename at the end, so an interrupted run never
-    # leaves a half-written out_dir behind.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the data set is not secret
-    try:
-        counts = _write(tmp, drawn, layout, names)
-        if out.is_dir():
-            out.rmdir()  # empty (checked above); os.replace cannot replace a folder everywhere
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing(f"the data set {out}", "Choose another folder: one you can write to, on a disk with room."):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Build next to out_dir and rename at the end, so an interrupted run never
+        # leaves a half-written out_dir behind.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the data set is not secret
+        try:
+            counts = _write(tmp, drawn, layout, names)
+            if out.is_dir():
+                out.rmdir()  # empty (checked above); os.replace cannot replace a folder everywhere
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     summary = {"root": str(out_dir), "classes": names, "train": counts["train"], "val": counts["val"],
                "image_size": image_size, "train_sizes": counts["train_sizes"], "val_sizes": counts["val_sizes"]}
     return {**summary, "labels": str(out / LABEL_FILE)} if layout == "csv" else summary

@@ -42,7 +42,7 @@ from finetune.training import metrics, multilabel
 from finetune.training.calibration import ECE_BINS, ece
 from finetune.training.checkpoint import saved_config
 from finetune.training.multilabel import DEFAULT_THRESHOLD
-from finetune.utils.files import atomic_write_text
+from finetune.utils.files import atomic_write_text, writing
 
 PREDICT_BATCH = 32
 
@@ -174,27 +174,28 @@ def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Opt
     logits, targets = _logits(trained.logits, make_loader(dataset, config.train.batch_size, shuffle=False,
                                                        workers=default_workers()), trained)
     out = Path(output_dir) if output_dir else Path(path).parent
-    out.mkdir(parents=True, exist_ok=True)
-    losses = _losses(logits, targets, trained.multilabel)
-    result = {"checkpoint": str(path), "data": source, "split": split, "images": len(targets), "loss": _mean(losses),
-              "classes": trained.classes}
-    if trained.multilabel:
-        result.update(_multilabel_scores(logits, targets, trained.classes, thresholds, threshold, out))
-    else:
-        result.update(_multiclass_scores(logits, targets, trained.classes, out))
-        result.update(ece=ece(logits.softmax(1), targets), ece_bins=ECE_BINS, temperature=trained.temperature)
-    if tta is not None:
-        result["tta"] = {"mode": tta, **_headline(_tta_logits(trained, config, data, split, tta), targets, trained,
-                                                  thresholds)}
-    if top_losses or trained.multilabel:
-        rows = _by_loss(dataset, logits, targets, losses, trained, thresholds)
-        _write_predictions(rows, trained.classes, out / "predictions.csv")
-        result["predictions_csv"] = str(out / "predictions.csv")
-    if top_losses:
-        plot_top_losses(rows[:top_losses], out / "top_losses.png")
-        result.update(top_losses=[{k: v for k, v in row.items() if k != "probs"} for row in rows[:top_losses]],
-                      top_losses_png=str(out / "top_losses.png"))
-    return result
+    with writing("the evaluation's files", "Choose another --output-dir: a writable folder with room."):
+        out.mkdir(parents=True, exist_ok=True)
+        losses = _losses(logits, targets, trained.multilabel)
+        result = {"checkpoint": str(path), "data": source, "split": split, "images": len(targets),
+                  "loss": _mean(losses), "classes": trained.classes}
+        if trained.multilabel:
+            result.update(_multilabel_scores(logits, targets, trained.classes, thresholds, threshold, out))
+        else:
+            result.update(_multiclass_scores(logits, targets, trained.classes, out))
+            result.update(ece=ece(logits.softmax(1), targets), ece_bins=ECE_BINS, temperature=trained.temperature)
+        if tta is not None:
+            result["tta"] = {"mode": tta, **_headline(_tta_logits(trained, config, data, split, tta), targets,
+                                                      trained, thresholds)}
+        if top_losses or trained.multilabel:
+            rows = _by_loss(dataset, logits, targets, losses, trained, thresholds)
+            _write_predictions(rows, trained.classes, out / "predictions.csv")
+            result["predictions_csv"] = str(out / "predictions.csv")
+        if top_losses:
+            plot_top_losses(rows[:top_losses], out / "top_losses.png")
+            result.update(top_losses=[{k: v for k, v in row.items() if k != "probs"} for row in rows[:top_losses]],
+                          top_losses_png=str(out / "top_losses.png"))
+        return result
 
 
 def _headline(logits: torch.Tensor, targets: torch.Tensor, loaded: Loaded, thresholds: Optional[list[float]]) -> dict:

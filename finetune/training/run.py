@@ -18,7 +18,7 @@ from torch import nn
 from finetune.config.schema import Config
 from finetune.data.folders import image_samples
 from finetune.data.imagecache import ImageCaches
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, describe
 from finetune.models.fastpath import FastModel, FeatureSource, image_source
 from finetune.models.freeze import batchnorm_modes, frozen_tensors, plan_freeze, set_train_mode
 from finetune.training import multilabel, rundir
@@ -55,13 +55,28 @@ def train(config: Config, reporter: Reporter, *, output_dir: Optional[Path] = No
     validate(config, data_needed_by="train")
     dist = distributed.setup(select_device(config.train.device, torch.cuda.is_available()),
                              config.train.dist_timeout_s)
+    run = None
     try:
         run = Run.create(config, reporter if dist.is_main else Reporter(), dist, output_dir=output_dir,
                          resume=resume, overwrite=overwrite)
         with run.tracking:  # tracking: how the run ends goes to status.json and the trackers
             return fit(run)
+    except OSError as exc:  # a run file could not be written (a full disk); the atomic writes kept the old one
+        raise _stopped_by(exc, run) from None
     finally:
         distributed.teardown(dist)
+
+
+def _stopped_by(exc: OSError, run: Optional["Run"]) -> FinetuneError:
+    where = f"{exc.filename}: " if exc.filename else ""
+    message = f"Training stopped: {where}{exc.strerror or describe(exc)}."
+    if run is None:
+        return FinetuneError(f"{message}\nFix that and run the command again.")
+    if run.saved_at is None:
+        return FinetuneError(f"{message}\n{run.kept()} Once that is fixed, start the run again (--overwrite: "
+                             f"{run.run_dir} holds only this attempt's files).")
+    return FinetuneError(f"{message}\n{run.kept()} Once that is fixed, continue the run with: "
+                         f"finetune train --resume {run.run_dir}")
 
 
 def fit(run: "Run") -> dict:
@@ -90,11 +105,14 @@ def fit(run: "Run") -> dict:
                 if run.epochs_left() and dist.any(run.out_of_time()):
                     state.stopped = "time_limit"
         except FinetuneError as exc:
+            run.close(failed=True)
             if exc.exit_code == 1:  # a failed guard: nothing from this epoch was saved
-                raise FinetuneError(f"{exc}\n{run.kept()}", exit_code=1) from None
+                raise FinetuneError(f"{exc}\nNothing was saved from it. {run.kept()}", exit_code=1) from None
             raise
-        finally:
-            run.close()
+        except BaseException:
+            run.close(failed=True)
+            raise
+        run.close()
     return run.finish()
 
 
@@ -126,6 +144,7 @@ class Run:
         self.score = score_key(config)  # what picks best.pt
         self.thresholds: Optional[list[float]] = None  # multilabel: those of the last epoch, saved with it
         self.ema = WeightEMA(self.model, config.train.ema) if config.train.ema else None  # train.ema
+        self.saved_at: Optional[tuple[int, int]] = None  # (epoch, step) of the last checkpoint written
 
     @classmethod
     def create(cls, config: Config, reporter: Reporter, dist: Dist, *, output_dir: Optional[Path] = None,
@@ -169,6 +188,7 @@ class Run:
         self._start_stages(saved[TRAIN_STATE]["epoch"] + 1)
         self.state = restore(saved, self.model, self.setup.optimizer, self.setup.schedule, self.rng, self.ema)
         self.thresholds = saved.get("thresholds")
+        self.saved_at = (self.state.epoch, self.state.step)
         message = after_resume(self.state, saved["config"], self.config, self.run_dir)
         if message:
             self.reporter.message(message)
@@ -318,13 +338,15 @@ class Run:
             **({"ema": self.ema.state_dict(), "serves": self.state.serves} if self.ema is not None else {}),
             "precision": self.setup.precision.precision,
             "weights": built.weights.source, "pretrained": built.weights.pretrained})
+        self.saved_at = (self.state.epoch, self.state.step)
 
     def kept(self) -> str:
-        """What a failed epoch leaves behind, for its error message."""
-        if not self.state.epoch:
-            return "Nothing was saved from it; no checkpoint was written yet."
-        return (f"Nothing was saved from it; the last good checkpoint {self.run_dir / 'last.pt'} "
-                f"(end of epoch {self.state.epoch}) is kept.")
+        """Which checkpoint a failed run leaves behind, for its error message."""
+        if self.saved_at is None:
+            return "No checkpoint was written yet."
+        epoch, step = self.saved_at
+        return (f"The last checkpoint written, {self.run_dir / 'last.pt'} "
+                f"({f'epoch {epoch + 1}, step {step}' if step else f'end of epoch {epoch}'}), is kept.")
 
     def draw_curves(self) -> None:
         """curves.png of the epochs so far (only where it lacks some)."""
@@ -333,12 +355,17 @@ class Run:
             rundir.plot_curves(self.run_dir, history)
             self.curves_drawn_at, self.curves_drawn_epochs = time.perf_counter(), len(history)
 
-    def close(self) -> None:
-        """Release the caches and draw the last epochs' curves; runs however the run ends."""
+    def close(self, failed: bool = False) -> None:
+        """Release the caches and draw the last epochs' curves; runs however the run ends. When it ``failed``, a
+        drawing that fails too (the same full disk) is let go: the first error is the one to report."""
         if self.phase is not None:
             self.phase.close()
         self.image_caches.close()
-        self.draw_curves()
+        try:
+            self.draw_curves()
+        except OSError:
+            if not failed:
+                raise
 
     def finish(self) -> dict:
         """Check the frozen tensors, write summary.json, report the end; returns the summary."""

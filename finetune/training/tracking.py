@@ -190,7 +190,10 @@ class Tracking:
             interrupted = isinstance(exc, KeyboardInterrupt) or getattr(exc, "exit_code", 0) >= 128
             self.status.update(status="interrupted" if interrupted else "failed", ended=_now(),
                                message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            self._write_status()
+            try:
+                self._write_status()
+            except OSError:  # the disk that stopped the run may refuse this too: the run's own error goes on
+                pass
         for tracker in list(self.trackers):
             self._call(tracker, "end", self.status.get("status"))
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, describe
 
 
 def _umask() -> int:
@@ -28,10 +30,15 @@ def _umask() -> int:
 def atomic_write(path: Path, write) -> None:
     """Write ``path`` through ``write(file)`` into a temporary file beside it, fsync, then ``os.replace``.
 
-    A process killed at any moment leaves either the old file or the new one, never half of one.
+    A process killed at any moment leaves either the old file or the new one, never half of one. A failed write
+    (a full disk) raises ``OSError`` naming ``path``, however the writer reported it: ``torch.save`` turns the
+    ``OSError`` into a ``RuntimeError`` ("unexpected pos ...").
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _failed_write(exc, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -39,9 +46,41 @@ def atomic_write(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; run files are ordinary files
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        cause = _os_error(exc)
+        if cause is None:
+            raise
+        raise _failed_write(cause, path) from exc
+
+
+def _os_error(exc: Optional[BaseException]) -> Optional[OSError]:
+    """The ``OSError`` behind ``exc`` (itself, or what it was raised from or while handling), if any."""
+    while exc is not None and not isinstance(exc, OSError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _failed_write(exc: OSError, path: Path) -> OSError:
+    """``exc`` as an ``OSError`` about ``path``; a full disk says how much room is left on it."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            reason += f" ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there)"
+        except OSError:
+            pass
+    return OSError(exc.errno, reason, str(path))
+
+
+@contextmanager
+def writing(what: str, fix: str):
+    """An ``OSError`` inside (an unwritable folder, a full disk) as a FinetuneError: ``Cannot write {what}``, the
+    file and the reason, then ``fix``."""
+    try:
+        yield
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise FinetuneError(f"Cannot write {what}{where}: {exc.strerror or describe(exc)}. {fix}") from None
 
 
 def atomic_copy(source: Path, path: Path) -> None:
