@@ -207,3 +207,11 @@ def test_missing_config_file(tmp_path):
     with pytest.raises(FinetuneError) as info:
         load_config(missing)
     assert info.value.exit_code == 2 and str(missing) in str(info.value)
+
+
+def test_a_bare_on_or_off_in_yaml_means_on_or_off(tmp_path):
+    """YAML 1.1 reads on/off as booleans; the auto | on | off keys take them as the words."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  cache_images: off\ntrain:\n  cache_features: on\n  compile: off\n")
+    config = load_config(path)
+    assert (config.data.cache_images, config.train.cache_features, config.train.compile) == ("off", "on", "off")

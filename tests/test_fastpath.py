@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
-from helpers import Messages, assert_same_weights, interrupt, tiny_config
+from helpers import Messages, assert_same_weights, interrupt, tiny_config, weights
 
 from finetune.config.loading import load_config
 from finetune.errors import FinetuneError
@@ -211,3 +212,64 @@ def test_bf16_runs_end_to_end_and_learns(tmp_path, colour_data):
     full, rows, _ = run(tmp_path, colour_data, "bf16-full", train={"epochs": 1, "precision": "bf16"},
                         freeze={"default": "trainable", "trainable": [], "batchnorm": "train"})
     assert all(torch.isfinite(t).all() for t in full.values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("setting, arch, precision, deterministic, images, size, compiles, why", [
+    ("auto", "convnext_tiny", "fp32", True, 1_797, 32, False, "auto: 1,797 images at 32 px would not win back"),
+    ("auto", "convnext_tiny", "fp32", True, 5_000, 224, True, "auto: ConvNeXt runs 1.24x as fast compiled"),
+    ("auto", "convnext_tiny", "bf16", True, 5_000, 224, False, ""),  # measured in fp32 only
+    ("auto", "resnet18", "fp32", True, 10**6, 224, False, ""),  # ResNet gains nothing
+    ("on", "resnet18", "fp32", True, 10, 32, True, "train.compile: on"),
+    ("on", "resnet18", "fp32", False, 10, 32, False, "frozen BatchNorm or dropout runs in train mode"),
+    ("off", "convnext_tiny", "fp32", True, 10**6, 224, False, ""),
+])
+def test_compile_auto_compiles_the_families_that_gain_when_the_run_wins_the_compile_time_back(
+        setting, arch, precision, deterministic, images, size, compiles, why):
+    from finetune.models.fastpath import compile_decision
+
+    decided = compile_decision(setting, get_arch(arch), precision, deterministic, True, images, size)
+    assert decided[0] is compiles and decided[1].startswith(why) and bool(decided[1]) == bool(why)
+
+
+COMPILED = dict(freeze={"trainable": ["layer1", "layer2", "layer3", "layer4", "fc"]},  # the prefix: the stem
+                train={"epochs": 2, "compile": "on"})
+
+
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))),
+                    reason="torch.compile's inductor needs a C++ compiler")
+def test_a_compiled_prefix_never_recompiles_resumes_exactly_and_trains_as_the_eager_one(tmp_path, colour_data):
+    """train.compile: on compiles the frozen stem (BatchNorm folded) for the 8-image training batch; the last,
+    smaller batches run it eagerly: one graph. An interrupted run resumes to the uninterrupted one's weights, bit for
+    bit, and both end where the eager run does, within rounding."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    messages = Messages()
+    config = load_config(tiny_config(tmp_path / "a", colour_data, **COMPILED))
+    engine.train(config, messages)
+    line = next(text for text in messages.lines if text.startswith("frozen prefix:"))
+    assert "conv1 .. maxpool (no autograd, BatchNorm folded; compiled in " in line
+    assert line.split("compiled in ")[1].startswith(tuple("0123456789")) and ", train.compile: on)" in line
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # 36 train / 12 val images: 8 and 4
+    resumed = load_config(tiny_config(tmp_path / "b", colour_data, **COMPILED))
+    interrupt(engine.train, resumed, epoch=1, step=2)
+    engine.train(resumed, Reporter(), resume=tmp_path / "b" / "run")
+    assert_same_weights(weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run"))
+    eager = {**COMPILED, "train": {"epochs": 2, "compile": "off"}}
+    engine.train(load_config(tiny_config(tmp_path / "c", colour_data, **eager)), Reporter())
+    a, c = weights(tmp_path / "a" / "run"), weights(tmp_path / "c" / "run")
+    for name in a:
+        torch.testing.assert_close(a[name], c[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_failed_compile_leaves_the_prefix_eager_and_says_why(tmp_path, colour_data, monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    messages = Messages()
+    summary = engine.train(load_config(tiny_config(tmp_path, colour_data, **COMPILED)), messages)
+    line = next(text for text in messages.lines if text.startswith("frozen prefix:"))
+    assert "not compiled, torch.compile failed: RuntimeError: no C++ compiler found" in line
+    assert summary["epochs_done"] == 2

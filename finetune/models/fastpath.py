@@ -21,6 +21,7 @@ import contextlib
 import copy
 import math
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from finetune.data.loaders import (
     skipped_batch_error,
 )
 from finetune.data.mixing import Mixer
-from finetune.errors import Problem
+from finetune.errors import Problem, describe
 from finetune.models.arch import Arch, unit_parameters
 from finetune.models.freeze import Decision, is_batchnorm
 from finetune.utils.distributed import Dist
@@ -60,6 +61,57 @@ ON_DISK_NAME = "feature-cache-{split}.bin"
 CHANNELS_LAST_FROM: dict[str, tuple[Optional[int], Optional[int]]] = {
     "ResNet": (32, 224), "MobileNetV3": (32, 32), "EfficientNet": (32, 32), "RegNet": (128, 128),
     "ConvNeXt": (None, None), "Swin": (None, None), "ViT": (None, None)}
+
+
+class CompileGain(NamedTuple):
+    """What torch.compile (inductor) did for a family's deterministic frozen prefix against running it eagerly:
+    fp32, 224 px, batch 16, on the 2-core Zen 4 EPYC (scripts/bench_compile.py, interleaved; docs/models.md)."""
+
+    speedup: float
+    compile_s: float  # with inductor's on-disk cache cold, as on a fresh machine
+    eager_images_per_s: float
+
+
+# Only where the gain held in every measurement: ConvNeXt-Tiny 1.22-1.28x. Swin-T (1.03-1.23x, 64-89 s to compile)
+# and ViT-B/16 (1.00-1.18x) varied from run to run; ResNet-18 (BatchNorm folded) gained nothing (0.96-1.02x).
+COMPILE_GAIN = {"ConvNeXt": CompileGain(1.24, 28.0, 14.5)}
+COMPILE_PAYS = 2.0  # auto compiles when the run's prefix time saved is worth this many compile times
+
+
+def compile_decision(setting: str, arch: Arch, precision: str, deterministic: bool, has_prefix: bool,
+                     images: float, image_size: int) -> tuple[bool, str]:
+    """Whether to compile the frozen prefix (``train.compile``), and why in words ("": nothing to say: the family
+    gains nothing); ``images``: how many the prefix will run in the epochs to come (a feature cache runs each
+    once). ``auto`` compiles a family of ``COMPILE_GAIN`` in fp32, where its gain was measured, when the time it
+    saves, counted in 224 px images (the compile time does not shrink with the images, the work does), is worth
+    ``COMPILE_PAYS`` times the compile time."""
+    gain = COMPILE_GAIN.get(arch.family.name)
+    if setting == "off" or not has_prefix or (setting == "auto" and (gain is None or precision != "fp32")):
+        return False, ""
+    if not deterministic:
+        return False, "frozen BatchNorm or dropout runs in train mode"
+    if setting == "on":
+        return True, "train.compile: on"
+    eager_s = images * (image_size / 224) ** 2 / gain.eager_images_per_s
+    if eager_s * (1 - 1 / gain.speedup) < COMPILE_PAYS * gain.compile_s:
+        return False, (f"auto: {images:,.0f} images at {image_size} px would not win back torch.compile's "
+                       f"{gain.compile_s:.0f} s, train.compile: on compiles it anyway")
+    return True, f"auto: {arch.family.name} runs {gain.speedup:.2f}x as fast compiled"
+
+
+class CompiledPrefix:
+    """The frozen prefix compiled by ``torch.compile`` for one input shape, the training batch's; any other shape
+    (the last, smaller batch; validation batches of another size), and inference-mode tensors, run it as it is, so
+    nothing recompiles (a second compile would cost as much as the first)."""
+
+    def __init__(self, modules: list[nn.Module], shape: tuple[int, ...]):
+        self.eager = nn.Sequential(*modules)
+        self.shape = shape
+        self.compiled = torch.compile(self.eager, dynamic=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        same = tuple(x.shape) == self.shape and not x.is_inference() and not torch.is_inference_mode_enabled()
+        return (self.compiled if same else self.eager)(x)
 
 
 @dataclass(frozen=True)
@@ -169,6 +221,25 @@ class FastModel:
         self.trainable_part: nn.Module = nn.Sequential(OrderedDict(
             (name.replace(".", "_"), module) for name, module in self.suffix))
         self.bf16 = precision == "bf16"
+        self.compile_seconds: Optional[float] = None  # compile_prefix: how long torch.compile took,
+        self.compile_error = ""  # or why it failed
+
+    def compile_prefix(self, shape: tuple[int, ...]) -> None:
+        """Compile the frozen prefix for input batches of ``shape`` now, by running a batch of zeros through it;
+        when torch.compile fails (no C++ compiler, say) the prefix runs as it is and ``compile_error`` says why."""
+        import logging
+
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
+        began = time.perf_counter()
+        try:
+            compiled = CompiledPrefix(self.prefix_run, shape)
+            with torch.no_grad(), self.autocast():
+                compiled(torch.zeros(shape, device=self.device).contiguous(memory_format=self.memory_format))
+        except Exception as exc:  # torch.compile's failures have many types; the eager prefix still works
+            self.compile_error = describe(exc)
+            return
+        self.prefix_run = [compiled]
+        self.compile_seconds = time.perf_counter() - began
 
     @classmethod
     def whole(cls, model: nn.Module, arch: Arch, image_size: int) -> "FastModel":

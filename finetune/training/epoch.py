@@ -163,7 +163,7 @@ def _check_parameters(updated: Updated, state: TrainState, optimizer) -> None:
                         "update", optimizer)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: a compiled frozen prefix (train.compile) serves no_grad batches only
 def evaluate(fast: FastModel, batches, loss_fn, num_classes: int, size: int, dist: Dist = Dist()) -> dict:
     """Loss, top-1 and top-5 accuracy, the confusion matrix and per-sample results in eval mode over
     (features, targets, sample indices) batches of a split of ``size`` samples.

@@ -150,7 +150,7 @@ def thresholds_for(fixed: Optional[float], probs: torch.Tensor, targets: torch.T
     return [fixed] * targets.shape[1] if fixed is not None else tune_thresholds(probs, targets)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: a compiled frozen prefix (train.compile) serves no_grad batches only
 def evaluate(fast, batches, loss_fn, num_classes: int, dist: Dist = Dist(), threshold: Optional[float] = None) -> dict:
     """Loss, mAP, micro/macro F1 and exact match in eval mode over (features, targets) batches, at ``threshold``
     or at the thresholds that maximise each label's F1 here (returned as ``thresholds``).

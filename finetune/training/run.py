@@ -233,7 +233,10 @@ class Run:
         """The fast path and feature sources follow the freeze plan; the old feature cache is dropped."""
         if self.phase is not None:
             self.phase.close()
-        self.phase = self.setup.phase(self.plan, self.run_dir, self.image_caches)
+        # the epochs this phase trains: to the next freeze stage, or the end
+        end = min((stage.epoch - 1 for stage in self.config.freeze.stages if stage.epoch > self.state.epoch + 1),
+                  default=self.config.train.epochs)
+        self.phase = self.setup.phase(self.plan, self.run_dir, self.image_caches, epochs=end - self.state.epoch)
         self.reporter.message(self.phase.describe(self.setup.precision))
 
     def after_step(self, state: TrainState) -> None:

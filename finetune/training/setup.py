@@ -26,7 +26,7 @@ from finetune.data.folders import Datasets, ensure_demo_data, image_samples, loa
 from finetune.data.imagecache import ImageCaches, plan_image_caches
 from finetune.data.loaders import steps_per_epoch
 from finetune.models.build import Built, build
-from finetune.models.fastpath import FastModel, FeatureSource, cache_plan, feature_sources
+from finetune.models.fastpath import FastModel, FeatureSource, cache_plan, compile_decision, feature_sources
 from finetune.models.freeze import Decision, apply_plan, batchnorm_modes, plan_freeze, set_train_mode
 from finetune.training.losses import imbalance_warning, sampling_weights, training_loss, validation_loss
 from finetune.training.optim import Schedule, add_trainable, build_optimizer
@@ -44,11 +44,19 @@ class Phase:
     train_source: FeatureSource
     val_source: FeatureSource
     cache: str  # whether the feature cache is on, and why, in words
+    compiling: str = ""  # why train.compile compiles the frozen prefix or not, in words ("": not a question here)
 
     def describe(self, precision: PrecisionChoice) -> str:
         """One line for the log: the frozen prefix, the precision, the memory format and the feature cache."""
         names = self.fast.prefix_names
         how = "no autograd, BatchNorm folded" if self.fast.folded else "no autograd"
+        fast = self.fast
+        if fast.compile_error:
+            how += f"; not compiled, torch.compile failed: {fast.compile_error}"
+        elif fast.compile_seconds is not None:
+            how += f"; compiled in {fast.compile_seconds:.1f} s, {self.compiling}"
+        elif self.compiling:
+            how += f"; not compiled, {self.compiling}"
         prefix = f"{names[0]} .. {names[-1]} ({how})" if names else "none"
         return (f"frozen prefix: {prefix}; precision {precision.precision} ({precision.reason}); memory format "
                 f"{self.fast.layout.why}; feature cache {self.cache}")
@@ -122,15 +130,27 @@ class Setup:
         set_train_mode(model, bn_modes)
         return fast
 
-    def phase(self, plan: dict[str, Decision], folder: Path, image_caches: Optional[ImageCaches] = None) -> Phase:
+    def phase(self, plan: dict[str, Decision], folder: Path, image_caches: Optional[ImageCaches] = None,
+              epochs: int = 0) -> Phase:
         """The fast model and the data's feature sources for ``plan``.
 
-        ``folder`` takes a feature cache that spills to disk; ``image_caches``: the run's decoded-image caches.
+        ``folder`` takes a feature cache that spills to disk; ``image_caches``: the run's decoded-image caches;
+        ``epochs``: how many the phase will train, for ``train.compile`` (0: no compiling).
         """
         fast = self.fast_model(plan)
         train_source, val_source, cache = feature_sources(self.config, fast, self.data, folder, dist=self.dist,
                                                           weights=self.sampling_weights, image_caches=image_caches)
-        return Phase(plan, fast, train_source, val_source, cache)
+        compiling, compile_why = False, ""
+        if epochs:
+            passes = {"train": 1 if train_source.caching else epochs, "val": 1 if val_source.caching else epochs}
+            images = sum(len(getattr(self.data, split)) * n for split, n in passes.items()) / self.dist.world
+            compiling, compile_why = compile_decision(self.config.train.compile, self.built.arch,
+                                                      self.precision.precision, fast.prefix_deterministic,
+                                                      fast.split > 0, images, self.config.data.image_size)
+        if compiling:
+            size = self.config.data.image_size
+            fast.compile_prefix((self.config.train.batch_size // self.dist.world, 3, size, size))
+        return Phase(plan, fast, train_source, val_source, cache, compile_why)
 
 
 def prepare(config: Config, *, dist: Optional[Dist] = None, epoch: int = 1, show_download: bool = False,
