@@ -11,8 +11,9 @@ for a head-only and a full row each, and a full bf16 row where bf16 is native; R
 a 10-class head, on synthetic batches
 so that image decoding is left out (each side gets its batch as its own DataLoader delivers it: finetune's collate
 makes it channels-last; finetune's fast path converts it when its memory-format rule picks the default layout).
-The cases run interleaved, round after round, each after a warm-up step; the figures are
-medians of the per-step times over all rounds.
+The cases run interleaved, round after round, each after a warm-up step; each round times an epoch of --steps
+steps (finetune's loop checks the parameters once an epoch, as in a run; a run's epochs are longer), and the
+figures are medians over the rounds of the time per step.
 
 The header names the CPU and the flags that decide its speed. The bf16 cases run only where
 ``train.precision: auto`` would pick bf16 (native bf16: avx512_bf16 or amx_bf16); elsewhere
@@ -101,13 +102,14 @@ def plain_step_fn(freeze: str, arch: str = "resnet18", size: int = 224):
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
 
-    def step(x, y):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
+    def steps(x, y, n: int = 1):
+        for _ in range(n):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
 
-    return step
+    return steps
 
 
 def prepared(freeze: str, precision: str, size: int, arch: str = "resnet18"):
@@ -129,16 +131,18 @@ def finetune_step_fn(freeze: str, precision: str, size: int, arch: str = "resnet
         print(f"  {arch} {freeze} {precision} {size} px: frozen prefix compiled in {fast.compile_seconds:.1f} s "
               f"{fast.compile_error}", file=sys.stderr, flush=True)
 
-    def step(x, y):
-        train_one_epoch(fast, [(fast.features(x), y)], setup.loss_fn, setup.optimizer, setup.schedule, TrainState())
+    def steps(x, y, n: int = 1):  # an epoch of n steps: what the loop does once per epoch is paid once per n
+        train_one_epoch(fast, ((fast.features(x), y) for _ in range(n)), setup.loss_fn, setup.optimizer,
+                        setup.schedule, TrainState())
 
-    return step
+    return steps
 
 
-def timed(step, x, y) -> float:
+def timed(steps, x, y, n: int) -> float:
+    """Seconds per step of ``n`` steps."""
     start = time.perf_counter()
-    step(x, y)
-    return time.perf_counter() - start
+    steps(x, y, n)
+    return (time.perf_counter() - start) / n
 
 
 def throughput(cases: list[tuple], rounds: int, steps: int, size: int) -> list[tuple]:
@@ -154,8 +158,8 @@ def throughput(cases: list[tuple], rounds: int, steps: int, size: int) -> list[t
     times: dict[str, list[float]] = {name: [] for name in runners}
     for r in range(rounds):
         for name, (step, batch) in runners.items():
-            timed(step, batch, y)  # warm-up
-            times[name] += [timed(step, batch, y) for _ in range(steps)]
+            timed(step, batch, y, 1)  # warm-up
+            times[name].append(timed(step, batch, y, steps))  # an epoch of `steps` steps
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     speed = {name: BATCH / statistics.median(t) for name, t in times.items()}
     return [(name, speed[f"plain {arch} {freeze} {case_size or size}"], speed[name], target)
@@ -221,8 +225,10 @@ def peak_rss(kind: str, size: int, steps: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per case and round (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--steps", type=int, default=3, help="steps of the epoch timed per case and round: "
+                        "finetune's once-an-epoch work (the parameters' finite check) is paid once per epoch "
+                        "(default 3)")
     parser.add_argument("--size", type=int, default=224, help="image size (default 224)")
     parser.add_argument("--cache-images", type=int, default=320, help="images in the cached-epoch comparison")
     parser.add_argument("--no-resnet50", action="store_true", help="leave out the two ResNet-50 rows")
