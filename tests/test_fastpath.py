@@ -214,24 +214,27 @@ def test_bf16_runs_end_to_end_and_learns(tmp_path, colour_data):
     assert all(torch.isfinite(t).all() for t in full.values() if t.is_floating_point())
 
 
-@pytest.mark.parametrize("setting, arch, precision, deterministic, images, size, compiles, why", [
-    ("auto", "convnext_tiny", "fp32", True, 1_797, 32, False, "auto: 1,797 images at 32 px would not win back"),
-    ("auto", "convnext_tiny", "fp32", True, 5_000, 224, True, "auto: ConvNeXt runs 1.24x as fast compiled"),
-    ("auto", "convnext_tiny", "bf16", True, 5_000, 224, False, ""),  # measured in fp32 only
-    ("auto", "resnet18", "fp32", True, 10**6, 224, False, ""),  # ResNet gains nothing
-    ("on", "resnet18", "fp32", True, 10, 32, True, "train.compile: on"),
-    ("on", "resnet18", "fp32", False, 10, 32, False, "frozen BatchNorm or dropout runs in train mode"),
-    ("off", "convnext_tiny", "fp32", True, 10**6, 224, False, ""),
+@pytest.mark.parametrize("setting, arch, precision, deterministic, channels_last, images, size, compiles, why", [
+    ("auto", "convnext_tiny", "fp32", True, False, 1_797, 32, False, "auto: 1,797 images at 32 px would not win"),
+    ("auto", "convnext_tiny", "fp32", True, False, 5_000, 224, True, "auto: ConvNeXt runs 1.24x as fast compiled"),
+    ("auto", "convnext_tiny", "bf16", True, True, 5_000, 224, False, ""),  # measured in fp32 only
+    ("auto", "resnet18", "fp32", True, True, 10**6, 224, False, ""),  # ResNet gains nothing
+    ("on", "resnet18", "fp32", True, False, 10, 24, True, "train.compile: on"),
+    ("on", "resnet18", "fp32", True, True, 10, 32, False, "the prefix runs channels-last"),
+    ("on", "resnet18", "fp32", False, False, 10, 24, False, "frozen BatchNorm or dropout runs in train mode"),
+    ("off", "convnext_tiny", "fp32", True, False, 10**6, 224, False, ""),
 ])
 def test_compile_auto_compiles_the_families_that_gain_when_the_run_wins_the_compile_time_back(
-        setting, arch, precision, deterministic, images, size, compiles, why):
+        setting, arch, precision, deterministic, channels_last, images, size, compiles, why):
     from finetune.models.fastpath import compile_decision
 
-    decided = compile_decision(setting, get_arch(arch), precision, deterministic, True, images, size)
+    decided = compile_decision(setting, get_arch(arch), precision, deterministic, True, channels_last, images, size)
     assert decided[0] is compiles and decided[1].startswith(why) and bool(decided[1]) == bool(why)
 
 
-COMPILED = dict(freeze={"trainable": ["layer1", "layer2", "layer3", "layer4", "fc"]},  # the prefix: the stem
+# The prefix: RegNetY-400MF's stem, which runs in the default layout at 32 px (channels-last prefixes are not
+# compiled): the cheapest prefix to compile
+COMPILED = dict(model={"arch": "regnet_y_400mf"}, freeze={"trainable": ["trunk_output", "head"]},
                 train={"epochs": 2, "compile": "on"})
 
 
@@ -249,7 +252,9 @@ def test_a_compiled_prefix_never_recompiles_resumes_exactly_and_trains_as_the_ea
     config = load_config(tiny_config(tmp_path / "a", colour_data, **COMPILED))
     engine.train(config, messages)
     line = next(text for text in messages.lines if text.startswith("frozen prefix:"))
-    assert "conv1 .. maxpool (no autograd, BatchNorm folded; compiled in " in line
+    if "its outputs differ from the prefix's own" in line:  # the check below caught a wrong compile
+        pytest.skip(f"torch.compile gives wrong outputs on this CPU ({line}); the fallback has its own test")
+    assert "stem .. stem (no autograd, BatchNorm folded; compiled in " in line
     assert line.split("compiled in ")[1].startswith(tuple("0123456789")) and ", train.compile: on)" in line
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # 36 train / 12 val images: 8 and 4
     resumed = load_config(tiny_config(tmp_path / "b", colour_data, **COMPILED))
@@ -261,6 +266,20 @@ def test_a_compiled_prefix_never_recompiles_resumes_exactly_and_trains_as_the_ea
     a, c = weights(tmp_path / "a" / "run"), weights(tmp_path / "c" / "run")
     for name in a:
         torch.testing.assert_close(a[name], c[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_compiled_prefix_with_other_outputs_is_not_used(tmp_path, colour_data, monkeypatch):
+    """With torch's kernels capped to AVX2 inductor's convolutions gave NaN and 1e21: a compiled prefix whose
+    outputs differ from the eager one's is dropped, and the run is the eager run, bit for bit."""
+    monkeypatch.setattr(torch, "compile", lambda module, **options: lambda x: module(x) * 2)
+    messages = Messages()
+    engine.train(load_config(tiny_config(tmp_path / "a", colour_data, **COMPILED)), messages)
+    line = next(text for text in messages.lines if text.startswith("frozen prefix:"))
+    assert ("not compiled, torch.compile failed: on this CPU its outputs differ from the prefix's own (largest "
+            "difference 1.0e+00 of the largest output)") in line
+    eager = {**COMPILED, "train": {"epochs": 2, "compile": "off"}}
+    engine.train(load_config(tiny_config(tmp_path / "b", colour_data, **eager)), Reporter())
+    assert_same_weights(weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run"))
 
 
 def test_a_failed_compile_leaves_the_prefix_eager_and_says_why(tmp_path, colour_data, monkeypatch):

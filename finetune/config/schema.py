@@ -348,8 +348,9 @@ class TrainConfig(_Section):
         "error when that is not so."))
     compile: Switch = Field("auto", description=(
         "Compile the frozen prefix with torch.compile (inductor; needs a C++ compiler) for the training batch's "
-        "shape, when it is deterministic (BatchNorm in eval mode). auto: in fp32, for ConvNeXt (1.24x as fast), "
-        "when the images it will run win the compile time (10-30 s) back; on: for any model; off: never."))
+        "shape, when it is deterministic (BatchNorm in eval mode) and runs in the default layout, and use it only "
+        "if a test batch gives the eager outputs. auto: in fp32, for ConvNeXt (1.24x as fast), when the images "
+        "it will run win the compile time (10-30 s) back; on: for any model; off: never."))
     cache_max_gb: float = Field(2.0, ge=0, description=(
         "Memory for the feature cache, and for the image cache; beyond it a cache goes to a file in the run "
         "directory, deleted when the run ends."))

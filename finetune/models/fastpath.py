@@ -76,20 +76,26 @@ class CompileGain(NamedTuple):
 # and ViT-B/16 (1.00-1.18x) varied from run to run; ResNet-18 (BatchNorm folded) gained nothing (0.96-1.02x).
 COMPILE_GAIN = {"ConvNeXt": CompileGain(1.24, 28.0, 14.5)}
 COMPILE_PAYS = 2.0  # auto compiles when the run's prefix time saved is worth this many compile times
+COMPILE_TOLERANCE = 1e-4  # a compiled prefix's outputs against the eager ones (measured: at most 1.2e-6)
 
 
 def compile_decision(setting: str, arch: Arch, precision: str, deterministic: bool, has_prefix: bool,
-                     images: float, image_size: int) -> tuple[bool, str]:
+                     channels_last: bool, images: float, image_size: int) -> tuple[bool, str]:
     """Whether to compile the frozen prefix (``train.compile``), and why in words ("": nothing to say: the family
     gains nothing); ``images``: how many the prefix will run in the epochs to come (a feature cache runs each
     once). ``auto`` compiles a family of ``COMPILE_GAIN`` in fp32, where its gain was measured, when the time it
     saves, counted in 224 px images (the compile time does not shrink with the images, the work does), is worth
-    ``COMPILE_PAYS`` times the compile time."""
+    ``COMPILE_PAYS`` times the compile time. A prefix that runs channels-last is never compiled: inductor's
+    code for a channels-last convolution with ReLU and max-pooling after it corrupted the heap (torch 2.14.1 with
+    oneDNN capped to AVX2, ``ONEDNN_MAX_CPU_ISA=AVX2``; pytorch/pytorch#181618 is that kind of bug), and compiling
+    gained nothing where channels-last is picked (ResNet-18 0.96-1.02x)."""
     gain = COMPILE_GAIN.get(arch.family.name)
     if setting == "off" or not has_prefix or (setting == "auto" and (gain is None or precision != "fp32")):
         return False, ""
     if not deterministic:
         return False, "frozen BatchNorm or dropout runs in train mode"
+    if channels_last:
+        return False, "the prefix runs channels-last, where inductor's convolutions are not trusted (docs/models.md)"
     if setting == "on":
         return True, "train.compile: on"
     eager_s = images * (image_size / 224) ** 2 / gain.eager_images_per_s
@@ -225,18 +231,27 @@ class FastModel:
         self.compile_error = ""  # or why it failed
 
     def compile_prefix(self, shape: tuple[int, ...]) -> None:
-        """Compile the frozen prefix for input batches of ``shape`` now, by running a batch of zeros through it;
-        when torch.compile fails (no C++ compiler, say) the prefix runs as it is and ``compile_error`` says why."""
+        """Compile the frozen prefix for input batches of ``shape`` now, and check it: a seeded random batch must
+        give the eager prefix's outputs within rounding (COMPILE_TOLERANCE of the largest). When torch.compile
+        fails (no C++ compiler, say) or its outputs differ (inductor's convolutions gave NaN and infinities with
+        torch's and oneDNN's kernels capped to AVX2), the prefix runs as it is and ``compile_error`` says why."""
         import logging
 
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
         began = time.perf_counter()
+        probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(self.device)
+        probe = probe.contiguous(memory_format=self.memory_format)
         try:
             compiled = CompiledPrefix(self.prefix_run, shape)
             with torch.no_grad(), self.autocast():
-                compiled(torch.zeros(shape, device=self.device).contiguous(memory_format=self.memory_format))
+                expected, got = compiled.eager(probe), compiled(probe)
         except Exception as exc:  # torch.compile's failures have many types; the eager prefix still works
             self.compile_error = describe(exc)
+            return
+        difference = ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+        if not difference <= COMPILE_TOLERANCE:  # NaN too
+            self.compile_error = (f"on this CPU its outputs differ from the prefix's own (largest difference "
+                                  f"{difference:.1e} of the largest output)")
             return
         self.prefix_run = [compiled]
         self.compile_seconds = time.perf_counter() - began

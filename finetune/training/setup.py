@@ -146,7 +146,8 @@ class Setup:
             images = sum(len(getattr(self.data, split)) * n for split, n in passes.items()) / self.dist.world
             compiling, compile_why = compile_decision(self.config.train.compile, self.built.arch,
                                                       self.precision.precision, fast.prefix_deterministic,
-                                                      fast.split > 0, images, self.config.data.image_size)
+                                                      fast.split > 0, fast.layout.channels_last, images,
+                                                      self.config.data.image_size)
         if compiling:
             size = self.config.data.image_size
             fast.compile_prefix((self.config.train.batch_size // self.dist.world, 3, size, size))
