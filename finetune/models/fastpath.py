@@ -248,7 +248,8 @@ class FastModel:
         except Exception as exc:  # torch.compile's failures have many types; the eager prefix still works
             self.compile_error = describe(exc)
             return
-        difference = ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+        largest = expected.float().abs().max().clamp(min=1e-12)
+        difference = ((got.float() - expected.float()).abs().max() / largest).item()
         if not difference <= COMPILE_TOLERANCE:  # NaN too
             self.compile_error = (f"on this CPU its outputs differ from the prefix's own (largest difference "
                                   f"{difference:.1e} of the largest output)")
