@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.config.loading import load_config  # noqa: E402
-from finetune.training.setup import prepare  # noqa: E402
+from bench import prepared  # noqa: E402  (scripts/bench.py, beside this script)
+
 from finetune.utils.hardware import read_cpu  # noqa: E402
 
 
@@ -36,10 +36,7 @@ def main() -> None:
     print(f"CPU: {read_cpu().describe()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.size} px, batch {args.batch}, fp32")
     for name in args.models:
-        config = load_config(None, [f"model.arch={name}", "model.weights=none", "model.num_classes=10",
-                                    f"data.image_size={args.size}", "freeze.trainable=[head]",
-                                    "train.precision=fp32"])
-        setup = prepare(config)
+        setup = prepared("head-only", "fp32", args.size, name)  # bench.py's setup of its head-only rows
         fast = setup.fast_model(setup.built.plan)
         x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
         eager_run, eager_out = fast.prefix_run, fast.features(x)

@@ -18,6 +18,7 @@ import yaml
 from finetune.errors import FinetuneError
 from finetune.training.rundir import RUN_FILES, flat_config
 from finetune.training.tracking import read_status
+from finetune.utils.files import writing
 
 # How a run ended, in words, by status.json's status (summary.json's stopped for runs older than status.json).
 ENDED = {"running": "running", "finished": "finished", "early_stopping": "early stop", "time_limit": "time limit",
@@ -219,12 +220,9 @@ def compare_runs(run_dirs: list[Path], output: Optional[Path] = None) -> Compari
 
     runs = [read_run(path) for path in run_dirs]
     output = plot_path(output, "compare.png")
-    try:
+    with writing("the comparison plot", "Choose another --output: a .png file or a folder you can write to."):
         output.parent.mkdir(parents=True, exist_ok=True)
         plot_compare({run.name: run.history for run in runs}, output)
-    except OSError as exc:
-        raise FinetuneError(f"Cannot write the plot {output}: {exc.strerror or exc}; choose another --output.") \
-            from None
     return Comparison(runs, config_differences([run.config for run in runs]), str(output))
 
 

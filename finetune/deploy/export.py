@@ -44,7 +44,7 @@ from finetune.deploy.artifacts import (
 from finetune.deploy.quantize import Int8Options, calibration_pixels, quantize_export
 from finetune.errors import FinetuneError, describe
 from finetune.models.arch import get_arch
-from finetune.utils.files import atomic_write
+from finetune.utils.files import atomic_write, writing
 
 MIN_OPSET = 18  # the lowest the torch.export-based exporter writes; onnxruntime reads it since 1.14
 # Verification passes an output that differs from the checkpoint's by at most TOLERANCE + RELATIVE_TOLERANCE x the
@@ -153,10 +153,8 @@ def export_checkpoint(checkpoint: Path, fmt: str = "onnx", output: Optional[Path
 
 
 def _write(path: Path, data: bytes) -> None:
-    try:
+    with writing("the export", "Choose another --output."):
         atomic_write(path, lambda f: f.write(data))  # a failure leaves the old file, if any, as it was
-    except OSError as exc:
-        raise FinetuneError(f"Cannot write {path}: {exc.strerror or exc}. Choose another --output.") from None
 
 
 def _check_opset(fmt: str, opset: Optional[int]) -> Optional[int]:

@@ -36,6 +36,7 @@ from finetune.errors import FinetuneError, Problem
 from finetune.models.arch import get_arch
 from finetune.models.fastpath import FastModel
 from finetune.training.checkpoint import load_checkpoint, restore_model, save_checkpoint, saved_config
+from finetune.utils.files import writing
 
 ECE_BINS = 15
 FOLDS = 5
@@ -241,13 +242,10 @@ def calibrate_checkpoint(path: Path, dataset, batch_size: int, model: Optional[n
     result = cross_fit(logits, targets)
     plot = path.parent / PLOT_NAME
     report = result.to_json()
-    try:
+    with writing(f"the calibration of {path}", "Make its folder writable, on a disk with room."):
         plot_reliability(result.bins_before, result.bins_after, result.before.ece, result.after.ece,
                          f"after (temperature {result.temperature:.3g}, held out)" if result.applied else
                          "after: temperature kept at 1", plot)
         save_checkpoint(path, {**checkpoint, "calibration": {k: v for k, v in report.items()
                                                              if not k.startswith("reliability")}})
-    except OSError as exc:  # atomic writes: the checkpoint is as it was
-        raise FinetuneError(f"Cannot write the calibration of {path}: {exc.strerror or exc}; make its folder "
-                            "writable.") from None
     return {"checkpoint": str(path), **report, "reliability_png": str(plot)}

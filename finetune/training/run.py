@@ -104,13 +104,10 @@ def fit(run: "Run") -> dict:
                     raise interrupted(signals.signum, epoch + 1, 0, run.run_dir)
                 if run.epochs_left() and dist.any(run.out_of_time()):
                     state.stopped = "time_limit"
-        except FinetuneError as exc:
+        except BaseException as exc:
             run.close(failed=True)
-            if exc.exit_code == 1:  # a failed guard: nothing from this epoch was saved
+            if isinstance(exc, FinetuneError) and exc.exit_code == 1:  # a failed guard: nothing from this epoch
                 raise FinetuneError(f"{exc}\nNothing was saved from it. {run.kept()}", exit_code=1) from None
-            raise
-        except BaseException:
-            run.close(failed=True)
             raise
         run.close()
     return run.finish()

@@ -48,9 +48,9 @@ class Phase:
 
     def describe(self, precision: PrecisionChoice) -> str:
         """One line for the log: the frozen prefix, the precision, the memory format and the feature cache."""
-        names = self.fast.prefix_names
-        how = "no autograd, BatchNorm folded" if self.fast.folded else "no autograd"
         fast = self.fast
+        names = fast.prefix_names
+        how = "no autograd, BatchNorm folded" if fast.folded else "no autograd"
         if fast.compile_error:
             how += f"; not compiled, torch.compile failed: {fast.compile_error}"
         elif fast.compile_seconds is not None:
@@ -59,7 +59,7 @@ class Phase:
             how += f"; not compiled, {self.compiling}"
         prefix = f"{names[0]} .. {names[-1]} ({how})" if names else "none"
         return (f"frozen prefix: {prefix}; precision {precision.precision} ({precision.reason}); memory format "
-                f"{self.fast.layout.why}; feature cache {self.cache}")
+                f"{fast.layout.why}; feature cache {self.cache}")
 
     def sources(self) -> list[tuple[str, FeatureSource]]:
         return [("train", self.train_source), ("val", self.val_source)]
