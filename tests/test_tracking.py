@@ -325,6 +325,15 @@ def test_runs_compare_plots_the_curves_and_lists_only_the_keys_that_differ(listi
     assert (tmp_path / "compare.png").is_file()
 
 
+def test_runs_compare_to_an_output_it_cannot_write_is_a_clear_error(listing, tmp_path):
+    (tmp_path / "file.txt").write_text("not a folder\n")
+    result = run_cli("runs", "--compare", "tracked", "offline", "--output", str(tmp_path / "file.txt" / "c.png"),
+                     cwd=listing)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"Cannot write the comparison plot ({tmp_path / 'file.txt'}): File exists." in result.stderr
+    assert "Choose another --output" in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["nowhere"], "No such folder: nowhere"),
     (["--compare", "tracked"], "--compare needs two or more run directories"),
