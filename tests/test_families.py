@@ -201,18 +201,30 @@ def test_bad_model_input_is_a_clear_error(tmp_path, sets, fragments):
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("name, size, precision, trains_layers, channels_last", [
-    ("resnet18", 32, "fp32", True, False),  # a full fine-tune of ResNet-18 on small images: 20% slower channels-last
-    ("resnet18", 32, "fp32", False, True),  # ... but its frozen layers run faster so
-    ("resnet18", 224, "fp32", True, True),
-    ("convnext_tiny", 224, "fp32", True, False),
-    ("mobilenet_v3_large", 32, "fp32", True, True),
-    ("convnext_tiny", 32, "bf16", True, True),
+@pytest.mark.parametrize("name, size, precision, trains_layers, kernels, channels_last", [
+    ("resnet18", 32, "fp32", True, "AVX2", False),  # a full fine-tune of ResNet-18 on small images: slower so
+    ("resnet18", 32, "fp32", False, "AVX2", True),  # ... but its frozen layers run faster so on an AVX2 CPU
+    ("resnet18", 32, "fp32", False, "AVX512", False),  # ... and slower on an AVX-512 one
+    ("resnet18", 32, "fp32", True, "AVX512", False),
+    ("resnet18", 224, "fp32", True, "AVX2", True),
+    ("resnet18", 224, "fp32", True, "AVX512", True),
+    ("regnet_y_400mf", 32, "fp32", True, "AVX512", True),
+    ("convnext_tiny", 224, "fp32", True, "AVX512", False),
+    ("mobilenet_v3_large", 32, "fp32", True, "AVX2", True),
+    ("convnext_tiny", 32, "bf16", True, "AVX2", True),
 ])
-def test_the_memory_format_rule(name, size, precision, trains_layers, channels_last):
-    layout = memory_layout(get_arch(name), size, precision, trains_layers)
+def test_the_memory_format_rule(name, size, precision, trains_layers, kernels, channels_last):
+    layout = memory_layout(get_arch(name), size, precision, trains_layers, kernels)
     assert layout.channels_last == channels_last
     assert layout.why.startswith("channels-last" if channels_last else "default layout")
+    assert precision == "bf16" or layout.why.endswith(f"on {kernels} CPUs)")
+
+
+def test_the_memory_format_rule_follows_torchs_cpu_kernels(monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 (or a CPU without AVX-512) takes the AVX2 row."""
+    for capability, row in (("AVX512", "AVX512"), ("AVX2", "AVX2"), ("DEFAULT", "AVX2")):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        assert memory_layout(get_arch("resnet18"), 32, "fp32", False).why.endswith(f"on {row} CPUs)")
 
 
 def test_models_lists_every_model_without_importing_torch():

@@ -12,6 +12,7 @@ from helpers import Messages, assert_same_weights, interrupt, tiny_config, weigh
 
 from finetune.config.loading import load_config
 from finetune.errors import FinetuneError
+from finetune.models import fastpath
 from finetune.models.arch import get_arch
 from finetune.models.build import build
 from finetune.models.fastpath import FastModel, cache_plan, frozen_prefix_length
@@ -232,15 +233,22 @@ def test_compile_auto_compiles_the_families_that_gain_when_the_run_wins_the_comp
     assert decided[0] is compiles and decided[1].startswith(why) and bool(decided[1]) == bool(why)
 
 
-# The prefix: RegNetY-400MF's stem, which runs in the default layout at 32 px (channels-last prefixes are not
-# compiled): the cheapest prefix to compile
+# The prefix: RegNetY-400MF's stem, the cheapest prefix to compile, in the default layout (channels-last prefixes are
+# not compiled): the layout rule for AVX2 CPUs, which keeps RegNet's training at 32 px in it (AVX-512 ones train it
+# channels-last).
 COMPILED = dict(model={"arch": "regnet_y_400mf"}, freeze={"trainable": ["trunk_output", "head"]},
                 train={"epochs": 2, "compile": "on"})
 
 
+@pytest.fixture
+def avx2_layout(monkeypatch):
+    monkeypatch.setattr(fastpath, "kernel_class", lambda: "AVX2")
+
+
 @pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))),
                     reason="torch.compile's inductor needs a C++ compiler")
-def test_a_compiled_prefix_never_recompiles_resumes_exactly_and_trains_as_the_eager_one(tmp_path, colour_data):
+def test_a_compiled_prefix_never_recompiles_resumes_exactly_and_trains_as_the_eager_one(tmp_path, colour_data,
+                                                                                         avx2_layout):
     """train.compile: on compiles the frozen stem (BatchNorm folded) for the 8-image training batch; the last,
     smaller batches run it eagerly: one graph. An interrupted run resumes to the uninterrupted one's weights, bit for
     bit, and both end where the eager run does, within rounding."""
@@ -268,7 +276,7 @@ def test_a_compiled_prefix_never_recompiles_resumes_exactly_and_trains_as_the_ea
         torch.testing.assert_close(a[name], c[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_a_compiled_prefix_with_other_outputs_is_not_used(tmp_path, colour_data, monkeypatch):
+def test_a_compiled_prefix_with_other_outputs_is_not_used(tmp_path, colour_data, monkeypatch, avx2_layout):
     """With torch's kernels capped to AVX2 inductor's convolutions gave NaN and 1e21: a compiled prefix whose
     outputs differ from the eager one's is dropped, and the run is the eager run, bit for bit."""
     monkeypatch.setattr(torch, "compile", lambda module, **options: lambda x: module(x) * 2)
@@ -282,7 +290,7 @@ def test_a_compiled_prefix_with_other_outputs_is_not_used(tmp_path, colour_data,
     assert_same_weights(weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run"))
 
 
-def test_a_failed_compile_leaves_the_prefix_eager_and_says_why(tmp_path, colour_data, monkeypatch):
+def test_a_failed_compile_leaves_the_prefix_eager_and_says_why(tmp_path, colour_data, monkeypatch, avx2_layout):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler found")
 

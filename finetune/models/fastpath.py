@@ -51,16 +51,25 @@ from finetune.models.freeze import Decision, is_batchnorm
 from finetune.utils.distributed import Dist
 
 ON_DISK_NAME = "feature-cache-{split}.bin"
-# fp32: the smallest image size from which channels-last is faster than the default layout, per family, for the
-# forward pass of a frozen prefix (and inference) and for training its layers (more than the head); None: at no
-# size. Measured with
-# scripts/bench_memory_format.py on a 2-core AVX2 AMD EPYC (docs/models.md; a shared machine: where the two layouts
-# came out within the noise, the default layout, which needs no conversion, is kept). It agrees with what the
-# AVX-512 EPYC of issue #20 measured for ResNet-18: channels-last 20% slower for a full fine-tune at 32 px, faster
-# at 224 px.
-CHANNELS_LAST_FROM: dict[str, tuple[Optional[int], Optional[int]]] = {
-    "ResNet": (32, 224), "MobileNetV3": (32, 32), "EfficientNet": (32, 32), "RegNet": (128, 128),
-    "ConvNeXt": (None, None), "Swin": (None, None), "ViT": (None, None)}
+# fp32: the smallest image size from which channels-last is faster than the default layout, per CPU kernel class
+# (torch's: AVX512, or AVX2 and below) and family, for the forward pass of a frozen prefix (and inference) and for
+# training its layers (more than the head); None: at no size. Measured with scripts/bench_memory_format.py
+# (docs/models.md): AVX2 on a 2-core AVX2 AMD EPYC, AVX512 on the 2-core Zen 4 AMD EPYC (avx512f, avx512_bf16).
+# Shared machines: where the two layouts came out within the noise, the default layout, which needs no conversion,
+# is kept. The two differ for small images: ResNet-18's frozen layers at 32 px ran 0.76-0.88x channels-last on the
+# Zen 4 (1.0-1.3x on the AVX2 EPYC); the AVX512 row agrees with issue #20's measurement (channels-last 20% slower
+# for a full fine-tune at 32 px).
+CHANNELS_LAST_FROM: dict[str, dict[str, tuple[Optional[int], Optional[int]]]] = {
+    "AVX2": {"ResNet": (32, 224), "MobileNetV3": (32, 32), "EfficientNet": (32, 32), "RegNet": (128, 128),
+             "ConvNeXt": (None, None), "Swin": (None, None), "ViT": (None, None)},
+    "AVX512": {"ResNet": (96, 96), "MobileNetV3": (32, 32), "EfficientNet": (32, 32), "RegNet": (96, 32),
+               "ConvNeXt": (None, None), "Swin": (None, None), "ViT": (None, None)},
+}
+
+
+def kernel_class() -> str:
+    """The row of :data:`CHANNELS_LAST_FROM` for torch's CPU kernels here: AVX512, or AVX2 (also below it)."""
+    return "AVX512" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "AVX2"
 
 
 class CompileGain(NamedTuple):
@@ -128,20 +137,23 @@ class Layout:
     why: str
 
 
-def memory_layout(arch: Arch, image_size: int, precision: str, trains_layers: bool) -> Layout:
+def memory_layout(arch: Arch, image_size: int, precision: str, trains_layers: bool,
+                  kernels: Optional[str] = None) -> Layout:
     """Channels-last or the default layout for ``arch`` at ``image_size`` px in ``precision``, when training some of
     its layers (``trains_layers``: more than the head) or else running a frozen prefix before the head (or
-    inference): the measured rule (``CHANNELS_LAST_FROM``) in
-    fp32; channels-last in bf16, which oneDNN's bf16 kernels are made for."""
+    inference): the rule measured for the CPU's ``kernels`` (``CHANNELS_LAST_FROM``; None: this CPU's) in fp32;
+    channels-last in bf16, which oneDNN's bf16 kernels are made for."""
     if precision == "bf16":
         return Layout(True, "channels-last (bf16)")
+    kernels = kernels or kernel_class()
     family, what = arch.family.name, "training its layers" if trains_layers else "its frozen layers"
-    start = CHANNELS_LAST_FROM[family][trains_layers]
+    start = CHANNELS_LAST_FROM[kernels][family][trains_layers]
     if start is not None and image_size >= start:
-        return Layout(True, f"channels-last ({family} at {image_size} px, {what}: faster from {start} px in fp32)")
+        return Layout(True, f"channels-last ({family} at {image_size} px, {what}: faster from {start} px in fp32 "
+                            f"on {kernels} CPUs)")
     where = f"below {start} px" if start is not None else "at every size measured"
     return Layout(False, f"default layout ({family} at {image_size} px, {what}: channels-last is no faster {where} "
-                         "in fp32)")
+                         f"in fp32 on {kernels} CPUs)")
 
 
 def frozen_prefix_length(chain: list[tuple[str, nn.Module]], plan: dict[str, Decision]) -> int:
