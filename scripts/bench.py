@@ -39,6 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# The threading `finetune train` runs under (finetune/cli/app.py sets it before torch loads), for both loops.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 import torch
 from torch import nn
 
