@@ -40,23 +40,25 @@ def test_cuda_without_a_gpu_is_a_clear_error():
         select_device("cuda", False)
 
 
-@pytest.fixture(scope="module")
-def two_process_run(module_tmp, colour_data):
-    folder = module_tmp("ddp")
-    config = tiny_config(folder, colour_data, freeze=FREEZE, train={"epochs": 2, "batch_size": 8})
+# Another family: RegNetY-400MF's grouped convolutions and squeeze-excitation of its last stage, and the head, train;
+# every BatchNorm frozen in eval mode (in train mode each process would normalise by its own shard's statistics).
+FAMILY_FREEZE = {"resnet18": FREEZE, "regnet_y_400mf": {"trainable": ["trunk_output.block4.*.f.b.0.weight",
+                                                                     "trunk_output.block4.*.f.se.*", "head"]}}
+
+
+@pytest.mark.parametrize("arch", FAMILY_FREEZE)
+def test_two_processes_match_one_process_with_the_same_global_batch(arch, tmp_path, colour_data):
+    """One test per run (a module fixture would be set up by each pytest-xdist worker that runs a test of it)."""
+    config = tiny_config(tmp_path, colour_data, model={"arch": arch}, freeze=FAMILY_FREEZE[arch],
+                         train={"epochs": 2, "batch_size": 8})
     result = run_cli("train", "--config", str(config), "--nproc", "2", isolated=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    return folder, config, result
-
-
-def test_two_processes_match_one_process_with_the_same_global_batch(two_process_run, tmp_path):
-    folder, config, result = two_process_run
-    run_dir = folder / "run"
+    run_dir = tmp_path / "run"
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "config.yaml", "curves.png", "last.pt",
                                                           "metrics.jsonl", "status.json", "summary.json"]
     assert result.stdout.count("epoch 1/2") == 1  # only rank 0 reports
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["processes"] == 2
+    assert summary["processes"] == 2 and summary["arch"] == arch
     single = run_cli("train", "--config", str(config), "--output-dir", str(tmp_path / "single"), "--quiet")
     assert single.returncode == 0, single.stderr
     assert relative_difference(last_weights(run_dir), last_weights(tmp_path / "single")) < 1e-5
@@ -65,13 +67,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(two_process_
     for a, b in zip(ddp_rows, one_rows):  # metrics are over the whole data, not one shard
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_acc"] == b["val_acc"] and a["train_acc"] == b["train_acc"]
-
-
-def test_resume_needs_the_same_process_count(two_process_run):
-    folder, _, _ = two_process_run
-    result = run_cli("train", "--resume", str(folder / "run"), "--set", "train.epochs=3")
-    assert result.returncode == 2
-    assert "2 process(es)" in result.stderr and "Traceback" not in result.stderr
+    # resuming needs the same process count
+    resumed = run_cli("train", "--resume", str(run_dir), "--set", "train.epochs=3")
+    assert resumed.returncode == 2
+    assert "2 process(es)" in resumed.stderr and "Traceback" not in resumed.stderr
 
 
 def test_config_problems_are_reported_once_before_any_process_starts(tmp_path, colour_data):

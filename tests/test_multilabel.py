@@ -102,7 +102,11 @@ def run(module_tmp) -> Path:
             test.append([copy, label, "test"])
     with open(labels, "a", newline="") as f:
         csv.writer(f, lineterminator="\n").writerows([["images/blank.png", "", "train"], *test])
-    config = tiny_config(folder, folder / "data", model={"task": "multilabel", "weights": "none"},
+    # EfficientNet-B0: a family other than ResNet's (its head, classifier.1, follows a dropout; ResNet-18's multi-label
+    # runs are in test_recipes.py and test_labels.py)
+    config = tiny_config(folder, folder / "data", model={"task": "multilabel", "weights": "none",
+                                                         "arch": "efficientnet_b0"},
+                         freeze={"trainable": ["features.8", "head"]},
                          data={"labels": str(labels)},
                          train={"class_weights": "balanced", "label_smoothing": 0.1, "early_stopping": {"patience": 3}})
     result = run_cli("train", "--config", str(config))
@@ -183,8 +187,10 @@ def test_a_multiclass_model_refuses_a_threshold():
         Loaded(["a", "b"], load_config(None), fast=None).thresholds_for(0.5)
 
 
-def test_inspect_grads_checks_the_sigmoid_head_against_its_closed_form(tmp_path):
-    config = tiny_config(tmp_path, tmp_path, model={"task": "multilabel", "weights": "none", "num_classes": 3},
+@pytest.mark.parametrize("arch", ["resnet18", "convnext_tiny"])
+def test_inspect_grads_checks_the_sigmoid_head_against_its_closed_form(tmp_path, arch):
+    config = tiny_config(tmp_path, tmp_path, model={"task": "multilabel", "weights": "none", "num_classes": 3,
+                                                    "arch": arch}, freeze={"trainable": ["head"]},
                          data={"root": None}, train={"batch_size": 4, "label_smoothing": 0.1})
     result = run_cli("inspect-grads", "--config", str(config), "--json")
     assert result.returncode == 0, result.stderr
