@@ -345,3 +345,38 @@ def test_each_family_trains_exports_verified_and_passes_inspect_grads(tmp_path, 
         assert Path(exported["path"]).is_file()
     report = inspect_grads(config)
     assert report.passed, [check for check in report.checks if not check.passed]
+
+
+def small_vit(weights=None, image_size: int = 224, **options):
+    """torchvision's VisionTransformer as vit_b_16 builds it, but 2 layers of width 32 instead of 12 of 768 (a
+    vit_b_16 checkpoint and its exports are 330 MiB each)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=image_size, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32,
+                             mlp_dim=64, **options)
+
+
+def test_vit_trains_exports_verified_and_passes_inspect_grads(tmp_path, colour_data, monkeypatch):
+    """The ViT family's path (class token, position embeddings for 32 px, its last encoder layer and head
+    training, LayerNorm) through training, both exports verified against the checkpoint, and inspect-grads, on a
+    ViT-B/16 built smaller."""
+    import torchvision.models
+
+    from finetune.analysis.gradcheck import inspect_grads
+    from finetune.deploy.export import export_checkpoint
+    from finetune.training.reporter import Reporter
+    from finetune.training.run import train
+
+    monkeypatch.setattr(torchvision.models, "vit_b_16", small_vit)
+    config = load_config(tiny_config(tmp_path, colour_data, model={"arch": "vit_b_16"}, train={"epochs": 1},
+                                     freeze={"trainable": ["encoder.layers.encoder_layer_1", "head"]}))
+    summary = train(config, Reporter())
+    assert summary["arch"] == "vit_b_16" and summary["frozen_unchanged"]
+    state = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["model"]
+    assert state["encoder.pos_embedding"].shape == (1, 5, 32)  # a class token and 2x2 patches of 16 px
+    for fmt in ("torchscript", "onnx"):
+        exported = export_checkpoint(tmp_path / "run" / "best.pt", fmt)
+        assert exported["top1_agreement"] == 1.0 and exported["images"] > 0, exported
+        assert Path(exported["path"]).is_file()
+    report = inspect_grads(config)
+    assert report.passed, [check for check in report.checks if not check.passed]
