@@ -9,7 +9,7 @@ from PIL import Image
 
 from finetune.config.loading import load_config
 from finetune.data.folders import load_datasets, stratified_split
-from finetune.data.loaders import make_loader, steps_per_epoch
+from finetune.data.loaders import default_workers, make_loader, steps_per_epoch
 from finetune.errors import FinetuneError
 from finetune.models.build import resolve_num_classes
 
@@ -59,6 +59,33 @@ def test_loader_order_depends_on_seed_and_epoch_only(tmp_path):
     assert order(seed=1, epoch=0) != order(seed=1, epoch=1)
     assert order(seed=1, epoch=2, skip_batches=2) == order(seed=1, epoch=2)[8:]
     assert sorted(order(seed=3, epoch=0)) == list(range(20))
+
+
+class Reads(torch.utils.data.Dataset):
+    """Items that take ``seconds`` to read and draw from torch's generator, as a random transform does."""
+
+    def __init__(self, seconds: float, size: int = 100):
+        self.seconds, self.size, self.read = seconds, size, []
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        import time
+
+        self.read.append(index)
+        time.sleep(self.seconds)
+        return torch.rand(1)
+
+
+def test_cheap_images_are_read_in_the_main_thread_and_slow_ones_by_threads(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    state = torch.random.get_rng_state()
+    assert default_workers(Reads(0)) == 0
+    slow = Reads(0.002)
+    assert default_workers(slow) == 2 and len(slow.read) == 2  # one untimed read, one slow one: no more
+    assert default_workers() == 2
+    assert torch.equal(torch.random.get_rng_state(), state)  # the probe's random draws leave the run's alone
 
 
 def test_a_lone_last_sample_is_dropped_so_batchnorm_can_train():

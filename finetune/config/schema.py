@@ -143,8 +143,9 @@ class DataConfig(_Section):
         "shuffle: every training image once per epoch; balanced: as many draws with replacement, every class "
         "equally likely (for imbalanced classes)."))
     workers: Optional[int] = Field(None, ge=0, description=(  # None: data.loaders.default_workers()
-        "Decode threads that work ahead of training; 0: decode in the main thread; null: one per core, at most "
-        "8."))
+        "Decode threads that work ahead of training; 0: decode in the main thread; null: none when an image reads "
+        "in under 1 ms (small images, where threads beside the compute threads only slow them), else one per core, "
+        "at most 8."))
     fast_decode: bool = Field(True, description=(
         "Decode JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) that still covers data.image_size (1.5 x with "
         "data.augment); false: full-size decode, bit-identical to torchvision's classic pipeline."))

@@ -565,7 +565,7 @@ def feature_sources(config, fast: FastModel, data, folder: Path, *, weights: Opt
     images = image_caches or ImageCaches("off")
     budget = config.train.cache_max_gb * 2**30
     use_cache, val_cache, why = _cache_plan(config, fast.split, fast.prefix_deterministic)
-    common = _source_settings(config, dist, folder)
+    common = _source_settings(config, dist, folder, data.train)
     rank = f"-rank{dist.rank}" if dist.active else ""  # spilled caches: one file per process
     random = train_transform(config.data).random  # random transforms: each image drawn under its own seed
     train_set = SeededSamples(data.train, config.train.seed) if random else data.train
@@ -582,9 +582,11 @@ def image_source(config, fast: FastModel, dataset, dist: Dist = Dist(), image_ca
     """``dataset`` in order, run through ``fast``'s prefix every time, without a feature cache (the EMA model's
     validation when its frozen prefix is not a fixed function of the image)."""
     return FeatureSource(fast, dataset, shuffle=False, image_cache=image_cache,
-                         **_source_settings(config, dist, folder=None))
+                         **_source_settings(config, dist, None, dataset))
 
 
-def _source_settings(config, dist: Dist, folder: Optional[Path]) -> dict:
+def _source_settings(config, dist: Dist, folder: Optional[Path], images) -> dict:
+    """What a run's sources share; ``data.workers: null`` takes the decode threads ``images`` call for."""
+    workers = config.data.workers if config.data.workers is not None else default_workers(images)
     return dict(seed=config.train.seed, dist=dist, folder=folder, batch_size=config.train.batch_size // dist.world,
-                workers=config.data.workers if config.data.workers is not None else default_workers())
+                workers=workers)
