@@ -380,3 +380,44 @@ def test_vit_trains_exports_verified_and_passes_inspect_grads(tmp_path, colour_d
         assert Path(exported["path"]).is_file()
     report = inspect_grads(config)
     assert report.passed, [check for check in report.checks if not check.passed]
+
+
+def test_bf16_runs_depthwise_convolutions_in_fp32_where_that_is_faster(tmp_path, colour_data):
+    """MobileNetV3 and EfficientNet in bf16: each depthwise convolution computes in fp32 (the others in bf16); the
+    state dict, and the convolution outside autocast, are what they were. ConvNeXt's stay bf16, fp32 runs alike."""
+    from finetune.models.fastpath import _fp32_conv_forward
+    from finetune.training.setup import prepare
+
+    def setup(arch, precision, trainable="*"):
+        config = load_config(tiny_config(tmp_path / f"{arch}-{precision}-{trainable}", colour_data,
+                                         model={"arch": arch}, freeze={"trainable": [trainable]},
+                                         train={"precision": precision}))
+        return prepare(config)
+
+    built = setup("mobilenet_v3_small", "bf16")
+    model = built.model
+    keys = list(model.state_dict())
+    fast = built.fast_model(built.built.plan)
+    depthwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
+    dense = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1]
+    assert fast.fp32_depthwise == len(depthwise) == 11 and list(model.state_dict()) == keys
+    dtypes = {}
+    for conv in (depthwise[0], dense[1]):
+        conv.register_forward_hook(lambda module, args, out: dtypes.update({id(module): out.dtype}))
+    fast(torch.randn(4, 3, 32, 32))
+    assert dtypes == {id(depthwise[0]): torch.float32, id(dense[1]): torch.bfloat16}
+    x = torch.randn(2, depthwise[0].in_channels, 8, 8)
+    assert torch.equal(depthwise[0](x), torch.nn.functional.conv2d(
+        x, depthwise[0].weight, None, depthwise[0].stride, depthwise[0].padding, groups=depthwise[0].groups))
+    phase = built.phase(built.built.plan, tmp_path / "phase")
+    assert "(train.precision: bf16, its 11 depthwise convolutions in fp32 (faster there))" in phase.describe(
+        built.precision)
+    head_only = setup("efficientnet_b0", "bf16", "head")  # the folded prefix's copies compute in fp32, counted once
+    fast = head_only.fast_model(head_only.built.plan)
+    copies = [m for stage in fast.prefix_run for m in stage.modules()
+              if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
+    assert fast.folded and fast.fp32_depthwise == len(copies) == 16
+    assert all(m.forward.__func__ is _fp32_conv_forward for m in copies)
+    for arch, precision in (("convnext_tiny", "bf16"), ("mobilenet_v3_small", "fp32")):
+        other = setup(arch, precision)
+        assert other.fast_model(other.built.plan).fp32_depthwise == 0

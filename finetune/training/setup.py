@@ -58,8 +58,10 @@ class Phase:
         elif self.compiling:
             how += f"; not compiled, {self.compiling}"
         prefix = f"{names[0]} .. {names[-1]} ({how})" if names else "none"
-        return (f"frozen prefix: {prefix}; precision {precision.precision} ({precision.reason}); memory format "
-                f"{fast.layout.why}; feature cache {self.cache}")
+        depthwise = (f", its {fast.fp32_depthwise} depthwise convolutions in fp32 (faster there)"
+                     if fast.fp32_depthwise else "")
+        return (f"frozen prefix: {prefix}; precision {precision.precision} ({precision.reason}{depthwise}); memory "
+                f"format {fast.layout.why}; feature cache {self.cache}")
 
     def sources(self) -> list[tuple[str, FeatureSource]]:
         return [("train", self.train_source), ("val", self.val_source)]
