@@ -50,7 +50,7 @@ FAMILY_FREEZE = {"resnet18": FREEZE, "regnet_y_400mf": {"trainable": ["trunk_out
 def test_two_processes_match_one_process_with_the_same_global_batch(arch, tmp_path, colour_data):
     """One test per run (a module fixture would be set up by each pytest-xdist worker that runs a test of it)."""
     config = tiny_config(tmp_path, colour_data, model={"arch": arch}, freeze=FAMILY_FREEZE[arch],
-                         train={"epochs": 2, "batch_size": 8})
+                         train={"epochs": 2, "batch_size": 8}, optim={"lr": 0.001})
     result = run_cli("train", "--config", str(config), "--nproc", "2", isolated=True)
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir = tmp_path / "run"

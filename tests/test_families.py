@@ -410,8 +410,9 @@ def test_bf16_runs_depthwise_convolutions_in_fp32_where_that_is_faster(tmp_path,
     assert torch.equal(depthwise[0](x), torch.nn.functional.conv2d(
         x, depthwise[0].weight, None, depthwise[0].stride, depthwise[0].padding, groups=depthwise[0].groups))
     phase = built.phase(built.built.plan, tmp_path / "phase")
-    assert "(train.precision: bf16, its 11 depthwise convolutions in fp32 (faster there))" in phase.describe(
-        built.precision)
+    line = phase.describe(built.precision)
+    assert "precision bf16 (train.precision: bf16" in line
+    assert ", its 11 depthwise convolutions in fp32 (faster there)); memory format" in line
     head_only = setup("efficientnet_b0", "bf16", "head")  # the folded prefix's copies compute in fp32, counted once
     fast = head_only.fast_model(head_only.built.plan)
     copies = [m for stage in fast.prefix_run for m in stage.modules()
