@@ -7,8 +7,9 @@ Issue #20's measurement: a full fine-tune of ResNet-18 at 32 px on scikit-learn'
 batch 32, SGD (lr 0.01, momentum 0.9), 3 epochs. Each side runs in a fresh process, alternately, ``--repeats``
 times:
 
-- **plain loop**: ImageFolder + ToTensor + Normalize, a DataLoader with default workers (none), model.train(), SGD
-  over every parameter, the default memory format, validation after every epoch;
+- **plain loop**: scripts/bench_photos.py's, the tutorial's: ImageFolder + Resize + CenterCrop (which leave a 32 px
+  image as it is) + ToTensor + Normalize, a DataLoader with default workers (none), model.train(), SGD over every
+  parameter, the default memory format, validation after every epoch;
 - **finetune**: ``finetune train`` with the same data, model, batch, learning rate and epochs, fp32, every other
   option at its default (image cache, decode threads, memory-format rule, checkpoints, curves).
 
@@ -30,45 +31,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_photos import run_measured  # noqa: E402
+from bench_photos import plain_loop, run_measured  # noqa: E402
 
 EPOCHS, BATCH, LR = 3, 32, 0.01
-
-
-def plain_loop(data: Path, freeze: str) -> None:
-    """The tutorial's loop (in a child process); prints each epoch's training images/s as JSON."""
-    import time
-
-    import torch
-    from torch import nn
-    from torchvision import datasets, transforms
-    from torchvision.models import resnet18
-
-    torch.manual_seed(0)
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    train = torch.utils.data.DataLoader(datasets.ImageFolder(data / "train", tf), batch_size=BATCH, shuffle=True)
-    val = torch.utils.data.DataLoader(datasets.ImageFolder(data / "val", tf), batch_size=BATCH)
-    model = resnet18(weights=None)
-    if freeze == "head-only":
-        for p in model.parameters():
-            p.requires_grad = False
-    model.fc = nn.Linear(model.fc.in_features, len(train.dataset.classes))
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    speeds = []
-    for _ in range(EPOCHS):
-        model.train()
-        start, seen = time.perf_counter(), 0
-        for x, y in train:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            seen += len(y)
-        speeds.append(seen / (time.perf_counter() - start))
-        model.eval()
-        with torch.no_grad():
-            for x, _ in val:
-                model(x)
-    print(json.dumps(speeds))
 
 
 def finetune_run(data: Path, freeze: str, folder: Path) -> tuple[float, list[float]]:
@@ -92,8 +57,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--plain-loop", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.plain_loop:
-        plain_loop(args.data, args.freeze)
+    if args.plain_loop:  # the child process of the plain side
+        plain_loop(args.data, args.freeze, False, EPOCHS, 32, LR)
         return
 
     import torch

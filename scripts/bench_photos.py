@@ -92,8 +92,9 @@ def run_measured(command: list[str]) -> tuple[float, float, str]:
     return seconds, usage.ru_maxrss / 1024, text
 
 
-def plain_loop(data: Path, freeze: str, augment: bool, epochs: int, image_size: int) -> list[float]:
-    """The tutorial's loop (in a child process); prints each epoch's training images/s as JSON."""
+def plain_loop(data: Path, freeze: str, augment: bool, epochs: int, image_size: int, lr: float = LR) -> list[float]:
+    """The tutorial's loop (in a child process); prints each epoch's training images/s as JSON. (Also
+    scripts/bench_digits.py's plain loop: a 32 px image goes through Resize(32) and CenterCrop(32) unchanged.)"""
     import torch
     from torch import nn
     from torchvision import datasets, transforms
@@ -111,8 +112,8 @@ def plain_loop(data: Path, freeze: str, augment: bool, epochs: int, image_size: 
     if freeze == "head-only":
         for p in model.parameters():
             p.requires_grad = False
-    model.fc = nn.Linear(model.fc.in_features, len(CLASSES))
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    model.fc = nn.Linear(model.fc.in_features, len(train.dataset.classes))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     speeds = []
     for _ in range(epochs):
         model.train()
