@@ -43,10 +43,9 @@ def default_workers(dataset: Optional[Dataset] = None) -> int:
     then the compute threads are waiting for the batch, and every core should be decoding. The count changes speed
     only: every image is read and augmented alike whatever it is.
     """
-    threads = min(8, os.cpu_count() or 1)
     if dataset is not None and len(dataset) and read_seconds(dataset) < CHEAP_READ_S:
         return 0
-    return threads
+    return min(8, os.cpu_count() or 1)
 
 
 def read_seconds(dataset: Dataset, samples: int = 8) -> float:

@@ -607,12 +607,12 @@ def feature_sources(config, fast: FastModel, data, folder: Path, *, weights: Opt
                           cache_bytes=budget if val_cache else None, image_cache=images.get("val"), **common), why)
 
 
-def image_source(config, fast: FastModel, dataset, dist: Dist = Dist(), image_cache: Optional[ImageCache] = None
-                 ) -> FeatureSource:
-    """``dataset`` in order, run through ``fast``'s prefix every time, without a feature cache (the EMA model's
-    validation when its frozen prefix is not a fixed function of the image)."""
-    return FeatureSource(fast, dataset, shuffle=False, image_cache=image_cache,
-                         **_source_settings(config, dist, None, dataset))
+def image_source(fast: FastModel, like: FeatureSource) -> FeatureSource:
+    """``like``'s images in order, with its settings (batch, decode threads, image cache), run through ``fast``'s
+    prefix every time, without a feature cache (the EMA model's validation when its frozen prefix is not a fixed
+    function of the image)."""
+    return FeatureSource(fast, like.dataset, like.batch_size, shuffle=False, seed=like.seed, workers=like.workers,
+                         dist=like.dist, image_cache=like.image_cache)
 
 
 def _source_settings(config, dist: Dist, folder: Optional[Path], images) -> dict:

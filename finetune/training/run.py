@@ -276,8 +276,7 @@ class Run:
                          self.setup.precision.precision, self.dist.device, fold=False)
         # A frozen prefix in eval mode is bit-identical in both models: the EMA reads the same (cached) features,
         # from the phase's own (folded) prefix; so its copy is not folded.
-        source = phase.val_source if phase.fast.prefix_deterministic else image_source(
-            self.config, fast, self.setup.data.val, self.dist, self.image_caches.get("val"))
+        source = phase.val_source if phase.fast.prefix_deterministic else image_source(fast, phase.val_source)
         return self.evaluate(fast, source)
 
     def end_epoch(self, val: dict, ema_val: Optional[dict] = None) -> None:
