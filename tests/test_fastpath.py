@@ -300,3 +300,24 @@ def test_a_failed_compile_leaves_the_prefix_eager_and_says_why(tmp_path, colour_
     line = next(text for text in messages.lines if text.startswith("frozen prefix:"))
     assert "not compiled, torch.compile failed: RuntimeError: no C++ compiler found" in line
     assert summary["epochs_done"] == 2
+
+
+def test_a_resumed_run_decides_train_compile_on_its_phase_s_whole_epochs(tmp_path, colour_data, monkeypatch):
+    """auto counts the images of the whole freeze phase, not of the epochs left, so a run resumed within a phase
+    decides as the run it continues (a compiled and an eager prefix differ in rounding: a resume would not be
+    exact)."""
+    from finetune.training.setup import Setup
+
+    seen, phase = [], Setup.phase
+
+    def recording(self, plan, folder, image_caches=None, epochs=0):
+        seen.append(epochs)
+        return phase(self, plan, folder, image_caches, epochs=epochs)
+
+    monkeypatch.setattr(Setup, "phase", recording)
+    config = load_config(tiny_config(tmp_path, colour_data, train={"epochs": 4},
+                                     freeze={"trainable": ["fc"], "stages": [{"epoch": 2, "trainable": ["layer4"]}]}))
+    interrupt(engine.train, config, epoch=2, step=1)  # in the third epoch: the second phase's second
+    assert seen == [1, 3]
+    engine.train(config, Reporter(), resume=tmp_path / "run")
+    assert seen == [1, 3, 3]

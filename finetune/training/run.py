@@ -230,10 +230,10 @@ class Run:
         """The fast path and feature sources follow the freeze plan; the old feature cache is dropped."""
         if self.phase is not None:
             self.phase.close()
-        # the epochs this phase trains: to the next freeze stage, or the end
+        # the epochs this phase trains, from its freeze stage (or the start) to the next one (or the end), resumed or not
         end = min((stage.epoch - 1 for stage in self.config.freeze.stages if stage.epoch > self.state.epoch + 1),
                   default=self.config.train.epochs)
-        self.phase = self.setup.phase(self.plan, self.run_dir, self.image_caches, epochs=end - self.state.epoch)
+        self.phase = self.setup.phase(self.plan, self.run_dir, self.image_caches, epochs=end - self.plan_epoch + 1)
         self.reporter.message(self.phase.describe(self.setup.precision))
 
     def after_step(self, state: TrainState) -> None:
