@@ -128,8 +128,7 @@ def finetune_step_fn(freeze: str, precision: str, size: int, arch: str = "resnet
     setup = prepared(freeze, precision, size, arch)
     fast = setup.fast_model(setup.built.plan)
     compiling, _ = compile_decision(setup.config.train.compile, setup.built.arch, setup.precision.precision,
-                                    fast.prefix_deterministic, fast.split > 0, fast.layout.channels_last,
-                                    math.inf, size)
+                                    fast.prefix_deterministic, fast.split > 0, math.inf, size)
     if compiling:
         fast.compile_prefix((BATCH, 3, size, size))
         print(f"  {arch} {freeze} {precision} {size} px: frozen prefix compiled in {fast.compile_seconds:.1f} s "

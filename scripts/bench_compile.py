@@ -1,12 +1,13 @@
 """How much torch.compile speeds up a frozen prefix: the numbers behind ``train.compile: auto``.
 
-    .venv/bin/python scripts/bench_compile.py convnext_tiny swin_t resnet18 --size 224 --batch 16
+    .venv/bin/python scripts/bench_compile.py resnet18 convnext_tiny --size 32
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) .venv/bin/python scripts/bench_compile.py resnet18 --size 224   # cold
 
 For each model: its head-only frozen prefix exactly as `finetune train` runs it (training.setup.prepare; BatchNorm
-folded, the memory format its rule picks), fp32, random weights, timed eagerly and then compiled (the compile time
-is that of the first call: with inductor's on-disk cache cold, as in a fresh machine, or warm from an earlier run),
-the two interleaved, the median of --rounds calls each. The output of the compiled prefix is compared with the eager one.
-fastpath.COMPILE_GAIN holds what this measured.
+folded, the memory format its rule picks), fp32, random weights, timed eagerly and then compiled as `train` compiles
+it (inductor with freezing; the compile time is that of the first call: with inductor's on-disk cache cold, as in a
+fresh machine, or warm from an earlier run), the two interleaved, the median of --rounds calls each. The output of
+the compiled prefix is compared with the eager one. fastpath.COMPILE_GAIN holds what this measured at 32 and 224 px.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("models", nargs="+")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
     print(f"CPU: {read_cpu().describe()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "

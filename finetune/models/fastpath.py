@@ -99,51 +99,68 @@ def depthwise_in_fp32(modules: list[nn.Module]) -> int:
 
 
 class CompileGain(NamedTuple):
-    """What torch.compile (inductor) did for a family's deterministic frozen prefix against running it eagerly:
-    fp32, 224 px, batch 16, on the 2-core Zen 4 EPYC (scripts/bench_compile.py, interleaved; docs/models.md)."""
+    """What torch.compile (inductor, with freezing) did for a family's deterministic frozen prefix against running
+    it eagerly as the fast path does (BatchNorm folded, its memory format): fp32, batch 32, at 32 and 224 px, on the
+    2-core Zen 4 EPYC (scripts/bench_compile.py, interleaved; docs/models.md)."""
 
-    speedup: float
-    compile_s: float  # with inductor's on-disk cache cold, as on a fresh machine
-    eager_images_per_s: float
+    compile_s: float  # the longer of the two sizes', with inductor's on-disk cache cold, as on a fresh machine
+    at_32: tuple[float, float]  # (eager images/s, speed-up) at 32 px
+    at_224: tuple[float, float]  # the same at 224 px
+
+    def at(self, image_size: int) -> tuple[float, float]:
+        """Eager seconds per image and the speed-up at ``image_size``: linear in the pixel count between (and
+        beyond) the two sizes measured, the speed-up held at the nearer one outside them."""
+        share = (image_size ** 2 - 32 ** 2) / (224 ** 2 - 32 ** 2)
+        (small, small_gain), (large, large_gain) = self.at_32, self.at_224
+        seconds = max(1 / small + share * (1 / large - 1 / small), 0.0)
+        share = min(max(share, 0.0), 1.0)
+        return seconds, small_gain + share * (large_gain - small_gain)
 
 
-# Only where the gain held in every measurement: ConvNeXt-Tiny 1.22-1.28x. Swin-T (1.03-1.23x, 64-89 s to compile)
-# and ViT-B/16 (1.00-1.18x) varied from run to run; ResNet-18 (BatchNorm folded) gained nothing (0.96-1.02x).
-COMPILE_GAIN = {"ConvNeXt": CompileGain(1.24, 28.0, 14.5)}
+# The families whose gain held in every measurement (docs/models.md: two runs here, two with the kernels capped to
+# AVX2). Swin-T (1.21x at 224 px, 124 s to compile cold) and ViT-B/16 (1.15x, 38 s) were measured once with freezing
+# (without it: 1.03-1.23x and 1.00-1.18x from run to run), so auto leaves them to train.compile: on.
+COMPILE_GAIN = {
+    "ResNet": CompileGain(13.4, (2008, 1.45), (47.7, 1.16)),
+    "MobileNetV3": CompileGain(10.1, (1792, 1.65), (136.3, 1.19)),
+    "EfficientNet": CompileGain(13.0, (1713, 1.69), (68.9, 1.19)),
+    "RegNet": CompileGain(8.3, (1591, 1.58), (113.9, 1.09)),
+    "ConvNeXt": CompileGain(20.8, (634, 1.05), (13.1, 1.15)),
+}
 COMPILE_PAYS = 2.0  # auto compiles when the run's prefix time saved is worth this many compile times
 COMPILE_TOLERANCE = 1e-4  # a compiled prefix's outputs against the eager ones (measured: at most 1.2e-6)
 
 
 def compile_decision(setting: str, arch: Arch, precision: str, deterministic: bool, has_prefix: bool,
-                     channels_last: bool, images: float, image_size: int) -> tuple[bool, str]:
+                     images: float, image_size: int) -> tuple[bool, str]:
     """Whether to compile the frozen prefix (``train.compile``), and why in words ("": nothing to say: the family
-    gains nothing); ``images``: how many the prefix will run in the epochs to come (a feature cache runs each
-    once). ``auto`` compiles a family of ``COMPILE_GAIN`` in fp32, where its gain was measured, when the time it
-    saves, counted in 224 px images (the compile time does not shrink with the images, the work does), is worth
-    ``COMPILE_PAYS`` times the compile time. A prefix that runs channels-last is never compiled: inductor's
-    code for a channels-last convolution with ReLU and max-pooling after it corrupted the heap (torch 2.14.1 with
-    oneDNN capped to AVX2, ``ONEDNN_MAX_CPU_ISA=AVX2``; pytorch/pytorch#181618 is that kind of bug), and compiling
-    gained nothing where channels-last is picked (ResNet-18 0.96-1.02x)."""
+    gains nothing); ``images``: how many the prefix will run in the phase (a feature cache runs each once).
+    ``auto`` compiles a family of ``COMPILE_GAIN`` in fp32, where its gain was measured, when the time it saves at
+    ``image_size`` is worth ``COMPILE_PAYS`` times the compile time (which does not shrink with the images)."""
     gain = COMPILE_GAIN.get(arch.family.name)
     if setting == "off" or not has_prefix or (setting == "auto" and (gain is None or precision != "fp32")):
         return False, ""
     if not deterministic:
         return False, "frozen BatchNorm or dropout runs in train mode"
-    if channels_last:
-        return False, "the prefix runs channels-last, where inductor's convolutions are not trusted (docs/models.md)"
     if setting == "on":
         return True, "train.compile: on"
-    eager_s = images * (image_size / 224) ** 2 / gain.eager_images_per_s
-    if eager_s * (1 - 1 / gain.speedup) < COMPILE_PAYS * gain.compile_s:
+    seconds, speedup = gain.at(image_size)
+    if images * seconds * (1 - 1 / speedup) < COMPILE_PAYS * gain.compile_s:
         return False, (f"auto: {images:,.0f} images at {image_size} px would not win back torch.compile's "
                        f"{gain.compile_s:.0f} s, train.compile: on compiles it anyway")
-    return True, f"auto: {arch.family.name} runs {gain.speedup:.2f}x as fast compiled"
+    return True, f"auto: {arch.family.name} at {image_size} px runs {speedup:.2f}x as fast compiled"
 
 
 class CompiledPrefix:
     """The frozen prefix compiled by ``torch.compile`` for one input shape, the training batch's; any other shape
     (the last, smaller batch; validation batches of another size), and inference-mode tensors, run it as it is, so
-    nothing recompiles (a second compile would cost as much as the first)."""
+    nothing recompiles (a second compile would cost as much as the first).
+
+    Compiled with inductor's *freezing*: the prefix's weights become constants of the compiled code, so BatchNorm
+    folds, convolution and linear weights are packed once for oneDNN instead of on every call, and a convolution's
+    ReLU runs inside it. At 32 px that is most of the gain (ResNet-18: 1.44x with freezing, 0.63-0.72x without: on
+    small images repacking the weights on every call outweighs the work on the activations). The weights must not change while it is in use: a frozen prefix's do
+    not, and a new freeze stage builds a new one."""
 
     def __init__(self, modules: list[nn.Module], shape: tuple[int, ...]):
         self.eager = nn.Sequential(*modules)
@@ -285,7 +302,10 @@ class FastModel:
         probe = probe.contiguous(memory_format=self.memory_format)
         try:
             compiled = CompiledPrefix(self.prefix_run, shape)
-            with torch.no_grad(), self.autocast():
+            from torch._inductor import config as inductor
+
+            # freezing is read when the first call compiles (torch.compile's options do not reach it)
+            with torch.no_grad(), self.autocast(), inductor.patch(freezing=True):
                 expected, got = compiled.eager(probe), compiled(probe)
         except Exception as exc:  # torch.compile's failures have many types; the eager prefix still works
             self.compile_error = describe(exc)

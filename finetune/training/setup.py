@@ -137,7 +137,8 @@ class Setup:
         """The fast model and the data's feature sources for ``plan``.
 
         ``folder`` takes a feature cache that spills to disk; ``image_caches``: the run's decoded-image caches;
-        ``epochs``: how many the phase will train, for ``train.compile`` (0: no compiling).
+        ``epochs``: how many the phase trains in all (a resumed run's as many as the run it continues: both decide
+        ``train.compile`` alike), for ``train.compile`` (0: no compiling).
         """
         fast = self.fast_model(plan)
         train_source, val_source, cache = feature_sources(self.config, fast, self.data, folder, dist=self.dist,
@@ -148,8 +149,7 @@ class Setup:
             images = sum(len(getattr(self.data, split)) * n for split, n in passes.items()) / self.dist.world
             compiling, compile_why = compile_decision(self.config.train.compile, self.built.arch,
                                                       self.precision.precision, fast.prefix_deterministic,
-                                                      fast.split > 0, fast.layout.channels_last, images,
-                                                      self.config.data.image_size)
+                                                      fast.split > 0, images, self.config.data.image_size)
         if compiling:
             size = self.config.data.image_size
             fast.compile_prefix((self.config.train.batch_size // self.dist.world, 3, size, size))
