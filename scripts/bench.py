@@ -24,7 +24,7 @@ The plain loop: the model in train mode, every parameter handed to the optimizer
 finetune: the same model and freeze prepared as `finetune train` prepares them (training.setup.prepare), trained
 by finetune's own epoch loop (frozen prefix without autograd and in eval mode, the memory format its rule picks,
 optional bf16 autocast, the frozen prefix compiled where ``train.compile: auto`` compiles it in a run long enough
-to win the compile time back: ConvNeXt in fp32; compiling is done before the timing).
+to win the compile time back: the head-only and layer4+head rows in fp32; compiling is done before the timing).
 """
 
 from __future__ import annotations
