@@ -159,8 +159,8 @@ class CompiledPrefix:
     Compiled with inductor's *freezing*: the prefix's weights become constants of the compiled code, so BatchNorm
     folds, convolution and linear weights are packed once for oneDNN instead of on every call, and a convolution's
     ReLU runs inside it. At 32 px that is most of the gain (ResNet-18: 1.44x with freezing, 0.63-0.72x without: on
-    small images repacking the weights on every call outweighs the work on the activations). The weights must not change while it is in use: a frozen prefix's do
-    not, and a new freeze stage builds a new one."""
+    small images repacking the weights on every call outweighs the work on the activations). The weights must not
+    change while it is in use: a frozen prefix's do not, and a new freeze stage builds a new one."""
 
     def __init__(self, modules: list[nn.Module], shape: tuple[int, ...]):
         self.eager = nn.Sequential(*modules)
@@ -292,8 +292,9 @@ class FastModel:
     def compile_prefix(self, shape: tuple[int, ...]) -> None:
         """Compile the frozen prefix for input batches of ``shape`` now, and check it: a seeded random batch must
         give the eager prefix's outputs within rounding (COMPILE_TOLERANCE of the largest). When torch.compile
-        fails (no C++ compiler, say) or its outputs differ (inductor's convolutions gave NaN and infinities with
-        torch's and oneDNN's kernels capped to AVX2), the prefix runs as it is and ``compile_error`` says why."""
+        fails (no C++ compiler, say) or its outputs differ (without freezing, inductor's convolutions gave NaN and
+        infinities with torch's and oneDNN's kernels capped to AVX2), the prefix runs as it is and ``compile_error``
+        says why."""
         import logging
 
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"

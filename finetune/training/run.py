@@ -230,7 +230,7 @@ class Run:
         """The fast path and feature sources follow the freeze plan; the old feature cache is dropped."""
         if self.phase is not None:
             self.phase.close()
-        # the epochs this phase trains, from its freeze stage (or the start) to the next one (or the end), resumed or not
+        # the epochs this phase trains in all, from its freeze stage (or the start) to the next one (or the end)
         end = min((stage.epoch - 1 for stage in self.config.freeze.stages if stage.epoch > self.state.epoch + 1),
                   default=self.config.train.epochs)
         self.phase = self.setup.phase(self.plan, self.run_dir, self.image_caches, epochs=end - self.plan_epoch + 1)
