@@ -357,3 +357,19 @@ def test_a_resumed_run_decides_train_compile_on_its_phase_s_whole_epochs(tmp_pat
     assert seen == [1, 3]
     engine.train(config, Reporter(), resume=tmp_path / "run")
     assert seen == [1, 3, 3]
+
+
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))),
+                    reason="torch.compile's inductor needs a C++ compiler")
+def test_a_bf16_prefix_compiles_and_is_checked_to_bf16_rounding(tmp_path, colour_data):
+    """train.compile: on in bf16: the compiled prefix rounds elsewhere than the eager one (by a few of bf16's 8-bit
+    steps), which the check allows; it stays within that of the eager outputs and is used."""
+    freeze = {"trainable": ["layer2", "layer3", "layer4", "fc"]}  # the prefix: ResNet-18's stem and layer1
+    built = build(load_config(tiny_config(tmp_path, colour_data, freeze=freeze)), CLASSES)
+    fast = FastModel(built.model, built.arch, built.plan, built.bn_modes, "bf16", image_size=32)
+    eager = fast.features(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    fast.compile_prefix((4, 3, 32, 32))
+    assert fast.compile_error == "" and fast.compile_seconds is not None
+    compiled = fast.features(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    assert compiled.dtype == eager.dtype == torch.bfloat16
+    assert ((compiled.float() - eager.float()).abs().max() / eager.float().abs().max()).item() <= 3e-2
