@@ -172,7 +172,7 @@ def evaluate_checkpoint(path: Path, data: Optional[Path] = None, output_dir: Opt
     config = trained.config.model_copy(deep=True)
     dataset, source = _eval_set(config, trained, data, split)
     logits, targets = _logits(trained.logits, make_loader(dataset, config.train.batch_size, shuffle=False,
-                                                       workers=default_workers()), trained)
+                                                       workers=default_workers(dataset)), trained)
     out = Path(output_dir) if output_dir else Path(path).parent
     with writing("the evaluation's files", "Choose another --output-dir: a writable folder with room."):
         out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ def _tta_logits(loaded: Loaded, config: Config, data: Optional[Path], split: str
     views_config = config.model_copy(deep=True)
     views_config.data.image_size = view_size(mode, config.data.image_size)
     dataset, _ = _eval_set(views_config, loaded, data, split)
-    loader = make_loader(dataset, config.train.batch_size, shuffle=False, workers=default_workers())
+    loader = make_loader(dataset, config.train.batch_size, shuffle=False, workers=default_workers(dataset))
     return torch.cat([torch.empty(0, len(loaded.classes)),
                       *(loaded.tta_logits(images, mode).float().cpu() for images, _ in loader)])
 

@@ -208,7 +208,8 @@ def _accuracy(probs: torch.Tensor, targets: torch.Tensor) -> float:
 def logits_of(model: Callable[[torch.Tensor], torch.Tensor], dataset, batch_size: int, num_classes: int,
               workers: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 logits (``model`` of each normalised batch) and targets of every item of ``dataset``, in order."""
-    loader = make_loader(dataset, batch_size, shuffle=False, workers=default_workers() if workers is None else workers)
+    workers = default_workers(dataset) if workers is None else workers
+    loader = make_loader(dataset, batch_size, shuffle=False, workers=workers)
     logits, targets = [torch.empty(0, num_classes)], [torch.empty(0, dtype=torch.long)]
     for images, labels in loader:
         logits.append(model(images).float().cpu())
