@@ -58,6 +58,10 @@ def _version(value: bool) -> None:
 def _app(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                help="Show the version and exit.")] = False) -> None:
     """Fine-tune a pretrained torchvision image classifier (ResNet-18 by default) on your own images, on a CPU."""
+    from finetune.utils.allocator import keep_freed_memory
+
+    # Before any command allocates: glibc keeps the memory a step frees for the next step (docs/performance.md).
+    _user_errors(keep_freed_memory)(os.environ.get("FINETUNE_MALLOC"))
 
 
 def _user_errors(command):
