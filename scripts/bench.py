@@ -5,11 +5,13 @@
     .venv/bin/python scripts/bench.py --only resnet18,mobilenet_v3_large   # the rows of these models
     .venv/bin/python scripts/bench.py --all-precisions   # bf16 cases even where bf16 is emulated (slow)
 
-Everything runs in this one process (peak memory: the median of three child processes each), 224x224 (or the
-row's own size), batch 32, ResNet-18 (ResNet-50, MobileNetV3-Large, EfficientNet-B0, RegNetY-400MF and ConvNeXt-Tiny
-for a head-only and a full row each, and a full bf16 row where bf16 is native; ResNet-18 at 32 px for two more) with
-a 10-class head, on synthetic batches
-so that image decoding is left out (each side gets its batch as its own DataLoader delivers it: finetune's collate
+Each loop runs in a process of its own, as a user runs it: the plain loop's under glibc's malloc settings (what a
+script run with python gets; ``--plain-malloc reuse`` gives it finetune's), finetune's under the setting its CLI
+applies (freed memory kept for the next step: finetune/utils/allocator.py). The parent hands the cases to them one
+at a time, so that they run interleaved and never at once (peak memory: the median of three child processes each).
+224x224 (or the row's own size), batch 32, ResNet-18 (ResNet-50, MobileNetV3-Large, EfficientNet-B0, RegNetY-400MF
+and ConvNeXt-Tiny for a head-only and a full row each, and a full bf16 row where bf16 is native; ResNet-18 at 32 px
+for two more) with a 10-class head, on synthetic batches so that image decoding is left out (each side gets its batch as its own DataLoader delivers it: finetune's collate
 makes it channels-last; finetune's fast path converts it when its memory-format rule picks the default layout).
 The cases run interleaved, round after round, each after a warm-up step; each round times an epoch of --steps
 steps (finetune's loop checks the parameters once an epoch, as in a run; a run's epochs are longer), and the
@@ -54,6 +56,7 @@ from finetune.models.freeze import set_train_mode  # noqa: E402
 from finetune.training.epoch import TrainState, train_one_epoch  # noqa: E402
 from finetune.training.setup import prepare  # noqa: E402
 from finetune.training.validate import validate  # noqa: E402
+from finetune.utils.allocator import keep_freed_memory  # noqa: E402
 from finetune.utils.hardware import precision_for, read_cpu  # noqa: E402
 
 CLASSES = 10
@@ -148,22 +151,49 @@ def timed(steps, x, y, n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
-def throughput(cases: list[tuple], rounds: int, steps: int, size: int) -> list[tuple]:
-    sizes = {case[5] or size for case in cases}
+def _side(kind: str, cases: list[tuple], steps: int, size: int, malloc: str, conn) -> None:
+    """A process running one side's cases ("plain" or "finetune") on request: the name in, the seconds per step out."""
+    keep_freed_memory(malloc)
     generator = torch.Generator().manual_seed(0)
+    sizes = {case[5] or size for case in cases}
     x = {s: torch.randn(BATCH, 3, s, s, generator=generator) for s in sorted(sizes)}
     y = torch.randint(CLASSES, (BATCH,), generator=generator)
-    plain = dict.fromkeys((arch, freeze, case_size or size) for _, freeze, _, _, arch, case_size in cases)
-    runners = {f"plain {arch} {freeze} {s}": (plain_step_fn(freeze, arch, s), x[s]) for arch, freeze, s in plain}
-    runners |= {name: (finetune_step_fn(freeze, precision, case_size or size, arch),
-                       x[case_size or size].contiguous(memory_format=torch.channels_last))  # as finetune's loader
-                for name, freeze, precision, _, arch, case_size in cases}
-    times: dict[str, list[float]] = {name: [] for name in runners}
+    if kind == "plain":
+        plain = dict.fromkeys((arch, freeze, case_size or size) for _, freeze, _, _, arch, case_size in cases)
+        runners = {f"plain {arch} {freeze} {s}": (plain_step_fn(freeze, arch, s), x[s]) for arch, freeze, s in plain}
+    else:
+        runners = {name: (finetune_step_fn(freeze, precision, case_size or size, arch),
+                          x[case_size or size].contiguous(memory_format=torch.channels_last))  # as finetune's loader
+                   for name, freeze, precision, _, arch, case_size in cases}
+    conn.send(list(runners))
+    while (name := conn.recv()) is not None:
+        step, batch = runners[name]
+        timed(step, batch, y, 1)  # warm-up
+        conn.send(timed(step, batch, y, steps))  # an epoch of `steps` steps
+
+
+def throughput(cases: list[tuple], rounds: int, steps: int, size: int, plain_malloc: str) -> list[tuple]:
+    """Images/s of each case and of its plain loop: each side in a process of its own, as a user runs it (the plain
+    loop under ``plain_malloc``, finetune under the malloc setting its CLI applies), the cases handed out one at a
+    time, round after round, so that they run interleaved and never at once."""
+    context = multiprocessing.get_context("spawn")
+    sides, order = {}, []
+    for kind, malloc in (("plain", plain_malloc), ("finetune", "reuse")):  # built one after the other
+        conn, child_conn = context.Pipe()
+        process = context.Process(target=_side, args=(kind, cases, steps, size, malloc, child_conn))
+        process.start()
+        names = conn.recv()
+        sides |= dict.fromkeys(names, conn)
+        order += [(names, process, conn)]
+    times: dict[str, list[float]] = {name: [] for name in sides}
     for r in range(rounds):
-        for name, (step, batch) in runners.items():
-            timed(step, batch, y, 1)  # warm-up
-            times[name].append(timed(step, batch, y, steps))  # an epoch of `steps` steps
+        for name, conn in sides.items():
+            conn.send(name)
+            times[name].append(conn.recv())
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    for _, process, conn in order:
+        conn.send(None)
+        process.join()
     speed = {name: BATCH / statistics.median(t) for name, t in times.items()}
     return [(name, speed[f"plain {arch} {freeze} {case_size or size}"], speed[name], target)
             for name, freeze, _, target, arch, case_size in cases]
@@ -199,7 +229,8 @@ def _status_mib(field: str) -> float:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field + ":"))) / 1024
 
 
-def _peak_rss_child(kind: str, size: int, steps: int, queue) -> None:
+def _peak_rss_child(kind: str, size: int, steps: int, plain_malloc: str, queue) -> None:
+    keep_freed_memory(plain_malloc if kind == "plain" else "reuse")
     torch.manual_seed(0)
     y = torch.randint(CLASSES, (BATCH,))
     if kind == "finetune":  # made channels-last from the start, as finetune's collate delivers it: no second copy
@@ -215,11 +246,11 @@ def _peak_rss_child(kind: str, size: int, steps: int, queue) -> None:
     queue.put((_status_mib("VmHWM"), _status_mib("VmHWM") - before))
 
 
-def peak_rss(kind: str, size: int, steps: int) -> tuple[float, float]:
+def peak_rss(kind: str, size: int, steps: int, plain_malloc: str) -> tuple[float, float]:
     """Peak RSS (MiB) of a child process training head-only, and how far training took it above its start."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_peak_rss_child, args=(kind, size, steps, queue))
+    child = context.Process(target=_peak_rss_child, args=(kind, size, steps, plain_malloc, queue))
     child.start()
     value = queue.get()
     child.join()
@@ -236,6 +267,10 @@ def main() -> None:
     parser.add_argument("--cache-images", type=int, default=320, help="images in the cached-epoch comparison")
     parser.add_argument("--no-resnet50", action="store_true", help="leave out the two ResNet-50 rows")
     parser.add_argument("--only", help="only the rows of these models, comma-separated (e.g. resnet18,convnext_tiny)")
+    parser.add_argument("--plain-malloc", choices=["default", "reuse"], default="default",
+                        help="the plain loop's malloc settings: glibc's (default, what a script run with python "
+                        "gets) or reuse, the setting finetune's CLI applies (to see how much of a ratio is the "
+                        "allocator's)")
     parser.add_argument("--no-extras", action="store_true", help="skip the feature-cache epoch and peak-memory parts")
     parser.add_argument("--all-precisions", action="store_true",
                         help="run the bf16 cases even where bf16 is not native (emulated: slow)")
@@ -255,7 +290,9 @@ def main() -> None:
     else:
         print(f"bf16 cases: skipped ({bf16.reason}): bf16 is emulated here, several times slower than fp32; "
               "--all-precisions runs them")
-    rows = throughput(cases, args.rounds, args.steps, args.size)
+    print("malloc: finetune's process keeps freed memory for reuse (as its CLI sets it), the plain loop's process "
+          + ("too (--plain-malloc reuse)" if args.plain_malloc == "reuse" else "runs glibc's defaults"))
+    rows = throughput(cases, args.rounds, args.steps, args.size, args.plain_malloc)
     print(f"\n{'case':<26} {'plain img/s':>12} {'finetune img/s':>15} {'ratio':>7} {'target':>7}  memory format")
     for (name, plain, fast, target), case in zip(rows, cases):
         goal = f">={target:g}x" if target else "-"
@@ -266,7 +303,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as folder:
         cached, plain_epoch = cached_epoch(args.size, args.cache_images, Path(folder))
-    runs = [peak_rss(kind, args.size, 3) for _ in range(3) for kind in ("plain", "finetune")]  # interleaved
+    runs = [peak_rss(kind, args.size, 3, args.plain_malloc) for _ in range(3) for kind in ("plain", "finetune")]  # interleaved
     memory = {kind: tuple(statistics.median(run[i] for run in runs[k::2]) for i in (0, 1))
               for k, kind in enumerate(("plain", "finetune"))}
     print(f"\nhead-only epoch of {args.cache_images} images: plain loop {plain_epoch:.2f} s, "

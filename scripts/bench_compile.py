@@ -8,6 +8,7 @@ folded, the memory format its rule picks), fp32, random weights, timed eagerly a
 it (inductor with freezing; the compile time is that of the first call: with inductor's on-disk cache cold, as in a
 fresh machine, or warm from an earlier run), the two interleaved, the median of --rounds calls each. The output of
 the compiled prefix is compared with the eager one. fastpath.COMPILE_GAIN holds what this measured at 32 and 224 px.
+The process keeps freed memory for reuse, as finetune's CLI sets it (finetune/utils/allocator.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import prepared  # noqa: E402  (scripts/bench.py, beside this script)
 
+from finetune.utils.allocator import keep_freed_memory  # noqa: E402
 from finetune.utils.hardware import read_cpu  # noqa: E402
 
 
@@ -34,6 +36,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
+    keep_freed_memory()
     print(f"CPU: {read_cpu().describe()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.size} px, batch {args.batch}, fp32")
     for name in args.models:

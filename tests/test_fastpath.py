@@ -216,13 +216,13 @@ def test_bf16_runs_end_to_end_and_learns(tmp_path, colour_data):
 
 
 @pytest.mark.parametrize("setting, arch, precision, deterministic, images, size, compiles, why", [
-    ("auto", "convnext_tiny", "fp32", True, 1_797, 32, False, "auto: 1,797 images at 32 px would not win back "
-                                                              "torch.compile's 21 s"),
-    ("auto", "convnext_tiny", "fp32", True, 5_000, 224, True, "auto: ConvNeXt at 224 px runs 1.15x as fast compiled"),
+    ("auto", "resnet18", "fp32", True, 1_797, 32, False, "auto: 1,797 images at 32 px would not win back "
+                                                         "torch.compile's 13 s"),
     ("auto", "resnet18", "fp32", True, 5_000, 224, False, "auto: 5,000 images at 224 px would not win back"),
-    ("auto", "resnet18", "fp32", True, 10**6, 32, True, "auto: ResNet at 32 px runs 1.45x as fast compiled"),
-    ("auto", "resnet18", "fp32", True, 10**6, 128, True, "auto: ResNet at 128 px runs 1.36x as fast compiled"),
-    ("auto", "mobilenet_v3_large", "fp32", True, 10**6, 224, True, "auto: MobileNetV3 at 224 px runs 1.19x"),
+    ("auto", "resnet18", "fp32", True, 10**6, 32, True, "auto: ResNet at 32 px runs 1.47x as fast compiled"),
+    ("auto", "resnet18", "fp32", True, 10**6, 128, True, "auto: ResNet at 128 px runs 1.34x as fast compiled"),
+    ("auto", "mobilenet_v3_large", "fp32", True, 10**6, 224, True, "auto: MobileNetV3 at 224 px runs 1.18x"),
+    ("auto", "convnext_tiny", "fp32", True, 10**6, 224, False, ""),  # no gain once memory is reused
     ("auto", "convnext_tiny", "bf16", True, 10**6, 224, False, ""),  # measured in fp32 only
     ("auto", "swin_t", "fp32", True, 10**6, 224, False, ""),  # its gain varied from run to run
     ("on", "swin_t", "fp32", True, 10, 24, True, "train.compile: on"),

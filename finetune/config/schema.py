@@ -351,8 +351,8 @@ class TrainConfig(_Section):
         "Compile the frozen prefix with torch.compile (inductor with freezing: its weights become constants; "
         "needs a C++ compiler) for the training batch's shape, when it is deterministic (BatchNorm in eval mode), "
         "and use it only if a test batch gives the eager outputs. auto: in fp32, for ResNet, MobileNetV3, "
-        "EfficientNet, RegNet and ConvNeXt (1.1-1.7x as fast), when the images it will run in the phase win the "
-        "compile time (10-25 s) back; on: for any model; off: never."))
+        "EfficientNet and RegNet (1.4-1.6x as fast at 32 px, 1.0-1.2x at 224), when the images it will run in the "
+        "phase win the compile time (10-15 s) back; on: for any model; off: never."))
     cache_max_gb: float = Field(2.0, ge=0, description=(
         "Memory for the feature cache, and for the image cache; beyond it a cache goes to a file in the run "
         "directory, deleted when the run ends."))
