@@ -11,8 +11,9 @@ applies (freed memory kept for the next step: finetune/utils/allocator.py). The 
 at a time, so that they run interleaved and never at once (peak memory: the median of three child processes each).
 224x224 (or the row's own size), batch 32, ResNet-18 (ResNet-50, MobileNetV3-Large, EfficientNet-B0, RegNetY-400MF
 and ConvNeXt-Tiny for a head-only and a full row each, and a full bf16 row where bf16 is native; ResNet-18 at 32 px
-for two more) with a 10-class head, on synthetic batches so that image decoding is left out (each side gets its batch as its own DataLoader delivers it: finetune's collate
-makes it channels-last; finetune's fast path converts it when its memory-format rule picks the default layout).
+for two more) with a 10-class head, on synthetic batches so that image decoding is left out (each side gets its
+batch as its own DataLoader delivers it: finetune's collate makes it channels-last; finetune's fast path converts it
+when its memory-format rule picks the default layout).
 The cases run interleaved, round after round, each after a warm-up step; each round times an epoch of --steps
 steps (finetune's loop checks the parameters once an epoch, as in a run; a run's epochs are longer), and the
 figures are medians over the rounds of the time per step.
@@ -303,7 +304,8 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as folder:
         cached, plain_epoch = cached_epoch(args.size, args.cache_images, Path(folder))
-    runs = [peak_rss(kind, args.size, 3, args.plain_malloc) for _ in range(3) for kind in ("plain", "finetune")]  # interleaved
+    runs = [peak_rss(kind, args.size, 3, args.plain_malloc)
+            for _ in range(3) for kind in ("plain", "finetune")]  # interleaved
     memory = {kind: tuple(statistics.median(run[i] for run in runs[k::2]) for i in (0, 1))
               for k, kind in enumerate(("plain", "finetune"))}
     print(f"\nhead-only epoch of {args.cache_images} images: plain loop {plain_epoch:.2f} s, "

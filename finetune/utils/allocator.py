@@ -3,11 +3,11 @@
 glibc serves every allocation over its mmap threshold (128 KiB, raised on the fly up to 32 MiB) with a fresh
 ``mmap`` and gives it back with ``munmap`` when freed. A training step allocates and frees the same activations
 every step, so every step faults each of their pages in again and the kernel zeroes them: a ConvNeXt-T forward pass
-on 32 images at 224 px took 610,000-710,000 page faults (2.5 GiB zeroed) and ran at 10.5-12.1 img/s, against 16.7-17.1
-img/s with none (2-core AMD EPYC Zen 4, torch 2.14.1). ``keep_freed_memory`` turns ``mmap`` off for allocations
-(``M_MMAP_MAX=0``: every block comes from the heap) and never trims the heap (``M_TRIM_THRESHOLD=-1``): after the first
-step the same memory is reused. What tcmalloc or jemalloc (which PyTorch's CPU tuning guides preload) do, without
-preloading anything.
+on 32 images at 224 px took 610,000-710,000 page faults (2.3-2.7 GiB zeroed) and ran at 10.5-12.1 img/s, against
+16.7-17.1 img/s with none (2-core AMD EPYC Zen 4, torch 2.14.1). ``keep_freed_memory`` turns ``mmap`` off for
+allocations (``M_MMAP_MAX=0``: every block comes from the heap) and never trims the heap (``M_TRIM_THRESHOLD=-1``):
+after the first step the same memory is reused. What tcmalloc or jemalloc (which PyTorch's CPU tuning guides
+preload) do, without preloading anything.
 
 The cost: the process keeps its peak memory until it exits (the peak itself barely changes: freed blocks are reused),
 which suits a command that trains, evaluates or predicts and then ends. ``FINETUNE_MALLOC=default`` leaves glibc's
