@@ -371,3 +371,53 @@ def test_a_bf16_prefix_compiles_and_is_checked_to_bf16_rounding(tmp_path, colour
     compiled = fast.features(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
     assert compiled.dtype == eager.dtype == torch.bfloat16
     assert ((compiled.float() - eager.float()).abs().max() / eager.float().abs().max()).item() <= 3e-2
+
+
+# (in, out, kernel, stride, padding, groups, bias, input size, computed as a product): ResNet's last stage at 32 px
+# (3x3 on 1x1; its strided 3x3 from 2x2), a squeeze-and-excitation 1x1 on its pooled input, a strided depthwise 5x5
+# (MobileNetV3, EfficientNet), a grouped 3x3 (RegNet); and two with more than one output position.
+CONVOLUTIONS = [
+    (16, 24, 3, 1, 1, 1, False, 1, True), (8, 24, 3, 2, 1, 1, False, 2, True), (16, 4, 1, 1, 0, 1, True, 1, True),
+    (16, 16, 5, 2, 2, 16, False, 2, True), (16, 16, 3, 1, 1, 4, True, 1, True), (16, 24, 3, 1, 1, 1, False, 2, False),
+    (8, 8, 3, 2, 1, 8, False, 4, False)]
+
+
+@pytest.mark.parametrize("channels, out, kernel, stride, padding, groups, bias, size, product", CONVOLUTIONS)
+def test_a_convolution_with_one_output_position_is_a_product_with_the_same_values_and_gradients(
+        channels, out, kernel, stride, padding, groups, bias, size, product):
+    """The same outputs and gradients (the taps outside the input get a zero gradient, as from the convolution)
+    whether or not the convolution runs as a product; and it does where its output is one position."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(channels, out, kernel, stride, padding, groups=groups, bias=bias).double()
+    fast = copy.deepcopy(conv)
+    assert fastpath.single_positions_as_products([fast]) == 1
+    calls = []
+    fast._conv_forward = lambda *args: calls.append(1) or torch.nn.Conv2d._conv_forward(fast, *args)
+    x = torch.randn(3, channels, size, size, dtype=torch.double, requires_grad=True)
+    expected, got = conv(x), fast(x)
+    assert got.shape == expected.shape and torch.allclose(got, expected, rtol=0, atol=1e-12)
+    upstream = torch.randn_like(expected)
+    grads = torch.autograd.grad(expected, [x, *conv.parameters()], upstream)
+    fast_grads = torch.autograd.grad(got, [x, *fast.parameters()], upstream)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(grads, fast_grads))
+    assert calls == ([] if product else [1])
+
+
+def test_the_fast_path_runs_single_position_convolutions_as_products_and_leaves_the_state_dict():
+    """ResNet-18 at 32 px: all its plain convolutions get the forward (the folded prefix's copies too); the model
+    keeps its class and keys; its outputs are the plain model's within float rounding."""
+    config = load_config(None, ["model.weights=none", "data.image_size=32", "freeze.trainable=[layer4, head]"])
+    built = build(config, CLASSES)
+    model = built.model
+    plain = copy.deepcopy(model).eval()
+    keys = list(model.state_dict())
+    fast = FastModel(model, built.arch, built.plan, built.bn_modes, "fp32", image_size=32)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.forward.__func__ is fastpath._single_position_forward for m in convs) and len(convs) == 20
+    copies = [m for stage in fast.prefix_run for m in stage.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert fast.folded and copies and all(m.forward.__func__ is fastpath._single_position_forward for m in copies)
+    assert list(model.state_dict()) == keys and type(model) is type(plain)
+    model.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), plain(x), rtol=1e-4, atol=1e-5)

@@ -98,6 +98,38 @@ def depthwise_in_fp32(modules: list[nn.Module]) -> int:
     return count
 
 
+def _single_position_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The convolution, as a matrix product where it has a single output position whose window covers the whole
+    input (the weights' taps outside the input only ever meet the zero padding)."""
+    (kh, kw), (ph, pw), (sh, sw) = self.kernel_size, self.padding, self.stride
+    h, w = x.shape[-2:]
+    if x.dim() == 4 and 0 <= h + 2 * ph - kh < sh and 0 <= w + 2 * pw - kw < sw and ph + h <= kh and pw + w <= kw:
+        weight = self.weight[:, :, ph:ph + h, pw:pw + w]
+        if self.groups == 1:
+            return nn.functional.linear(x.flatten(1), weight.flatten(1), self.bias).view(len(x), -1, 1, 1)
+        return nn.functional.conv2d(x, weight, self.bias, groups=self.groups)
+    return self._conv_forward(x, self.weight, self.bias)
+
+
+def single_positions_as_products(modules: list[nn.Module]) -> int:
+    """Make each convolution in ``modules`` compute, when its output is a single position, only with the taps of
+    its weights that meet the input: a 3x3 convolution on a 1x1 map (ResNet's last stage at 32 px) as a matrix
+    product with its centre taps, a squeeze-and-excitation block's 1x1 convolutions on their pooled input as matrix
+    products, a depthwise one with its weights cropped to the input. The same function (float64: within 1e-14 of
+    the convolution; its gradient for the other taps is zero, as the convolution's); oneDNN computes such
+    convolutions, and above all their backward passes, over the padding: a full fine-tune at 32 px went from 534
+    to 578 img/s (ResNet-18), 298 to 530 (MobileNetV3-L), 202 to 374 (EfficientNet-B0), 394 to 547 (RegNetY-400MF)
+    on the Zen 4 EPYC. Other inputs run the convolution as it is. State dicts, checkpoints and exports are untouched
+    (the module's class and parameters stay). Returns how many convolutions were made so."""
+    count = 0
+    for module in {id(m): m for root in modules for m in root.modules()}.values():
+        if (type(module) is nn.Conv2d and "forward" not in vars(module) and isinstance(module.padding, tuple)
+                and module.dilation == (1, 1) and module.padding_mode == "zeros"):
+            module.forward = _single_position_forward.__get__(module)
+            count += 1
+    return count
+
+
 class CompileGain(NamedTuple):
     """What torch.compile (inductor, with freezing) did for a family's deterministic frozen prefix against running
     it eagerly as the fast path does (BatchNorm folded, its memory format): fp32, batch 32, at 32 and 224 px, on the
@@ -276,6 +308,7 @@ class FastModel:
                        if image_size else Layout(True, "channels-last"))
         self.memory_format = torch.channels_last if self.layout.channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format)
+        single_positions_as_products([model])  # before the prefix is copied: its copy computes so too
         self.bn_modes = bn_modes  # the mode ('train' or 'eval') of each BatchNorm (and dropout) layer while training
         self.prefix, self.suffix = chain[:self.split], chain[self.split:]
         stages = [module for _, module in self.prefix]
