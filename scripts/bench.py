@@ -173,26 +173,25 @@ def _side(kind: str, cases: list[tuple], steps: int, size: int, malloc: str, con
         conn.send(timed(step, batch, y, steps))  # an epoch of `steps` steps
 
 
-def throughput(cases: list[tuple], rounds: int, steps: int, size: int, plain_malloc: str) -> list[tuple]:
-    """Images/s of each case and of its plain loop: each side in a process of its own, as a user runs it (the plain
-    loop under ``plain_malloc``, finetune under the malloc setting its CLI applies), the cases handed out one at a
-    time, round after round, so that they run interleaved and never at once."""
+def throughput(cases: list[tuple], rounds: int, steps: int, size: int, mallocs: dict[str, str]) -> list[tuple]:
+    """Images/s of each case and of its plain loop: each side in a process of its own, as a user runs it, under its
+    malloc setting (``mallocs``), the cases handed out one at a time, round after round, so that they run
+    interleaved and never at once."""
     context = multiprocessing.get_context("spawn")
-    sides, order = {}, []
-    for kind, malloc in (("plain", plain_malloc), ("finetune", "reuse")):  # built one after the other
+    sides, processes = {}, []
+    for kind, malloc in mallocs.items():  # built one after the other
         conn, child_conn = context.Pipe()
         process = context.Process(target=_side, args=(kind, cases, steps, size, malloc, child_conn))
         process.start()
-        names = conn.recv()
-        sides |= dict.fromkeys(names, conn)
-        order += [(names, process, conn)]
+        sides |= dict.fromkeys(conn.recv(), conn)
+        processes += [(process, conn)]
     times: dict[str, list[float]] = {name: [] for name in sides}
     for r in range(rounds):
         for name, conn in sides.items():
             conn.send(name)
             times[name].append(conn.recv())
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
-    for _, process, conn in order:
+    for process, conn in processes:
         conn.send(None)
         process.join()
     speed = {name: BATCH / statistics.median(t) for name, t in times.items()}
@@ -230,8 +229,8 @@ def _status_mib(field: str) -> float:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field + ":"))) / 1024
 
 
-def _peak_rss_child(kind: str, size: int, steps: int, plain_malloc: str, queue) -> None:
-    keep_freed_memory(plain_malloc if kind == "plain" else "reuse")
+def _peak_rss_child(kind: str, size: int, steps: int, malloc: str, queue) -> None:
+    keep_freed_memory(malloc)
     torch.manual_seed(0)
     y = torch.randint(CLASSES, (BATCH,))
     if kind == "finetune":  # made channels-last from the start, as finetune's collate delivers it: no second copy
@@ -247,11 +246,11 @@ def _peak_rss_child(kind: str, size: int, steps: int, plain_malloc: str, queue) 
     queue.put((_status_mib("VmHWM"), _status_mib("VmHWM") - before))
 
 
-def peak_rss(kind: str, size: int, steps: int, plain_malloc: str) -> tuple[float, float]:
+def peak_rss(kind: str, size: int, steps: int, malloc: str) -> tuple[float, float]:
     """Peak RSS (MiB) of a child process training head-only, and how far training took it above its start."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_peak_rss_child, args=(kind, size, steps, plain_malloc, queue))
+    child = context.Process(target=_peak_rss_child, args=(kind, size, steps, malloc, queue))
     child.start()
     value = queue.get()
     child.join()
@@ -293,7 +292,8 @@ def main() -> None:
               "--all-precisions runs them")
     print("malloc: finetune's process keeps freed memory for reuse (as its CLI sets it), the plain loop's process "
           + ("too (--plain-malloc reuse)" if args.plain_malloc == "reuse" else "runs glibc's defaults"))
-    rows = throughput(cases, args.rounds, args.steps, args.size, args.plain_malloc)
+    mallocs = {"plain": args.plain_malloc, "finetune": "reuse"}  # finetune's: what its CLI sets
+    rows = throughput(cases, args.rounds, args.steps, args.size, mallocs)
     print(f"\n{'case':<26} {'plain img/s':>12} {'finetune img/s':>15} {'ratio':>7} {'target':>7}  memory format")
     for (name, plain, fast, target), case in zip(rows, cases):
         goal = f">={target:g}x" if target else "-"
@@ -304,8 +304,8 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as folder:
         cached, plain_epoch = cached_epoch(args.size, args.cache_images, Path(folder))
-    runs = [peak_rss(kind, args.size, 3, args.plain_malloc)
-            for _ in range(3) for kind in ("plain", "finetune")]  # interleaved
+    # interleaved: plain, finetune, plain, ...
+    runs = [peak_rss(kind, args.size, 3, mallocs[kind]) for _ in range(3) for kind in ("plain", "finetune")]
     memory = {kind: tuple(statistics.median(run[i] for run in runs[k::2]) for i in (0, 1))
               for k, kind in enumerate(("plain", "finetune"))}
     print(f"\nhead-only epoch of {args.cache_images} images: plain loop {plain_epoch:.2f} s, "

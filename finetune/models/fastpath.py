@@ -80,6 +80,11 @@ def kernel_class() -> str:
 FP32_DEPTHWISE = {"MobileNetV3", "EfficientNet"}
 
 
+def _distinct_modules(modules: list[nn.Module]) -> list[nn.Module]:
+    """Every module in ``modules`` and below them, each once (roots may share submodules)."""
+    return list({id(m): m for root in modules for m in root.modules()}.values())
+
+
 def _fp32_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     with torch.autocast(x.device.type, enabled=False):
         return self._conv_forward(x.float(), self.weight, self.bias)
@@ -91,7 +96,7 @@ def depthwise_in_fp32(modules: list[nn.Module]) -> int:
     checkpoints and exports are untouched (the module's class and parameters stay). Returns how many ``modules``
     hold (a module made so before counts; it is not wrapped twice)."""
     count = 0
-    for module in {id(m): m for root in modules for m in root.modules()}.values():
+    for module in _distinct_modules(modules):
         if isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels:
             module.forward = _fp32_conv_forward.__get__(module)
             count += 1
@@ -122,7 +127,7 @@ def single_positions_as_products(modules: list[nn.Module]) -> int:
     on the Zen 4 EPYC. Other inputs run the convolution as it is. State dicts, checkpoints and exports are untouched
     (the module's class and parameters stay). Returns how many convolutions were made so."""
     count = 0
-    for module in {id(m): m for root in modules for m in root.modules()}.values():
+    for module in _distinct_modules(modules):
         if (type(module) is nn.Conv2d and "forward" not in vars(module) and isinstance(module.padding, tuple)
                 and module.dilation == (1, 1) and module.padding_mode == "zeros"):
             module.forward = _single_position_forward.__get__(module)
